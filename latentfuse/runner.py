@@ -1,0 +1,159 @@
+"""Run a whole training job: build, resume, loop, log, preview, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from .checkpointing import atomic_write_dir, atomic_write_json
+from .config import RunConfig
+from .imaging import make_grid, save_image
+from .setup_run import Run, build_run
+from .training import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(config: RunConfig, output_dir: Path, log: bool = True) -> Accelerator:
+    """An Accelerator with the run's precision, accumulation and TensorBoard tracker."""
+    project = ProjectConfiguration(
+        project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+    )
+    return Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with="tensorboard" if log else None,
+        project_config=project,
+    )
+
+
+def collafuse_description(run: Run) -> dict:
+    """What `collafuse.json` records: the split, the clients and their label sets, the data."""
+    cfg = run.config
+    clients = {}
+    for split, client in zip(run.splits, run.clients, strict=True):
+        clients[str(split.client_id)] = {
+            "t_cut": client.split.t_cut,
+            "classes": list(split.classes),
+            "class_names": [run.dataset.class_names[c] for c in split.classes],
+            "num_train_images": client.num_images,
+            "num_eval_images": len(split.eval_indices),
+        }
+    return {
+        "format": 1,
+        "class_names": list(run.dataset.class_names),
+        "clients": clients,
+        "server_labels": cfg.server_labels,
+        "num_train_timesteps": cfg.split.num_train_timesteps,
+        "release_policy": cfg.split.release_policy,
+        "objective": cfg.split.objective,
+        "weighting": cfg.split.weighting,
+        "data": {
+            "source": cfg.data.source,
+            "partition": cfg.data.partition,
+            "num_clients": cfg.data.num_clients,
+        },
+        "vae_sha256": run.vae_hash,
+        "run_config": cfg.to_dict(),
+    }
+
+
+def build_pipeline(run: Run, trainer: Trainer):
+    """A CollaFusePipeline over the EMA weights of the current models."""
+    from .pipelines import CollaFusePipeline
+
+    models = trainer.ema_models()
+    clients = {int(n.split("_")[1]): m for n, m in models.items() if n.startswith("client_")}
+    scheduler = type(run.scheduler).from_config(run.scheduler.config)
+    return CollaFusePipeline(
+        run.vae, scheduler, models.get("server"), clients, collafuse_description(run)
+    )
+
+
+def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
+    """One PNG grid per client from the EMA weights, same seeds every time."""
+    cfg = run.config.train
+    pipe = build_pipeline(run, trainer)
+    pipe.set_progress_bar_config(disable=True)
+    for client in run.clients:
+        generators = [
+            torch.Generator().manual_seed(cfg.seed * 1000 + i)
+            for i in range(cfg.num_preview_images)
+        ]
+        images = pipe(
+            client_id=client.client_id,
+            generator=generators,
+            output_type="pt",
+            num_inference_steps=cfg.preview_inference_steps,
+        ).images
+        grid = make_grid(images * 2 - 1, columns=min(8, len(images)))
+        save_image(grid, directory / f"step-{trainer.step:06d}-client-{client.client_id}.png")
+
+
+def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
+    """Write the diffusers-layout model folder (atomically) into `output_dir/model`."""
+    pipe = build_pipeline(run, trainer)
+    pipe.collafuse_config["training"] = extra
+    return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
+
+
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
+    """Train every client and the server; returns the exported model folder."""
+    output_dir = Path(output_dir)
+    accelerator = make_accelerator(config, output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output_dir / "config.json", config.to_dict())
+    with accelerator.main_process_first():  # one process encodes, the others read the cache
+        run = build_run(config)
+    trainer = Trainer(run, accelerator, output_dir)
+    if resume and trainer.load_checkpoint():
+        logger.info("resumed from %s at step %d", trainer.checkpoint_dir(), trainer.step)
+    elif not resume and (trainer.checkpoint_dir() / "state.json").exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a checkpoint: pass --resume to continue "
+            "it, or choose another --output-dir"
+        )
+    accelerator.init_trackers("latentfuse", config={"t_cut": config.split.t_cut})
+    _loop(run, trainer, output_dir)
+    accelerator.end_training()
+    return output_dir / "model"
+
+
+def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
+    cfg, accelerator = run.config.train, trainer.accelerator
+    progress = accelerator.is_main_process
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="train", disable=not progress)
+    start, history = time.time(), []
+    while trainer.step < cfg.max_steps:
+        losses = trainer.train_step()
+        bar.update(1)
+        bar.set_postfix({k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()})
+        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps:
+            accelerator.log({f"loss/{k}": v for k, v in losses.items()}, step=trainer.step)
+            history.append({"step": trainer.step, **losses})
+            if progress:
+                with open(output_dir / "losses.jsonl", "a") as f:
+                    f.write(json.dumps(history[-1]) + "\n")
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.max_steps:
+            trainer.save_checkpoint()
+        if progress and cfg.sample_every and trainer.step % cfg.sample_every == 0:
+            write_previews(run, trainer, output_dir / "samples")
+    bar.close()
+    if progress:
+        write_previews(run, trainer, output_dir / "samples")
+        export(
+            run,
+            trainer,
+            output_dir,
+            {"steps": trainer.step, "wall_seconds_this_session": time.time() - start},
+        )
+    accelerator.wait_for_everyone()

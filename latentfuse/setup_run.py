@@ -1,0 +1,154 @@
+"""Everything a run builds before its first step: data, latents, clients, server, models."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from .autoencoder import Autoencoder, load_vae, vae_fingerprint
+from .client import Client
+from .config import RunConfig
+from .datasets import ImageDataset, load_cifar10, load_dataset
+from .latents import cached_latents, dataset_fingerprint
+from .models import build_unet
+from .partition import ClientSplit, partition
+from .paths import REPO_ROOT, cache_dir
+from .server import Server
+from .split import DiffusionSplit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """The built pieces of a training run."""
+
+    config: RunConfig
+    dataset: ImageDataset
+    splits: list[ClientSplit]
+    vae: Autoencoder
+    vae_hash: str
+    scheduler: DDPMScheduler
+    clients: list[Client]
+    server: Server | None
+    server_unet: UNet2DModel | None
+    client_unets: dict[int, UNet2DModel] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels in the data set (the null label is this index)."""
+        return len(self.dataset.class_names)
+
+    @property
+    def server_null_label(self) -> int:
+        """The server's null label: classes or clients, after the real ones."""
+        if self.config.server_labels == "client":
+            return self.config.data.num_clients
+        return self.num_classes
+
+
+def resolve_path(path: str) -> str:
+    """A relative path that exists under the repository root, else the path unchanged."""
+    candidate = REPO_ROOT / path
+    return str(candidate) if not Path(path).exists() and candidate.exists() else path
+
+
+def load_run_dataset(config: RunConfig) -> ImageDataset:
+    """The data set named by `config.data.source`."""
+    data = config.data
+    if data.source == "cifar10":
+        return load_cifar10(data.split)
+    extra = {"label_attribute": data.label_attribute} if data.label_attribute else {}
+    return load_dataset(
+        resolve_path(data.source), format=data.format, split=data.split or None, **extra
+    )
+
+
+def make_scheduler(config: RunConfig) -> DDPMScheduler:
+    """The training noise schedule every split and the pipeline share."""
+    return DDPMScheduler(
+        num_train_timesteps=config.split.num_train_timesteps,
+        beta_schedule=config.split.beta_schedule,
+        clip_sample=False,
+    )
+
+
+def build_run(config: RunConfig) -> Run:
+    """Load data and autoencoder, partition, encode (cached) and build clients and models."""
+    dataset = load_run_dataset(config)
+    data = config.data
+    splits = partition(
+        dataset,
+        data.num_clients,
+        data.partition,
+        seed=data.seed,
+        alpha=data.alpha,
+        eval_fraction=data.eval_fraction,
+        groups=[list(g) for g in data.groups] or None,
+        overlap=data.overlap,
+    )
+    vae = load_vae(resolve_path(config.vae))
+    vae_hash = vae_fingerprint(vae)
+    scheduler = make_scheduler(config)
+    fingerprint = dataset_fingerprint(dataset)[:12]
+    clients, client_unets, cuts = [], {}, {}
+    channels = int(vae.config.latent_channels)
+    latent_size = config.data.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    for split in splits:
+        cid = split.client_id
+        indices = split.train_indices
+        if config.data.max_images_per_client:
+            indices = indices[: config.data.max_images_per_client]
+        cache = cache_dir() / "latents" / f"{fingerprint}-client{cid}-{len(indices)}"
+        latents = cached_latents(
+            vae, dataset, indices, cache, config.data.resolution, vae_hash=vae_hash
+        )
+        cuts[cid] = DiffusionSplit.from_scheduler(scheduler, config.client_t_cut(cid))
+        clients.append(
+            Client(
+                cid,
+                latents.latents,
+                latents.labels,
+                cuts[cid],
+                config.split.release_policy,
+                share_labels=config.server_labels == "class",
+                seed=config.train.seed,
+            )
+        )
+        if cuts[cid].t_cut > 0:
+            torch.manual_seed(config.train.seed * 1000 + cid + 1)
+            client_unets[cid] = build_unet(
+                config.client_unet_config(cid), latent_size, channels, len(dataset.class_names) + 1
+            )
+    server, server_unet = None, None
+    if any(not s.is_independent for s in cuts.values()):
+        server = Server(
+            cuts,
+            config.split.objective,
+            config.split.weighting,
+            config.server_labels,
+            seed=config.train.seed,
+        )
+        num_embeds = {
+            "class": len(dataset.class_names) + 1,
+            "client": config.data.num_clients + 1,
+            "none": None,
+        }[config.server_labels]
+        torch.manual_seed(config.train.seed * 1000)
+        server_unet = build_unet(config.server_unet, latent_size, channels, num_embeds)
+    return Run(
+        config,
+        dataset,
+        splits,
+        vae,
+        vae_hash,
+        scheduler,
+        clients,
+        server,
+        server_unet,
+        client_unets,
+    )

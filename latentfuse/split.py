@@ -1,0 +1,144 @@
+"""The one place that owns the cut point: who owns each timestep, the release, the server's
+noising and target (../shared/DESIGN.md section 2), and how a sampling chain is split.
+
+Notation as in diffusers' DDPMScheduler: timesteps t = 0..T-1,
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. Client timesteps are 0..t_cut-1, server
+timesteps t_cut..T-1, and the release level is r = t_cut - 1 (abar_r := 1 when t_cut = 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Objective = Literal["exact", "original"]
+Weighting = Literal["none", "inverse_lambda2", "inverse_lambda"]
+OBJECTIVES = ("exact", "original")
+WEIGHTINGS = ("none", "inverse_lambda2", "inverse_lambda")
+
+
+@dataclass(frozen=True)
+class DiffusionSplit:
+    """A cut `t_cut` of a T-step forward process with cumulative products `alphas_cumprod`."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64
+    t_cut: int
+
+    def __post_init__(self) -> None:
+        if self.alphas_cumprod.ndim != 1 or len(self.alphas_cumprod) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D tensor of at least 2 timesteps")
+        if not 0 <= self.t_cut <= self.num_train_timesteps:
+            raise ValueError(f"t_cut must lie in [0, {self.num_train_timesteps}], got {self.t_cut}")
+
+    @classmethod
+    def from_scheduler(cls, scheduler, t_cut: int) -> DiffusionSplit:
+        """The split of a diffusers scheduler's training noise schedule."""
+        return cls(scheduler.alphas_cumprod.detach().to(torch.float64).clone(), int(t_cut))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T."""
+        return len(self.alphas_cumprod)
+
+    @property
+    def is_global_model(self) -> bool:
+        """t_cut = 0: the server does everything (GM); clients release clean latents."""
+        return self.t_cut == 0
+
+    @property
+    def is_independent(self) -> bool:
+        """t_cut = T: no server timesteps (ICM); nothing is released."""
+        return self.t_cut == self.num_train_timesteps
+
+    @property
+    def release_level(self) -> int:
+        """r = t_cut - 1; -1 stands for the clean latent (t_cut = 0)."""
+        return self.t_cut - 1
+
+    @property
+    def abar_release(self) -> float:
+        """abar_r, with abar_{-1} := 1."""
+        return 1.0 if self.t_cut == 0 else float(self.alphas_cumprod[self.t_cut - 1])
+
+    def owner(self, t: int) -> Literal["client", "server"]:
+        """Which side denoises timestep `t`."""
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps}), got {t}")
+        return "client" if t < self.t_cut else "server"
+
+    def release(self, z0: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
+        """z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps_c: all a client ever sends."""
+        if self.is_independent:
+            raise ValueError("t_cut = T (independent client models) releases nothing")
+        abar_r = self.abar_release
+        return (abar_r**0.5) * z0 + ((1 - abar_r) ** 0.5) * eps_c
+
+    def _abar(self, s: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod.to(s.device)[s]
+
+    def server_inputs(
+        self, z_r: torch.Tensor, s: torch.Tensor, eps_s: torch.Tensor, objective: Objective
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z_s, target, lam_s) for server timesteps `s` (b,) from releases `z_r` (b, c, h, w)."""
+        if torch.any(s < self.t_cut):
+            raise ValueError(f"server timesteps must be >= t_cut={self.t_cut}")
+        abar_s = self._abar(s)
+        shape = (-1,) + (1,) * (z_r.ndim - 1)
+        if objective == "exact":
+            # DESIGN 2: a = abar_s / abar_r; z_s = sqrt(a) z_r + sqrt(1-a) eps_s has marginal
+            # q(z_s | z0); E[eps | z_s] minimises ||eps_theta - lam_s eps_s||^2.
+            a = abar_s / self.abar_release
+            lam = ((1 - abar_s) / (1 - a)).sqrt()
+        elif objective == "original":
+            # The authors' baseline: noise the release again as if it were clean data.
+            a, lam = abar_s, torch.ones_like(abar_s)
+        else:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        z_s = a.sqrt().view(shape) * z_r.double() + (1 - a).sqrt().view(shape) * eps_s.double()
+        target = lam.view(shape) * eps_s.double()
+        return z_s.to(z_r.dtype), target.to(z_r.dtype), lam.to(z_r.dtype)
+
+    def split_timesteps(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split one sampling chain (descending timesteps) into the server's and client's parts.
+
+        The list is cut, never re-scheduled: `set_timesteps(timesteps=full[:k])` would send
+        the last server step to t = -1 (DESIGN 2, Sampling).
+        """
+        # Non-increasing (repeats allowed, as in Heun); this also makes the cut contiguous.
+        if torch.any(timesteps[1:] > timesteps[:-1]):
+            raise ValueError("timesteps must be in descending order")
+        k = int((timesteps >= self.t_cut).sum())
+        return timesteps[:k], timesteps[k:]
+
+
+def loss_weights(lam: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """Per-sample weights w_s of the server loss; none changes the minimiser (DESIGN 2)."""
+    if weighting == "none":
+        return torch.ones_like(lam)
+    if weighting == "inverse_lambda2":
+        return 1.0 / lam.pow(2)
+    if weighting == "inverse_lambda":
+        return 1.0 / lam
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def sample_server_timesteps(
+    t_cut: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """s ~ U{t_cut_i .. T-1} per sample, for per-client cuts `t_cut` (b,)."""
+    if torch.any(t_cut >= num_train_timesteps):
+        raise ValueError("a client with t_cut = T has no server timesteps")
+    u = torch.rand(t_cut.shape, generator=generator, dtype=torch.float64)
+    span = (num_train_timesteps - t_cut).double()
+    return (t_cut + (u * span).floor().long()).clamp(max=num_train_timesteps - 1)
+
+
+def sample_client_timesteps(
+    batch_size: int, t_cut: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """t ~ U{0 .. t_cut-1}."""
+    if t_cut < 1:
+        raise ValueError("a client with t_cut = 0 has no timesteps of its own")
+    return torch.randint(0, t_cut, (batch_size,), generator=generator)

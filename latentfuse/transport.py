@@ -1,0 +1,63 @@
+"""Messages that cross between clients and the server, and the in-process transport.
+
+Client and server never import each other: they meet only here. The HTTP transport
+(deployment) carries these same messages, so a run is the same whichever carries it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ReleaseBatch:
+    """Noised latents z_r that one client releases at its cut level (never z0, never eps_c)."""
+
+    client_id: int
+    image_ids: tuple[int, ...]  # client-local ids: the server's idempotency keys
+    latents: torch.Tensor  # z_r, (n, c, h, w)
+    labels: torch.Tensor | None  # class labels (n,), or None when the server may not learn them
+    t_cut: int
+    epoch: int
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        n = len(self.image_ids)
+        if self.latents.ndim != 4 or self.latents.shape[0] != n:
+            raise ValueError(
+                f"latents must have shape ({n}, c, h, w), got {tuple(self.latents.shape)}"
+            )
+        if not self.latents.dtype.is_floating_point:
+            raise ValueError(f"latents must be floating point, got {self.latents.dtype}")
+        if not torch.isfinite(self.latents).all():
+            raise ValueError("latents contain NaN or Inf")
+        if self.labels is not None and tuple(self.labels.shape) != (n,):
+            raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
+        if len(set(self.image_ids)) != n:
+            raise ValueError("image_ids must be unique within a release batch")
+
+
+@dataclass
+class InProcessTransport:
+    """A queue from clients to the server that logs every message that crossed it."""
+
+    log: list[ReleaseBatch] = field(default_factory=list)
+    _queue: deque = field(default_factory=deque)
+
+    def send(self, message: ReleaseBatch) -> None:
+        """Client side: hand a message to the server."""
+        if not isinstance(message, ReleaseBatch):
+            raise TypeError(f"only ReleaseBatch messages cross, got {type(message).__name__}")
+        self.log.append(message)
+        self._queue.append(message)
+
+    def receive(self) -> list[ReleaseBatch]:
+        """Server side: every message sent since the last call, in order."""
+        messages = list(self._queue)
+        self._queue.clear()
+        return messages

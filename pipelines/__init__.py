@@ -1,0 +1,5 @@
+"""diffusers pipelines of latentfuse (installed as `latentfuse.pipelines`)."""
+
+from .pipeline_collafuse import CollaFusePipeline
+
+__all__ = ["CollaFusePipeline"]

@@ -1,0 +1,131 @@
+"""Tiny on-disk data sets in the exact ImageFolder, CelebA and AwA2 formats."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+IMAGE_FOLDER_CLASSES = ("cat", "dog", "frog", "ship")
+IMAGES_PER_CLASS = 6
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+)
+CELEBA_IMAGES = 12
+# classes.txt order is deliberately not alphabetical: labels must follow the file.
+AWA2_CLASSES = ("zebra", "antelope", "killer+whale")
+AWA2_PREDICATES = ("black", "white", "blue", "brown", "stripes")
+AWA2_MATRIX = ((1, 1, 0, 0, 1), (0, 1, 0, 1, 0), (1, 1, 1, 0, 0))
+AWA2_IMAGES_PER_CLASS = 4
+
+
+def write_image(path: Path, color: tuple[int, int, int], size: int = 8) -> None:
+    """Save a small solid-colour JPEG, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path, "JPEG")
+
+
+def celeba_row(index: int) -> list[int]:
+    """0/1 attributes of CelebA fixture image `index` (0-based): fixed pattern plus seeded noise."""
+    values = np.random.default_rng(index).integers(0, 2, size=len(CELEBA_ATTRIBUTES))
+    values[CELEBA_ATTRIBUTES.index("Male")] = index % 2
+    values[CELEBA_ATTRIBUTES.index("Eyeglasses")] = int(index % 3 == 0)
+    values[CELEBA_ATTRIBUTES.index("Wearing_Hat")] = int(index == 4)
+    return values.tolist()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """ImageFolder: 4 classes x 6 JPEGs of 8x8."""
+    root = tmp_path / "imagefolder"
+    for label, name in enumerate(IMAGE_FOLDER_CLASSES):
+        for i in range(IMAGES_PER_CLASS):
+            write_image(root / name / f"{i:04d}.jpg", (60 * label, 40 * i, 128))
+    return root
+
+
+@pytest.fixture
+def celeba_root(tmp_path: Path) -> Path:
+    """CelebA layout: img_align_celeba/000001.jpg.. and list_attr_celeba.txt with -1/1 values."""
+    root = tmp_path / "celeba"
+    lines = [str(CELEBA_IMAGES), " ".join(CELEBA_ATTRIBUTES) + " "]
+    for index in range(CELEBA_IMAGES):
+        name = f"{index + 1:06d}.jpg"
+        write_image(root / "img_align_celeba" / name, (20 * index, 100, 200))
+        lines.append(name + " " + " ".join(f"{2 * v - 1:2d}" for v in celeba_row(index)))
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def awa2_root(tmp_path: Path) -> Path:
+    """AwA2 layout: JPEGImages/<class>/, classes/predicates.txt, predicate-matrix-binary.txt."""
+    root = tmp_path / "awa2"
+    for label, name in enumerate(AWA2_CLASSES):
+        for i in range(AWA2_IMAGES_PER_CLASS):
+            write_image(root / "JPEGImages" / name / f"{name}_{10001 + i}.jpg", (80 * label, i, 9))
+    numbered = lambda names: "".join(f"{i}\t{n}\n" for i, n in enumerate(names, start=1))
+    (root / "classes.txt").write_text(numbered(AWA2_CLASSES))
+    (root / "predicates.txt").write_text(numbered(AWA2_PREDICATES))
+    matrix = "".join(" ".join(map(str, row)) + "\n" for row in AWA2_MATRIX)
+    (root / "predicate-matrix-binary.txt").write_text(matrix)
+    return root
+
+
+@pytest.fixture
+def image_archive(image_folder: Path, tmp_path: Path) -> Path:
+    """The ImageFolder fixture packed as a .tar.gz under one wrapper folder."""
+    archive = tmp_path / "imagefolder.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(image_folder, arcname="imagefolder")
+    return archive
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point LATENTFUSE_CACHE at a temporary folder so no test writes to the user's cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(cache))
+    return cache

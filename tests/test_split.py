@@ -1,0 +1,332 @@
+"""The cut point: ownership, the release, the server's exact objective and chain splitting.
+
+The statistical tests draw many samples with a fixed seed and compare against the closed
+forms of DESIGN section 2; every tolerance is a number of standard errors of the estimate.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from latentfuse.split import (
+    DiffusionSplit,
+    loss_weights,
+    sample_client_timesteps,
+    sample_server_timesteps,
+)
+
+T = 1000
+NUM_SAMPLES = 200_000
+NUM_FIT_SAMPLES = 1_000_000
+Z_SCORE = 5.0  # tolerance in standard errors; a seeded 5-sigma miss would be a real bias
+Z0_VALUES = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0], dtype=torch.float64)
+
+# (t_cut, s): s = t_cut (largest lam_s), one step above, the middle, and s = T - 1.
+CUT_AND_SERVER_STEP = [
+    (t_cut, s)
+    for t_cut in (0, 1, 20, 100, 500)
+    for s in sorted({t_cut, t_cut + 1, (t_cut + T) // 2, T - 1})
+]
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDPMScheduler:
+    """The diffusers training schedule every split here is cut from."""
+    return DDPMScheduler(num_train_timesteps=T)
+
+
+def make_split(scheduler: DDPMScheduler, t_cut: int) -> DiffusionSplit:
+    """A split of the shared schedule."""
+    return DiffusionSplit.from_scheduler(scheduler, t_cut)
+
+
+def server_marginal(split: DiffusionSplit, s: int, objective: str) -> torch.Tensor:
+    """z_s (NUM_SAMPLES, len(Z0_VALUES)) for fixed z0 values, through release and server noise."""
+    g = torch.Generator().manual_seed(1234 + 7 * split.t_cut + s)
+    z0 = Z0_VALUES.expand(NUM_SAMPLES, -1)  # (n, k): one column per fixed z0
+    eps_c = torch.randn(z0.shape, generator=g, dtype=torch.float64)
+    eps_s = torch.randn(z0.shape, generator=g, dtype=torch.float64)
+    z_r = split.release(z0, eps_c)
+    z_s, _, _ = split.server_inputs(z_r, torch.full((NUM_SAMPLES,), s), eps_s, objective)
+    return z_s
+
+
+def marginal_z_scores(split: DiffusionSplit, s: int, z_s: torch.Tensor) -> torch.Tensor:
+    """Per column: |mean - sqrt(abar_s) z0| and |var - (1 - abar_s)| in standard errors."""
+    abar_s = float(split.alphas_cumprod[s])
+    var = 1 - abar_s
+    n = z_s.shape[0]
+    mean_err = (z_s.mean(0) - abar_s**0.5 * Z0_VALUES).abs() / (var / n) ** 0.5
+    var_err = (z_s.var(0) - var).abs() / (var * (2 / (n - 1)) ** 0.5)
+    return torch.cat([mean_err, var_err])
+
+
+@pytest.mark.parametrize(("t_cut", "s"), CUT_AND_SERVER_STEP)
+def test_exact_server_latent_has_forward_marginal(scheduler, t_cut, s):
+    """z_s ~ q(z_s | z0) = N(sqrt(abar_s) z0, 1 - abar_s) under the exact objective."""
+    split = make_split(scheduler, t_cut)
+    z_scores = marginal_z_scores(split, s, server_marginal(split, s, "exact"))
+    assert z_scores.max() < Z_SCORE
+
+
+@pytest.mark.parametrize(("t_cut", "s"), [(100, 100), (100, 300), (500, 500)])
+def test_original_server_latent_misses_forward_marginal(scheduler, t_cut, s):
+    """Control: the authors' double noising has the wrong marginal, and the check sees it."""
+    split = make_split(scheduler, t_cut)
+    z_scores = marginal_z_scores(split, s, server_marginal(split, s, "original"))
+    assert z_scores.max() > 10 * Z_SCORE
+
+
+def least_squares_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float, float]:
+    """(slope, intercept, their standard errors) of y = slope * x + intercept."""
+    x_mean, y_mean = x.mean(), y.mean()
+    x_var = ((x - x_mean) ** 2).mean()
+    slope = ((x - x_mean) * (y - y_mean)).mean() / x_var
+    intercept = y_mean - slope * x_mean
+    residual_std = (y - slope * x - intercept).std()
+    n = len(x)
+    slope_se = residual_std / (n * x_var) ** 0.5
+    intercept_se = residual_std * (1 / n + x_mean**2 / (n * x_var)) ** 0.5
+    return float(slope), float(intercept), float(slope_se), float(intercept_se)
+
+
+def gaussian_fit_z_scores(split: DiffusionSplit, s: int, objective: str) -> list[float]:
+    """How far a linear fit of the server target on z_s is from E[eps | z_s], in std errors.
+
+    For z0 ~ N(mu, tau^2): E[eps | z_s] = sqrt(1-abar_s)(z_s - sqrt(abar_s) mu) /
+    (abar_s tau^2 + 1 - abar_s) (DESIGN 2), linear in z_s.
+    """
+    mu, tau = 1.5, 0.5
+    g = torch.Generator().manual_seed(99 + split.t_cut + s)
+    n = NUM_FIT_SAMPLES
+    z0 = mu + tau * torch.randn((n, 1), generator=g, dtype=torch.float64)
+    eps_c = torch.randn((n, 1), generator=g, dtype=torch.float64)
+    eps_s = torch.randn((n, 1), generator=g, dtype=torch.float64)
+    z_s, target, _ = split.server_inputs(
+        split.release(z0, eps_c), torch.full((n,), s), eps_s, objective
+    )
+    abar_s = float(split.alphas_cumprod[s])
+    slope = (1 - abar_s) ** 0.5 / (abar_s * tau**2 + 1 - abar_s)
+    intercept = -slope * abar_s**0.5 * mu
+    fit_slope, fit_intercept, slope_se, intercept_se = least_squares_fit(z_s[:, 0], target[:, 0])
+    return [abs(fit_slope - slope) / slope_se, abs(fit_intercept - intercept) / intercept_se]
+
+
+GAUSSIAN_CASES = [(100, 100), (100, 300), (500, 500), (500, 700)]
+
+
+@pytest.mark.parametrize(("t_cut", "s"), GAUSSIAN_CASES)
+def test_exact_target_regresses_to_posterior_noise(scheduler, t_cut, s):
+    """The least-squares fit of lam_s eps_s on z_s recovers E[eps | z_s] for Gaussian data."""
+    assert max(gaussian_fit_z_scores(make_split(scheduler, t_cut), s, "exact")) < Z_SCORE
+
+
+@pytest.mark.parametrize(("t_cut", "s"), GAUSSIAN_CASES)
+def test_original_target_does_not_regress_to_posterior_noise(scheduler, t_cut, s):
+    """The authors' baseline learns something else: its fit misses E[eps | z_s] clearly."""
+    assert max(gaussian_fit_z_scores(make_split(scheduler, t_cut), s, "original")) > 10 * Z_SCORE
+
+
+@pytest.mark.parametrize("t_cut", [1, 20, 500, T - 1])
+def test_target_scale_is_at_least_one_and_grows_towards_the_cut(scheduler, t_cut):
+    """lam_s >= 1, lam_s is largest at s = t_cut and falls as s moves away from the cut."""
+    split = make_split(scheduler, t_cut)
+    s = torch.arange(t_cut, T)
+    z = torch.zeros(len(s), 1, dtype=torch.float64)
+    _, _, lam = split.server_inputs(z, s, z, "exact")
+    assert torch.all(lam >= 1)
+    assert torch.all(lam[1:] <= lam[:-1])
+
+
+def test_exact_equals_original_for_global_model(scheduler):
+    """At t_cut = 0 the release is clean, so both objectives noise it the same way."""
+    split = make_split(scheduler, 0)
+    g = torch.Generator().manual_seed(0)
+    z_r, eps_s = torch.randn(8, 4, 2, 2, generator=g), torch.randn(8, 4, 2, 2, generator=g)
+    s = torch.randint(0, T, (8,), generator=g)
+    torch.testing.assert_close(
+        split.server_inputs(z_r, s, eps_s, "exact"), split.server_inputs(z_r, s, eps_s, "original")
+    )
+
+
+def test_server_inputs_reject_client_timesteps(scheduler):
+    """A server timestep below the cut is the client's: refused."""
+    split = make_split(scheduler, 100)
+    z = torch.zeros(2, 1)
+    with pytest.raises(ValueError, match="t_cut=100"):
+        split.server_inputs(z, torch.tensor([100, 99]), z, "exact")
+
+
+def test_server_inputs_reject_unknown_objective(scheduler):
+    """Only the named objectives exist."""
+    z = torch.zeros(1, 1)
+    with pytest.raises(ValueError, match="objective"):
+        make_split(scheduler, 10).server_inputs(z, torch.tensor([10]), z, "approximate")
+
+
+@pytest.mark.parametrize("t_cut", [0, 1, 100, T - 1, T])
+def test_owner_is_client_below_cut_and_server_from_cut(scheduler, t_cut):
+    """owner(t) = client for t < t_cut, server for t >= t_cut."""
+    split = make_split(scheduler, t_cut)
+    owners = [split.owner(t) for t in range(T)]
+    assert owners == ["client"] * t_cut + ["server"] * (T - t_cut)
+
+
+@pytest.mark.parametrize("t", [-1, T])
+def test_owner_rejects_timesteps_outside_schedule(scheduler, t):
+    """Timesteps live in [0, T)."""
+    with pytest.raises(ValueError, match="timestep"):
+        make_split(scheduler, 10).owner(t)
+
+
+@pytest.mark.parametrize("t_cut", [1, 2, 100, T - 1, T])
+def test_release_level_is_one_below_cut(scheduler, t_cut):
+    """r = t_cut - 1 and abar_r is the schedule's value there."""
+    split = make_split(scheduler, t_cut)
+    assert split.release_level == t_cut - 1
+    assert split.abar_release == pytest.approx(float(scheduler.alphas_cumprod[t_cut - 1]))
+
+
+def test_global_model_releases_the_clean_latent(scheduler):
+    """t_cut = 0 (GM): abar_r := 1, so z_r == z0 exactly: no privacy, as documented."""
+    split = make_split(scheduler, 0)
+    g = torch.Generator().manual_seed(0)
+    z0, eps_c = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    assert split.is_global_model and not split.is_independent
+    assert split.release_level == -1
+    assert split.abar_release == 1.0
+    assert torch.equal(split.release(z0, eps_c), z0)
+
+
+@pytest.mark.parametrize("t_cut", [1, 100, T - 1])
+def test_release_is_the_forward_process_at_release_level(scheduler, t_cut):
+    """z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps_c."""
+    split = make_split(scheduler, t_cut)
+    g = torch.Generator().manual_seed(t_cut)
+    z0 = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
+    eps_c = torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64)
+    abar_r = split.alphas_cumprod[t_cut - 1]
+    expected = abar_r.sqrt() * z0 + (1 - abar_r).sqrt() * eps_c
+    torch.testing.assert_close(split.release(z0, eps_c), expected)
+    assert not split.is_global_model and not split.is_independent
+
+
+def test_independent_clients_release_nothing(scheduler):
+    """t_cut = T (ICM): no server timesteps, and release refuses."""
+    split = make_split(scheduler, T)
+    assert split.is_independent
+    with pytest.raises(ValueError, match="releases nothing"):
+        split.release(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("t_cut", [-1, T + 1, 10 * T])
+def test_cut_outside_schedule_is_rejected(scheduler, t_cut):
+    """t_cut must lie in [0, T]."""
+    with pytest.raises(ValueError, match="t_cut"):
+        make_split(scheduler, t_cut)
+
+
+@pytest.mark.parametrize(
+    "alphas_cumprod", [torch.ones(1), torch.ones(2, 3)], ids=["one_step", "two_dim"]
+)
+def test_malformed_schedule_is_rejected(alphas_cumprod):
+    """The schedule is a 1-D tensor of at least two timesteps."""
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        DiffusionSplit(alphas_cumprod, 0)
+
+
+def sampling_timesteps(scheduler_class: type, num_inference_steps: int) -> torch.Tensor:
+    """One sampling chain, as a diffusers scheduler lays it out (descending)."""
+    sampler = scheduler_class(num_train_timesteps=T)
+    sampler.set_timesteps(num_inference_steps)
+    return sampler.timesteps
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler])
+@pytest.mark.parametrize("num_inference_steps", [7, 50, T])
+@pytest.mark.parametrize("t_cut", [0, 1, 100, 500, T - 1, T])
+def test_split_timesteps_cuts_one_chain(scheduler, scheduler_class, num_inference_steps, t_cut):
+    """Server part >= t_cut, client part < t_cut, and together exactly the original chain."""
+    timesteps = sampling_timesteps(scheduler_class, num_inference_steps)
+    server, client = make_split(scheduler, t_cut).split_timesteps(timesteps)
+    assert torch.all(server >= t_cut)
+    assert torch.all(client < t_cut)
+    assert torch.equal(torch.cat([server, client]), timesteps)
+
+
+@pytest.mark.parametrize(
+    ("timesteps", "t_cut"),
+    [
+        ([0, 100, 200, 300], 150),  # ascending across the cut
+        ([900, 50, 600, 10], 100),  # interleaved across the cut
+        ([600, 900, 50, 10], 100),  # partition contiguous, server part ascending
+        ([900, 800, 10, 50], 100),  # partition contiguous, client part ascending
+        ([0, 1, 2], 0),  # global model: everything is the server's
+    ],
+)
+def test_split_timesteps_rejects_non_descending_chain(scheduler, timesteps, t_cut):
+    """A chain that is not in descending order is refused, not silently cut."""
+    with pytest.raises(ValueError, match="descending"):
+        make_split(scheduler, t_cut).split_timesteps(torch.tensor(timesteps))
+
+
+def test_loss_weights_values():
+    """none: 1; inverse_lambda2: 1/lam^2; inverse_lambda: 1/lam."""
+    lam = torch.tensor([1.0, 1.5, 7.0, 40.0])
+    assert torch.equal(loss_weights(lam, "none"), torch.ones(4))
+    torch.testing.assert_close(loss_weights(lam, "inverse_lambda2"), 1 / lam**2)
+    torch.testing.assert_close(loss_weights(lam, "inverse_lambda"), 1 / lam)
+
+
+def test_loss_weights_reject_unknown_weighting():
+    """Only the named weightings exist."""
+    with pytest.raises(ValueError, match="weighting"):
+        loss_weights(torch.ones(2), "snr")
+
+
+SMALL_T = 20
+SERVER_CUTS = (0, 5, SMALL_T - 1)
+
+
+@pytest.mark.parametrize("cut_index", range(len(SERVER_CUTS)))
+def test_server_timesteps_respect_each_samples_cut(cut_index):
+    """s_i ~ U{t_cut_i .. T-1} in a batch of mixed cuts: never below its own cut, never >= T,
+    and every allowed value is reached."""
+    per_cut = 2_000
+    t_cut = torch.tensor(SERVER_CUTS).repeat_interleave(per_cut)
+    s = sample_server_timesteps(t_cut, SMALL_T, torch.Generator().manual_seed(0))
+    assert s.shape == t_cut.shape and s.dtype == torch.long
+    assert torch.all(s >= t_cut) and torch.all(s < SMALL_T)
+    drawn = s[t_cut == SERVER_CUTS[cut_index]].unique()
+    assert torch.equal(drawn, torch.arange(SERVER_CUTS[cut_index], SMALL_T))
+
+
+def test_server_timesteps_reject_independent_cut():
+    """A sample whose client has t_cut = T has no server timestep to draw."""
+    with pytest.raises(ValueError, match="t_cut = T"):
+        sample_server_timesteps(torch.tensor([0, SMALL_T]), SMALL_T)
+
+
+def test_server_timesteps_are_reproducible():
+    """The same generator seed gives the same timesteps."""
+    t_cut = torch.tensor(SERVER_CUTS).repeat(50)
+    draws = [
+        sample_server_timesteps(t_cut, SMALL_T, torch.Generator().manual_seed(3)) for _ in range(2)
+    ]
+    assert torch.equal(*draws)
+
+
+@pytest.mark.parametrize("t_cut", [1, 2, 7, SMALL_T])
+def test_client_timesteps_cover_below_cut(t_cut):
+    """t ~ U{0 .. t_cut-1}: every client timestep and nothing else."""
+    t = sample_client_timesteps(4_000, t_cut, torch.Generator().manual_seed(0))
+    assert t.shape == (4_000,)
+    assert torch.equal(t.unique(), torch.arange(t_cut))
+
+
+def test_client_timesteps_reject_global_model():
+    """A client with t_cut = 0 has no timesteps of its own."""
+    with pytest.raises(ValueError, match="t_cut = 0"):
+        sample_client_timesteps(4, 0)
