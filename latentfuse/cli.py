@@ -24,8 +24,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from .imaging import make_grid, save_image
 
     if args.num_images < 1:
-        raise SystemExit(f"--num-images must be >= 1, got {args.num_images}")
-    dataset = load_dataset(args.data, split=args.split) if args.data else load_cifar10(args.split)
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    split = args.split or None  # --split '' reads a folder that has no split sub-folders
+    dataset = load_dataset(args.data, split=split) if args.data else load_cifar10(args.split)
     generator = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(len(dataset), generator=generator)[: args.num_images].tolist()
     vae = load_vae(args.vae)
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="autoencoder folder or hub id (default: the shipped checkpoints/cifar10-vae)",
     )
     recon.add_argument("--data", default=None, help="image folder or archive (default: CIFAR-10)")
-    recon.add_argument("--split", default="train", help="split sub-folder (default: train)")
+    recon.add_argument(
+        "--split", default="train", help="split sub-folder (default: train; '' for none)"
+    )
     recon.add_argument("--num-images", type=int, default=16)
     recon.add_argument("--resolution", type=int, default=32)
     recon.add_argument("--seed", type=int, default=0)

@@ -76,7 +76,7 @@ class UNetConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     attention: bool = False  # self-attention in the lowest-resolution block
-    norm_num_groups: int = 32
+    norm_num_groups: int = 8  # small nets: 32 groups of 1 channel would erase t/y conditioning
 
     def __post_init__(self) -> None:
         _check(

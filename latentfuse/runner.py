@@ -106,12 +106,17 @@ def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
 def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
     """Train every client and the server; returns the exported model folder."""
     output_dir = Path(output_dir)
+    if not resume and (output_dir / "checkpoint" / "state.json").exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a checkpoint: pass --resume to continue "
+            "it, or choose another --output-dir"
+        )
     accelerator = make_accelerator(config, output_dir)
+    with accelerator.main_process_first():  # one process encodes, the others read the cache
+        run = build_run(config)  # data, autoencoder and partition are checked before any output
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "config.json", config.to_dict())
-    with accelerator.main_process_first():  # one process encodes, the others read the cache
-        run = build_run(config)
     trainer = Trainer(run, accelerator, output_dir)
     if resume and trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.checkpoint_dir(), trainer.step)
@@ -126,6 +131,13 @@ def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Pa
     return output_dir / "model"
 
 
+def global_losses(accelerator: Accelerator, losses: dict[str, float]) -> dict[str, float]:
+    """Each process's shard losses averaged over processes (the global batch's loss)."""
+    names = sorted(losses)
+    local = torch.tensor([losses[n] for n in names], device=accelerator.device)
+    return dict(zip(names, accelerator.reduce(local, reduction="mean").tolist(), strict=True))
+
+
 def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
     cfg, accelerator = run.config.train, trainer.accelerator
     progress = accelerator.is_main_process
@@ -138,6 +150,7 @@ def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
         bar.update(1)
         bar.set_postfix({k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()})
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps:
+            losses = global_losses(accelerator, losses)
             accelerator.log({f"loss/{k}": v for k, v in losses.items()}, step=trainer.step)
             history.append({"step": trainer.step, **losses})
             if progress:

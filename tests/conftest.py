@@ -129,3 +129,31 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("LATENTFUSE_CACHE", str(cache))
     return cache
+
+
+TINY_VAE_SCALING_FACTOR = 0.5
+
+
+@pytest.fixture
+def tiny_vae_dir(tmp_path: Path) -> Path:
+    """A randomly initialised AutoencoderKL (32x32 -> 4x16x16) saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=TINY_VAE_SCALING_FACTOR,
+        mid_block_add_attention=False,
+    )
+    folder = tmp_path / "tiny-vae"
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -290,17 +290,24 @@ SMALL_T = 20
 SERVER_CUTS = (0, 5, SMALL_T - 1)
 
 
+def assert_uniform(values: torch.Tensor, low: int, high: int) -> None:
+    """`values` take every integer in [low, high) and nothing else, each about equally often."""
+    assert torch.equal(values.unique(), torch.arange(low, high))
+    n, p = len(values), 1 / (high - low)
+    counts = torch.bincount(values - low, minlength=high - low).double()
+    assert torch.all((counts - n * p).abs() < Z_SCORE * (n * p * (1 - p)) ** 0.5 + 1e-9)
+
+
 @pytest.mark.parametrize("cut_index", range(len(SERVER_CUTS)))
 def test_server_timesteps_respect_each_samples_cut(cut_index):
     """s_i ~ U{t_cut_i .. T-1} in a batch of mixed cuts: never below its own cut, never >= T,
-    and every allowed value is reached."""
+    and uniform over the allowed values."""
     per_cut = 2_000
     t_cut = torch.tensor(SERVER_CUTS).repeat_interleave(per_cut)
     s = sample_server_timesteps(t_cut, SMALL_T, torch.Generator().manual_seed(0))
     assert s.shape == t_cut.shape and s.dtype == torch.long
     assert torch.all(s >= t_cut) and torch.all(s < SMALL_T)
-    drawn = s[t_cut == SERVER_CUTS[cut_index]].unique()
-    assert torch.equal(drawn, torch.arange(SERVER_CUTS[cut_index], SMALL_T))
+    assert_uniform(s[t_cut == SERVER_CUTS[cut_index]], SERVER_CUTS[cut_index], SMALL_T)
 
 
 def test_server_timesteps_reject_independent_cut():
@@ -320,10 +327,10 @@ def test_server_timesteps_are_reproducible():
 
 @pytest.mark.parametrize("t_cut", [1, 2, 7, SMALL_T])
 def test_client_timesteps_cover_below_cut(t_cut):
-    """t ~ U{0 .. t_cut-1}: every client timestep and nothing else."""
+    """t ~ U{0 .. t_cut-1}: every client timestep, about equally often, and nothing else."""
     t = sample_client_timesteps(4_000, t_cut, torch.Generator().manual_seed(0))
     assert t.shape == (4_000,)
-    assert torch.equal(t.unique(), torch.arange(t_cut))
+    assert_uniform(t, 0, t_cut)
 
 
 def test_client_timesteps_reject_global_model():

@@ -1,0 +1,245 @@
+"""End-to-end training on a tiny data set and a tiny autoencoder (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentfuse.config import RunConfig, load_config
+from latentfuse.runner import make_accelerator, train
+from latentfuse.setup_run import build_run
+from latentfuse.training import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 4-class ImageFolder of 32x32 images and a tiny random AutoencoderKL."""
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        folder = root / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        layers_per_block=1,
+        mid_block_add_attention=False,
+    )
+    vae.save_pretrained(root / "vae")
+    return {"images": root / "images", "vae": root / "vae", "cache": root / "cache"}
+
+
+def tiny_config(world: dict[str, Path], *overrides: str) -> RunConfig:
+    """A 2-client run over the tiny world with tiny UNets."""
+    base = [
+        f'vae="{world["vae"]}"',
+        f'data.source="{world["images"]}"',
+        'data.split=""',
+        "data.num_clients=2",
+        "server_unet.block_out_channels=[32]",
+        "client_unet.block_out_channels=[32]",
+        "train.server_batch_size=8",
+        "train.client_batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=2",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.num_preview_images=2",
+        "train.preview_inference_steps=4",
+        "split.t_cut=100",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of every safetensors file under `folder`, keyed by relative path."""
+    out = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        for key, value in load_file(file).items():
+            out[f"{file.relative_to(folder)}:{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("t_cut", "has_server", "num_clients_with_unet"),
+    [(0, True, 0), (100, True, 2), (1000, False, 2)],
+    ids=["GM", "split", "ICM"],
+)
+def test_cut_points_train_and_export(
+    tiny_world, tmp_path, t_cut, has_server, num_clients_with_unet
+):
+    model = train(tiny_config(tiny_world, f"split.t_cut={t_cut}"), tmp_path / "run")
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "CollaFusePipeline"
+    assert (model / "server_unet" / "config.json").is_file() == has_server
+    assert len(list((model / "clients").glob("*/config.json"))) == num_clients_with_unet
+    losses = [
+        json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+    ]
+    assert [row["step"] for row in losses] == [1, 2, 3, 4]
+    assert all(np.isfinite(v) for row in losses for k, v in row.items() if k != "step")
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
+
+
+def test_resume_equals_uninterrupted(tiny_world, tmp_path):
+    straight = train(tiny_config(tiny_world), tmp_path / "straight")
+    train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "resumed")
+    resumed = train(tiny_config(tiny_world), tmp_path / "resumed", resume=True)
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
+    train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "run")
+
+
+@pytest.mark.parametrize("policy", ["once", "fresh"])
+def test_transport_carries_only_releases(tiny_world, tmp_path, policy):
+    config = tiny_config(tiny_world, f'split.release_policy="{policy}"', "train.max_steps=12")
+    run = build_run(config)
+    trainer = Trainer(run, make_accelerator(config, tmp_path, log=False), tmp_path)
+    for _ in range(config.train.max_steps):
+        trainer.train_step()
+    clients = {c.client_id: c for c in run.clients}
+    for message in trainer.transport.log:
+        client = clients[message.client_id]
+        z0 = client._z0
+        eps_c = client.release_noise(message.epoch)
+        torch.testing.assert_close(message.latents, client.split.release(z0, eps_c))
+        assert not torch.allclose(message.latents, z0)
+        assert not torch.allclose(message.latents, eps_c)
+    per_client = [m.client_id for m in trainer.transport.log]
+    epochs = {c.client_id: c.sampler.epoch for c in run.clients}
+    assert min(epochs.values()) >= 1, "the run must cross an epoch boundary to test re-release"
+    for cid, epoch in epochs.items():
+        expected = 1 if policy == "once" else epoch + 1
+        assert per_client.count(cid) == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.bogus=1", "unknown key"),
+        ("split.t_cut=1001", "split.t_cut"),
+        ('data.partition="nope"', "data.partition"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tiny_world, tmp_path, capsys, override, message):
+    from train import main
+
+    out = tmp_path / "never"
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    code = main(["--config", str(config), "--output-dir", str(out), override])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_data_fails_before_output(tiny_world, tmp_path, capsys):
+    from train import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'vae = "{tiny_world["vae"]}"\n[data]\nsource = "{tmp_path / "nothing"}"\n')
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def launch(tiny_world: dict[str, Path], out: Path, processes: int) -> Path:
+    """Run train.py under `accelerate launch` on the CPU with `processes` processes."""
+    config = tiny_config(tiny_world)
+    toml = out.parent / f"{out.name}.toml"
+    lines = [
+        f'vae = "{config.vae}"',
+        "[data]",
+        f'source = "{config.data.source}"',
+        'split = ""',
+        "num_clients = 2",
+        "[server_unet]",
+        "block_out_channels = [32]",
+        "[client_unet]",
+        "block_out_channels = [32]",
+        "[train]",
+        "server_batch_size = 8",
+        "client_batch_size = 4",
+        "max_steps = 3",
+        "warmup_steps = 1",
+        "num_preview_images = 1",
+        "preview_inference_steps = 2",
+    ]
+    toml.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    multi = ["--multi_gpu"] if processes > 1 else []
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *multi,
+        str(REPO / "train.py"),
+        "--config",
+        str(toml),
+        "--output-dir",
+        str(out),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "model"
+
+
+def test_two_processes_match_one(tiny_world, tmp_path):
+    # Adam turns float noise in a ~zero gradient into a full step, so the nets use groups of
+    # 4 channels (the default): no parameter's gradient is identically zero.
+    one_dir, two_dir = (
+        launch(tiny_world, tmp_path / "one", 1),
+        launch(tiny_world, tmp_path / "two", 2),
+    )
+    one, two = weights(one_dir), weights(two_dir)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=2e-5, msg=key)
+    losses = [
+        [json.loads(line) for line in (d.parent / "losses.jsonl").read_text().splitlines()]
+        for d in (one_dir, two_dir)
+    ]
+    assert [row["step"] for row in losses[0]] == [row["step"] for row in losses[1]]
+    for row_one, row_two in zip(*losses, strict=True):
+        for key in row_one:
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-4)
