@@ -27,6 +27,9 @@ def load_vae(
     source = str(path_or_id) if path_or_id is not None else str(DEFAULT_VAE_DIR)
     config_dir = Path(source) / (subfolder or "")
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    looks_local = Path(source).is_absolute() or source.startswith(".") or source.count("/") > 1
+    if looks_local and not Path(source).exists():
+        raise FileNotFoundError(f"autoencoder folder not found: {source}")
     if config_dir.exists() and not (config_dir / "config.json").is_file():
         raise FileNotFoundError(f"autoencoder folder {config_dir} has no config.json")
     class_name = _class_name(config_dir) if config_dir.exists() else "AutoencoderKL"

@@ -34,9 +34,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
     recon = decode(vae, encode(vae, images)).float()
     score = psnr(images, recon).mean().item()
     columns = min(len(picks), 8)
-    rows = [images[i : i + columns] for i in range(0, len(picks), columns)]
-    recons = [recon[i : i + columns] for i in range(0, len(picks), columns)]
-    grid = torch.cat([t for pair in zip(rows, recons, strict=True) for t in pair])
+    blank = torch.ones_like(images[:1])  # pads a partial last row, so rows stay in pairs
+    tiles = []
+    for start in range(0, len(picks), columns):
+        pad = [blank] * (columns - len(images[start : start + columns]))
+        tiles += [images[start : start + columns], *pad, recon[start : start + columns], *pad]
+    grid = torch.cat(tiles)
     save_image(make_grid(grid, columns=columns), args.out)
     print(
         f"wrote {args.out}: {len(picks)} images (rows: original, reconstruction), "

@@ -46,13 +46,7 @@ def _expected_size(num_images: int) -> tuple[int, int]:
         1,
         5,
         16,
-        pytest.param(
-            10,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a partial last chunk shares a grid row with its reconstructions",
-            ),
-        ),
+        10,
     ],
 )
 def test_reconstruct_writes_a_grid(

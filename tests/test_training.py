@@ -243,3 +243,13 @@ def test_two_processes_match_one(tiny_world, tmp_path):
     for row_one, row_two in zip(*losses, strict=True):
         for key in row_one:
             assert row_two[key] == pytest.approx(row_one[key], rel=1e-4)
+
+
+def test_clients_of_different_sizes(tiny_world, tmp_path):
+    config = tiny_config(tiny_world, 'data.partition="dirichlet"', "data.alpha=0.3")
+    run = build_run(config)
+    sizes = sorted(c.num_images for c in run.clients)
+    assert sizes[0] != sizes[-1], "the dirichlet partition should give unequal clients"
+    model = train(config, tmp_path / "run")
+    described = json.loads((model / "collafuse.json").read_text())["clients"]
+    assert sorted(c["num_train_images"] for c in described.values()) == sizes
