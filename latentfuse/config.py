@@ -201,6 +201,8 @@ class RunConfig:
             self.server_labels,
             f"in {SERVER_LABELS}",
         )
+        ids = [client.id for client in self.clients]
+        _check(len(ids) == len(set(ids)), "clients.id", ids, "unique")
         for client in self.clients:
             _check(
                 0 <= client.id < self.data.num_clients,

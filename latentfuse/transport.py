@@ -28,6 +28,10 @@ class ReleaseBatch:
 
     def __post_init__(self) -> None:
         n = len(self.image_ids)
+        if n == 0:
+            raise ValueError("a release batch must hold at least one image")
+        if min(self.image_ids) < 0:
+            raise ValueError(f"image_ids must be >= 0, got {min(self.image_ids)}")
         if self.latents.ndim != 4 or self.latents.shape[0] != n:
             raise ValueError(
                 f"latents must have shape ({n}, c, h, w), got {tuple(self.latents.shape)}"

@@ -150,3 +150,8 @@ def test_dict_round_trip(overrides):
     cfg = load_config(overrides=overrides)
     assert config_from_dict(cfg.to_dict()) == cfg
     assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_duplicate_client_ids_rejected():
+    with pytest.raises(ValueError, match="clients.id"):
+        load_config(None, ["clients=[{id=1, t_cut=20}, {id=1, t_cut=50}]"])

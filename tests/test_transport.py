@@ -119,3 +119,12 @@ def test_transport_refuses_anything_but_release_batches(message):
     with pytest.raises(TypeError, match="ReleaseBatch"):
         transport.send(message)
     assert transport.log == [] and transport.receive() == []
+
+
+@pytest.mark.parametrize(("image_ids", "match"), [((), "at least one"), ((0, -1), ">= 0")])
+def test_release_batch_rejects_empty_and_negative_ids(image_ids, match):
+    latents = torch.zeros(len(image_ids), 4, 2, 2)
+    with pytest.raises(ValueError, match=match):
+        ReleaseBatch(
+            client_id=0, image_ids=image_ids, latents=latents, labels=None, t_cut=10, epoch=0
+        )
