@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
 
-from latentfuse.split import DiffusionSplit
+from latentfuse.autoencoder import Autoencoder
+from latentfuse.hub import model_card, push_folder, resolve_model_folder
 
-COLLAFUSE_CONFIG = "collafuse.json"
-CLIENTS_DIR = "clients"
+from .folder import CLIENTS_DIR, COLLAFUSE_CONFIG, load_unet, read_description
+from .sampling import (
+    Generators,
+    Labels,
+    check_output_type,
+    check_steps,
+    client_conditioning,
+    client_entry,
+    client_labels,
+    denoise,
+    initial_latents,
+    resolve_batch_size,
+    server_conditioning,
+    split_schedule,
+    to_output,
+)
 
 
-def guided_noise(
-    unet: UNet2DModel,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    null_label: int | None,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """eps prediction, with classifier-free guidance when `guidance_scale` != 1."""
-    if labels is None or null_label is None or guidance_scale == 1.0:
-        return unet(latents, t, class_labels=labels).sample
-    null = torch.full_like(labels, null_label)
-    both = unet(torch.cat([latents, latents]), t, class_labels=torch.cat([labels, null])).sample
-    cond, uncond = both.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+@dataclass
+class CollaFusePipelineOutput(ImagePipelineOutput):
+    """Images, and when asked the hand-off latents (at the cut) and their decoded images."""
+
+    server_latents: torch.Tensor | None = None
+    server_images: Any = None
 
 
 class CollaFusePipeline(DiffusionPipeline):
@@ -41,8 +48,8 @@ class CollaFusePipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        scheduler,
+        vae: Autoencoder,
+        scheduler: SchedulerMixin,
         server_unet: UNet2DModel | None,
         client_unets: dict[int, UNet2DModel] | None = None,
         collafuse_config: dict[str, Any] | None = None,
@@ -52,177 +59,94 @@ class CollaFusePipeline(DiffusionPipeline):
         self.client_unets = {int(k): v for k, v in (client_unets or {}).items()}
         self.collafuse_config = collafuse_config or {}
 
-    # ---- configuration ---------------------------------------------------------------------
-    def client_info(self, client_id: int) -> dict[str, Any]:
-        """The saved description of one client (t_cut, classes)."""
-        clients = self.collafuse_config.get("clients", {})
-        if str(client_id) not in clients:
-            raise ValueError(
-                f"unknown client_id {client_id}; this model has clients "
-                f"{sorted(int(k) for k in clients)}"
-            )
-        return clients[str(client_id)]
-
     @property
-    def num_classes(self) -> int:
-        """Number of class labels (the null label for guidance is this index)."""
-        return len(self.collafuse_config.get("class_names", []))
+    def client_ids(self) -> list[int]:
+        """The ids of this model's clients."""
+        return sorted(int(k) for k in self.collafuse_config.get("clients", {}))
 
-    def _split(self, client_id: int) -> DiffusionSplit:
-        return DiffusionSplit.from_scheduler(self.scheduler, self.client_info(client_id)["t_cut"])
+    def t_cut(self, client_id: int) -> int:
+        """Client `client_id`'s cut point: it owns t < t_cut, the server t >= t_cut."""
+        return int(client_entry(self.collafuse_config, client_id)["t_cut"])
 
-    def _server_labels(
-        self, labels: torch.Tensor, client_id: int
-    ) -> tuple[torch.Tensor | None, int | None]:
-        mode = self.collafuse_config.get("server_labels", "class")
-        if mode == "class":
-            return labels, self.num_classes
-        if mode == "client":
-            num_clients = len(self.collafuse_config.get("clients", {}))
-            return torch.full_like(labels, client_id), num_clients
-        return None, None
-
-    def _check_labels(
-        self, client_id: int, class_labels, batch_size: int, generator
-    ) -> torch.Tensor:
-        allowed = self.client_info(client_id)["classes"]
-        if class_labels is None:
-            picks = torch.randint(
-                len(allowed),
-                (batch_size,),
-                generator=generator if isinstance(generator, torch.Generator) else None,
-            )
-            return torch.tensor(allowed)[picks]
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        bad = [int(y) for y in labels if int(y) not in allowed]
-        if bad:
+    def denoiser(self, client_id: int, side: Literal["server", "client"]) -> UNet2DModel:
+        """The server's denoiser or client `client_id`'s; ValueError if the model lacks it."""
+        unet = self.server_unet if side == "server" else self.client_unets.get(client_id)
+        if unet is None:
             raise ValueError(
-                f"class_labels {bad} are not among client {client_id}'s classes {allowed}"
+                f"client {client_id}'s cut t_cut={self.t_cut(client_id)} needs a {side} "
+                f"denoiser for this schedule, but this model has none"
             )
-        if len(labels) == 1 and batch_size > 1:
-            labels = labels.repeat(batch_size)
-        if len(labels) != batch_size:
-            raise ValueError(f"class_labels has {len(labels)} entries, batch_size is {batch_size}")
-        return labels
-
-    # ---- sampling --------------------------------------------------------------------------
-    def initial_latents(self, batch_size: int, generator, dtype: torch.dtype) -> torch.Tensor:
-        """Gaussian latents; a generator list gives each image its own stream."""
-        unet = self.server_unet or next(iter(self.client_unets.values()))
-        shape = (
-            batch_size,
-            unet.config.in_channels,
-            unet.config.sample_size,
-            unet.config.sample_size,
-        )
-        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
-
-    def denoise(
-        self,
-        unet: UNet2DModel,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        labels: torch.Tensor | None,
-        null_label: int | None,
-        guidance_scale: float,
-        generator,
-    ) -> torch.Tensor:
-        """Run `timesteps` of the chain with `unet`, continuing the scheduler's state."""
-        for t in self.progress_bar(timesteps):
-            noise = guided_noise(unet, latents, t, labels, null_label, guidance_scale)
-            latents = self.scheduler.step(noise, t, latents, generator=generator).prev_sample
-        return latents
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1]."""
-        scaling = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
-        return self.vae.decode(latents.to(self.vae.dtype) / scaling).sample.clamp(-1, 1)
-
-    def postprocess(self, images: torch.Tensor, output_type: str):
-        """Images in [-1, 1] -> "pt" (in [0, 1]), "np" (b, h, w, c) or "pil"."""
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        array = images.cpu().permute(0, 2, 3, 1).numpy()
-        return self.numpy_to_pil(array) if output_type == "pil" else array
+        return unet
 
     @torch.no_grad()
     def __call__(
         self,
         client_id: int = 0,
-        class_labels=None,
-        batch_size: int = 1,
+        class_labels: Labels = None,
+        batch_size: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: Generators = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_server_latents: bool = False,
-    ):
-        """Sample images for one client.
+    ) -> CollaFusePipelineOutput | tuple:
+        """Sample images for client `client_id` (labels drawn from its classes if not given).
+
+        `batch_size` defaults to the length of a generator list or of `class_labels`, else 1.
+        `return_server_latents` adds the hand-off latents (at the cut) and their decoding.
 
         Example:
-            >>> pipe = CollaFusePipeline.from_pretrained("checkpoints/cifar10-collafuse")
-            >>> images = pipe(client_id=2, batch_size=4, num_inference_steps=50).images
+            >>> pipe = CollaFusePipeline.from_pretrained("runs/demo/model")
+            >>> generators = [torch.Generator().manual_seed(i) for i in range(4)]
+            >>> images = pipe(client_id=1, generator=generators, num_inference_steps=50).images
         """
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(
-                f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}"
-            )
-        if isinstance(generator, list):
-            batch_size = len(generator)
-        split = self._split(client_id)
-        labels = self._check_labels(client_id, class_labels, batch_size, generator)
-        labels = labels.to(self._execution_device)
-        dtype = (self.server_unet or self.client_unets[client_id]).dtype
-        latents = self.initial_latents(batch_size, generator, dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        server_steps, client_steps = split.split_timesteps(self.scheduler.timesteps.cpu())
+        check_steps(num_inference_steps)
+        check_output_type(output_type)
+        config, device = self.collafuse_config, self._execution_device
+        client_entry(config, client_id)  # an unknown client fails first
+        batch_size = resolve_batch_size(batch_size, generator, class_labels)
+        labels = client_labels(config, client_id, class_labels, batch_size, generator).to(device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        server_steps, client_steps = split_schedule(self.scheduler, config, client_id)
+        first = self.denoiser(client_id, "server" if len(server_steps) else "client")  # shape
+        latents = initial_latents(first, self.scheduler, batch_size, generator, device)
         if len(server_steps):
-            if self.server_unet is None:
-                raise ValueError("this model has no server denoiser but the cut needs one")
-            server_labels, server_null = self._server_labels(labels, client_id)
-            latents = self.denoise(
-                self.server_unet,
-                latents,
-                server_steps,
-                server_labels,
-                server_null,
-                guidance_scale,
-                generator,
-            )
+            unet = self.denoiser(client_id, "server")
+            cond = server_conditioning(unet, config, client_id, labels)
+            latents = self._denoise(unet, latents, server_steps, cond, guidance_scale, generator)
         handoff = latents
         if len(client_steps):
-            latents = self.denoise(
-                self.client_unets[client_id],
-                latents,
-                client_steps,
-                labels,
-                self.num_classes,
-                guidance_scale,
-                generator,
-            )
-        outputs = self._outputs(latents, handoff, output_type, return_server_latents)
-        if not return_dict:
-            return outputs
-        result = ImagePipelineOutput(images=outputs[0])
+            unet = self.denoiser(client_id, "client")
+            cond = client_conditioning(unet, config, labels)
+            latents = self._denoise(unet, latents, client_steps, cond, guidance_scale, generator)
+        images = to_output(self.vae, latents, output_type)
+        extra = ()
         if return_server_latents:
-            result["server_latents"], result["server_images"] = outputs[1], outputs[2]
-        return result
+            decoded = None if output_type == "latent" else to_output(self.vae, handoff, output_type)
+            extra = (handoff, decoded)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images, *extra)
+        return CollaFusePipelineOutput(images, *extra)
 
-    def _outputs(self, latents, handoff, output_type: str, with_handoff: bool) -> tuple:
-        if output_type == "latent":
-            return (latents, handoff, None) if with_handoff else (latents,)
-        images = self.postprocess(self.decode_latents(latents), output_type)
-        if not with_handoff:
-            return (images,)
-        return images, handoff, self.postprocess(self.decode_latents(handoff), output_type)
+    def _denoise(self, unet, latents, timesteps, cond, guidance_scale, generator) -> torch.Tensor:
+        return denoise(
+            self.scheduler,
+            unet,
+            latents,
+            timesteps,
+            cond,
+            guidance_scale,
+            generator,
+            self.progress_bar,
+        )
 
-    # ---- save / load -----------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    # ---- save / load / publish -----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """The diffusers folder plus `clients/<id>/` denoisers and `collafuse.json`."""
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("push_to_hub=True is not supported here: call pipe.push_to_hub")
         super().save_pretrained(save_directory, **kwargs)
         root = Path(save_directory)
         for client_id, unet in self.client_unets.items():
@@ -230,30 +154,40 @@ class CollaFusePipeline(DiffusionPipeline):
         (root / COLLAFUSE_CONFIG).write_text(json.dumps(self.collafuse_config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load what `train.py` or `save_pretrained` wrote, from a folder or a hub id."""
-        root = Path(pretrained_model_name_or_path)
-        if not root.is_dir():
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(str(pretrained_model_name_or_path)))
-        config_file = root / COLLAFUSE_CONFIG
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{root} has no {COLLAFUSE_CONFIG}: not a CollaFuse model")
-        config = json.loads(config_file.read_text())
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
+    ) -> CollaFusePipeline:
+        """Load what `train.py` or `save_pretrained` wrote, from a local folder or a hub id."""
+        root = resolve_model_folder(pretrained_model_name_or_path)
+        config = read_description(root)
         dtype = kwargs.get("torch_dtype")
-        clients = {
-            int(cid): UNet2DModel.from_pretrained(
-                root / CLIENTS_DIR / cid, **({"torch_dtype": dtype} if dtype else {})
-            )
-            for cid in config.get("clients", {})
-            if (root / CLIENTS_DIR / cid / "config.json").is_file()
-        }
+        unets = {int(cid): load_unet(root / CLIENTS_DIR / cid, dtype) for cid in config["clients"]}
+        clients = {cid: unet for cid, unet in unets.items() if unet is not None}  # none if t_cut=0
         return super().from_pretrained(
             root, client_unets=clients, collafuse_config=config, **kwargs
         )
 
-    def to(self, *args, **kwargs):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool = False,
+        metrics: dict[str, Any] | None = None,
+        save_directory: str | os.PathLike | None = None,
+        commit_message: str = "Upload CollaFuse model",
+    ) -> str:
+        """Save (to `save_directory` or a temporary folder), write README.md, upload the folder.
+
+        The model card records the cut points, the clients and their classes, the data set, the
+        autoencoder's sha256 and the metrics (collafuse.json's "metrics", updated by `metrics`).
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(save_directory) if save_directory is not None else Path(tmp)
+            self.save_pretrained(folder)
+            (folder / "README.md").write_text(model_card(self.collafuse_config, metrics))
+            return push_folder(folder, repo_id, token, private, commit_message)
+
+    def to(self, *args: Any, **kwargs: Any) -> CollaFusePipeline:
         """Move every denoiser, the client ones included."""
         super().to(*args, **kwargs)
         for unet in self.client_unets.values():

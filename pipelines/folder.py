@@ -1,0 +1,51 @@
+"""The model folder: what `save_pretrained` writes and each half of the pipeline reads.
+
+model_index.json  vae/  scheduler/  server_unet/  clients/<id>/  collafuse.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin, UNet2DModel
+
+COLLAFUSE_CONFIG = "collafuse.json"
+CLIENTS_DIR = "clients"
+SERVER_DIR = "server_unet"
+SCHEDULER_DIR = "scheduler"
+VAE_DIR = "vae"
+
+
+def read_description(folder: Path) -> dict[str, Any]:
+    """The `collafuse.json` of a model folder."""
+    path = folder / COLLAFUSE_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {COLLAFUSE_CONFIG}: not a CollaFuse model")
+    description = json.loads(path.read_text())
+    if not isinstance(description.get("clients"), dict):
+        raise ValueError(f"{path} has no 'clients' table")
+    return description
+
+
+def load_scheduler(folder: Path) -> SchedulerMixin:
+    """The diffusers scheduler saved in `folder/scheduler/`."""
+    config_file = folder / SCHEDULER_DIR / "scheduler_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {SCHEDULER_DIR}/scheduler_config.json")
+    name = json.loads(config_file.read_text()).get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"{config_file}: _class_name {name!r} is not a diffusers scheduler")
+    return cls.from_pretrained(folder, subfolder=SCHEDULER_DIR)
+
+
+def load_unet(folder: Path, dtype: torch.dtype | None = None) -> UNet2DModel | None:
+    """The UNet2DModel saved in `folder`, or None when the folder holds none."""
+    if not (folder / "config.json").is_file():
+        return None
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return UNet2DModel.from_pretrained(folder, **kwargs).eval()

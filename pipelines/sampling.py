@@ -1,0 +1,216 @@
+"""Sampling pieces shared by CollaFusePipeline and its server and client halves.
+
+One chain: `set_timesteps(N)` once, the server runs the entries >= t_cut, the client the rest,
+from the server's latents (../shared/DESIGN.md section 2, Sampling).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from latentfuse.autoencoder import Autoencoder, decode
+from latentfuse.split import DiffusionSplit
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Keys the label stream of numpy's SeedSequence apart from anything else seeded the same way.
+LABEL_STREAM = 0x1ABE1
+
+Generators = torch.Generator | list[torch.Generator] | None
+Labels = int | Sequence[int] | torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Labels for one denoiser and its null label (for classifier-free guidance)."""
+
+    labels: torch.Tensor | None  # (b,) or None for an unconditional denoiser
+    null_label: int | None
+
+
+# ---- the model description (collafuse.json) ---------------------------------------------------
+def client_entry(description: dict[str, Any], client_id: int) -> dict[str, Any]:
+    """The saved description of one client (t_cut, classes); ValueError for an unknown id."""
+    clients = description.get("clients", {})
+    if str(client_id) not in clients:
+        known = sorted(int(k) for k in clients)
+        raise ValueError(f"unknown client_id {client_id!r}; this model has clients {known}")
+    return clients[str(client_id)]
+
+
+def num_classes(description: dict[str, Any]) -> int:
+    """Number of class labels; the clients' null label is this index."""
+    return len(description.get("class_names", []))
+
+
+def split_schedule(
+    scheduler, description: dict[str, Any], client_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(server timesteps, client timesteps) of the scheduler's current `timesteps`."""
+    t_cut = int(client_entry(description, client_id)["t_cut"])
+    return DiffusionSplit.from_scheduler(scheduler, t_cut).split_timesteps(scheduler.timesteps)
+
+
+def client_conditioning(
+    unet: UNet2DModel, description: dict[str, Any], labels: torch.Tensor
+) -> Conditioning:
+    """A client denoiser sees class labels; the null label follows the real classes."""
+    if unet.config.num_class_embeds is None:
+        return Conditioning(None, None)
+    return Conditioning(labels, num_classes(description))
+
+
+def server_conditioning(
+    unet: UNet2DModel, description: dict[str, Any], client_id: int, labels: torch.Tensor
+) -> Conditioning:
+    """The server sees class labels, the client id, or nothing (`server_labels`)."""
+    mode = description.get("server_labels", "class")
+    if unet.config.num_class_embeds is None or mode == "none":
+        return Conditioning(None, None)
+    if mode == "client":
+        num_clients = len(description.get("clients", {}))
+        return Conditioning(torch.full_like(labels, client_id), num_clients)
+    return Conditioning(labels, num_classes(description))
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+def check_steps(num_inference_steps: int) -> None:
+    """ValueError naming `num_inference_steps` unless it is an int >= 1."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+
+
+def check_output_type(output_type: str) -> None:
+    """ValueError naming `output_type` unless it is one of OUTPUT_TYPES."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def resolve_batch_size(batch_size: int | None, generator: Generators, class_labels: Labels) -> int:
+    """The batch size that `batch_size`, a generator list and `class_labels` agree on."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(generator, list) and not generator:
+        raise ValueError("generator is an empty list")
+    sizes = {"batch_size": batch_size}
+    if isinstance(generator, list):
+        sizes["generator list"] = len(generator)
+    if class_labels is not None:
+        count = torch.as_tensor(class_labels).numel()
+        if count == 0:
+            raise ValueError("class_labels is empty")
+        sizes["class_labels"] = count if count > 1 else None  # one label serves a batch
+    given = {k: v for k, v in sizes.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise ValueError("batch sizes disagree: " + ", ".join(f"{k}={v}" for k, v in given.items()))
+    return next(iter(given.values()), 1)
+
+
+def _label_stream(generator: torch.Generator) -> np.random.Generator:
+    return np.random.default_rng([generator.initial_seed(), LABEL_STREAM])
+
+
+def draw_labels(allowed: Sequence[int], batch_size: int, generator: Generators) -> torch.Tensor:
+    """`batch_size` labels from `allowed`, keyed by the generators' seeds alone.
+
+    Labels come from a stream derived from each generator's `initial_seed()`, so drawing them
+    neither consumes the image generators nor touches the global RNG, and with one generator
+    per image, image i gets the same label whatever the batch size. Without a generator they
+    come from the global torch RNG, like the noise.
+    """
+    if generator is None:
+        picks = torch.randint(len(allowed), (batch_size,))
+    elif isinstance(generator, list):
+        picks = torch.tensor([int(_label_stream(g).integers(len(allowed))) for g in generator])
+    else:
+        picks = torch.from_numpy(_label_stream(generator).integers(len(allowed), size=batch_size))
+    return torch.tensor([int(c) for c in allowed])[picks]
+
+
+def client_labels(
+    description: dict[str, Any],
+    client_id: int,
+    class_labels: Labels,
+    batch_size: int,
+    generator: Generators,
+) -> torch.Tensor:
+    """(b,) labels: `class_labels` checked against the client's classes, or drawn from them."""
+    allowed = [int(c) for c in client_entry(description, client_id)["classes"]]
+    if class_labels is None:
+        return draw_labels(allowed, batch_size, generator)
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+    bad = sorted({int(y) for y in labels.tolist()} - set(allowed))
+    if bad:
+        raise ValueError(f"class_labels {bad} are not among client {client_id}'s classes {allowed}")
+    return labels.long().expand(batch_size).clone() if labels.numel() == 1 else labels.long()
+
+
+# ---- the chain ---------------------------------------------------------------------------------
+def initial_latents(
+    unet: UNet2DModel, scheduler, batch_size: int, generator: Generators, device: torch.device
+) -> torch.Tensor:
+    """Gaussian latents times `init_noise_sigma` (call after `set_timesteps`)."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (batch_size, unet.config.in_channels, height, width)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
+    return latents * scheduler.init_noise_sigma
+
+
+def guided_noise(
+    unet: UNet2DModel,
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The model output, with classifier-free guidance when `guidance_scale` != 1."""
+    if cond.labels is None or cond.null_label is None or guidance_scale == 1.0:
+        return unet(model_input, t, class_labels=cond.labels).sample
+    null = torch.full_like(cond.labels, cond.null_label)
+    doubled = torch.cat([model_input, model_input])  # (2b, c, h, w): conditional, then null
+    both = unet(doubled, t, class_labels=torch.cat([cond.labels, null])).sample
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def denoise(
+    scheduler,
+    unet: UNet2DModel,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    generator: Generators,
+    progress_bar: Callable[[Iterable], Iterable] = iter,
+) -> torch.Tensor:
+    """Run `timesteps` of the chain with `unet`, continuing `scheduler`'s state."""
+    accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
+    extra = {"generator": generator} if accepts_generator else {}
+    for t in progress_bar(timesteps):
+        model_input = scheduler.scale_model_input(latents, t)
+        noise_pred = guided_noise(unet, model_input, t, cond, guidance_scale)
+        latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+    return latents
+
+
+def to_output(vae: Autoencoder, latents: torch.Tensor, output_type: str) -> Any:
+    """Latents as "latent", or decoded: "pt" (b, c, h, w) in [0, 1], "np" (b, h, w, c), "pil"."""
+    if output_type == "latent":
+        return latents
+    images = (decode(vae, latents).float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return images
+    array = images.cpu().permute(0, 2, 3, 1).numpy()
+    return DiffusionPipeline.numpy_to_pil(array) if output_type == "pil" else array

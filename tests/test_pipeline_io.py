@@ -1,0 +1,179 @@
+"""CollaFusePipeline on disk: what training writes loads, save/load round trip, the hub upload."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler
+from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
+from PIL import Image
+
+from latentfuse import CollaFusePipeline
+from latentfuse.config import load_config
+from latentfuse.runner import train
+
+REPO = Path(__file__).resolve().parent.parent
+T_CUT = 100
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<run>/model` of a 2-step run on 4 classes of noise images with a tiny autoencoder."""
+    root = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        folder = root / "images" / f"class{c}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png"
+            )
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        layers_per_block=1,
+        mid_block_add_attention=False,
+    ).save_pretrained(root / "vae")
+    overrides = [
+        f'vae="{root / "vae"}"',
+        f'data.source="{root / "images"}"',
+        'data.split=""',
+        "data.num_clients=2",
+        "server_unet.block_out_channels=[32]",
+        "client_unet.block_out_channels=[32]",
+        "train.server_batch_size=4",
+        "train.client_batch_size=2",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "train.num_preview_images=1",
+        "train.preview_inference_steps=2",
+        f"split.t_cut={T_CUT}",
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LATENTFUSE_CACHE", str(root / "cache"))
+        return train(load_config(None, overrides), root / "run")
+
+
+def sample(pipe, client_id: int, **kwargs) -> torch.Tensor:
+    """Two images in [0, 1] from fixed seeds, 4 steps."""
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    return pipe(
+        client_id=client_id, generator=gens, num_inference_steps=4, output_type="pt", **kwargs
+    ).images
+
+
+@pytest.mark.parametrize("client_id", [0, 1])
+def test_loads_what_training_writes(trained_model, client_id):
+    pipe = CollaFusePipeline.from_pretrained(trained_model)
+    assert pipe.client_ids == [0, 1] and pipe.t_cut(client_id) == T_CUT
+    images = sample(pipe, client_id)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    server = CollaFuseServerPipeline.from_pretrained(trained_model)
+    client = CollaFuseClientPipeline.from_pretrained(trained_model, client_id=client_id)
+    client.set_progress_bar_config(disable=True)
+    server.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    handoff = server(client_id=client_id, generator=gens, num_inference_steps=4)
+    halves = client(handoff, generator=gens, output_type="pt").images
+    torch.testing.assert_close(halves, images)
+
+
+@pytest.mark.parametrize("scheduler", [None, EulerDiscreteScheduler])
+def test_save_then_load_gives_identical_images(trained_model, tmp_path, scheduler):
+    pipe = CollaFusePipeline.from_pretrained(trained_model)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "copy")
+    loaded = CollaFusePipeline.from_pretrained(tmp_path / "copy")
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    assert loaded.collafuse_config == pipe.collafuse_config
+    for client_id in pipe.client_ids:
+        assert torch.equal(sample(loaded, client_id), sample(pipe, client_id))
+
+
+@pytest.mark.parametrize("path", ["{tmp}/missing", "./missing-model", "runs/none/model"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        CollaFusePipeline.from_pretrained,
+        CollaFuseServerPipeline.from_pretrained,
+        lambda p: CollaFuseClientPipeline.from_pretrained(p, client_id=0),
+    ],
+    ids=["full", "server", "client"],
+)
+def test_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, path, load):
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"hub looked up for {args}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    with pytest.raises(FileNotFoundError, match="missing|none"):
+        load(path.format(tmp=tmp_path))
+
+
+def test_repo_id_is_fetched_from_the_hub(trained_model, monkeypatch):
+    asked = []
+
+    def fake_download(repo_id: str, **kwargs) -> str:
+        asked.append((repo_id, kwargs))
+        return str(trained_model)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert CollaFusePipeline.from_pretrained("someone/collafuse").client_ids == [0, 1]
+    CollaFuseClientPipeline.from_pretrained("someone/collafuse", client_id=1)
+    assert asked[0] == ("someone/collafuse", {})
+    assert "clients/1/*" in asked[1][1]["allow_patterns"]
+    assert not any("server_unet" in p or "clients/0" in p for p in asked[1][1]["allow_patterns"])
+
+
+@pytest.mark.parametrize("recorded", [{}, {"fid": {"client_0": 41.25}}])
+def test_push_to_hub_uploads_the_folder_with_a_model_card(trained_model, monkeypatch, recorded):
+    uploads = []
+
+    def create_repo(repo_id: str, token=None, private=False, exist_ok=False, **kwargs):
+        uploads.append({"created": repo_id, "private": private, "token": token})
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(repo_id: str, folder_path: str, token=None, **kwargs):
+        folder = Path(folder_path)
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        uploads.append(
+            {"repo": repo_id, "files": files, "card": (folder / "README.md").read_text()}
+        )
+        return "https://huggingface.co/someone/collafuse/commit/0"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    pipe = CollaFusePipeline.from_pretrained(trained_model)
+    pipe.collafuse_config["metrics"] = recorded
+    pipe.push_to_hub("someone/collafuse", token="t0k", private=True, metrics={"psnr": 12.5})
+    created, uploaded = uploads
+    assert created == {"created": "someone/collafuse", "private": True, "token": "t0k"}
+    assert uploaded["repo"] == "someone/collafuse"
+    assert {"model_index.json", "collafuse.json", "README.md"} <= uploaded["files"]
+    assert {"clients/0/config.json", "server_unet/config.json"} <= uploaded["files"]
+    card = uploaded["card"]
+    assert f"t_cut: {T_CUT} of T = 1000" in card and "| psnr | 12.5 |" in card
+    assert pipe.collafuse_config["vae_sha256"] in card
+    for cid, client in pipe.collafuse_config["clients"].items():
+        assert f"| {cid} | {T_CUT} | {client['classes']} |" in card
+    assert ("| fid.client_0 | 41.25 |" in card) == bool(recorded)
+
+
+def test_example_writes_a_grid_per_client(trained_model, tmp_path):
+    main = runpy.run_path(str(REPO / "examples" / "sample.py"))["main"]
+    args = [str(trained_model), "--out", str(tmp_path), "--num-images", "3", "--steps", "2"]
+    assert main([*args, "--scheduler", "ddim"]) == 0
+    for client_id in (0, 1):
+        with Image.open(tmp_path / f"client-{client_id}.png") as grid:
+            assert grid.size == (2 * 32, 2 * 32)
