@@ -8,7 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .client_cli import add_client_parser
 from .sample_cli import add_sample_parser
+from .serve_cli import add_serve_parser
 
 logger = logging.getLogger("latentfuse")
 
@@ -125,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_evaluate)
     add_sample_parser(commands)
+    add_serve_parser(commands)
+    add_client_parser(commands)
     return parser
 
 

@@ -47,6 +47,8 @@ class EMA:
         """shadow <- d * shadow + (1 - d) * weights, with the usual warm-up of d."""
         decay = min(self.decay, (1 + step) / (10 + step))
         for name, value in module.state_dict().items():
+            if self.shadow[name].device != value.device:  # follow the model onto its device
+                self.shadow[name] = self.shadow[name].to(value.device)
             if value.dtype.is_floating_point:
                 self.shadow[name].lerp_(value.detach().float(), 1 - decay)
             else:

@@ -1,4 +1,8 @@
-"""`latentfuse sample`: sample a grid of images for one or every client of a model folder."""
+"""`latentfuse sample`: sample a grid of images for one or every client of a model folder.
+
+With `--server`, a deployed client samples through `latentfuse serve`: the server runs the
+steps t >= t_cut, this client finishes them with its own denoiser and decoder (`--client-dir`).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,10 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
         "sample",
         help="sample images from a trained CollaFuse model",
         description="Example: latentfuse sample --model checkpoints/cifar10-collafuse "
-        "--client 2 --num-images 16 --out grid.png",
+        "--client 2 --num-images 16 --out grid.png\n"
+        "         latentfuse sample --server https://server:8443 --token-file client-0.token "
+        "--client-dir client-0/model --client-id 0 --tls-ca cert.pem --out grid.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sample.add_argument(
         "--model",
@@ -38,24 +45,19 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     sample.add_argument("--guidance-scale", type=float, default=1.0)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png")
+    remote = sample.add_argument_group("through a server (deployment)")
+    remote.add_argument("--server", help="URL of `latentfuse serve`: it runs t >= t_cut")
+    remote.add_argument("--token-file", help="this client's token file")
+    remote.add_argument("--client-dir", help="this client's model folder (`latentfuse client`)")
+    remote.add_argument("--client-id", type=int, help="this client's id")
+    remote.add_argument("--tls-ca", help="CA or self-signed certificate to trust (PEM)")
     sample.set_defaults(func=run_sample)
 
 
 def _scheduler(name: str, config):
-    from diffusers import (
-        DDIMScheduler,
-        DDPMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-    )
+    from .http.deploy import sampling_scheduler
 
-    classes = {
-        "ddpm": DDPMScheduler,
-        "ddim": DDIMScheduler,
-        "dpm": DPMSolverMultistepScheduler,
-        "euler": EulerDiscreteScheduler,
-    }
-    return classes[name].from_config(config)
+    return sampling_scheduler(name, config)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -67,6 +69,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.server:
+        return run_remote_sample(args)
     model = Path(args.model)
     if not model.exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
         raise FileNotFoundError(f"model folder not found: {args.model}")
@@ -94,5 +98,44 @@ def run_sample(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {args.num_images} images for client(s) {chosen} "
         f"({args.scheduler}, {args.num_inference_steps} steps) in {time.time() - start:.1f} s"
+    )
+    return 0
+
+
+def run_remote_sample(args: argparse.Namespace) -> int:
+    """Sample through `--server` and finish locally with `--client-dir`; save one grid."""
+    from .http.remote import RemoteError, RemoteServer, read_token
+    from .http.remote_sample import sample_remote
+    from .imaging import make_grid, save_image
+
+    missing = [
+        f"--{n}"
+        for n in ("token-file", "client-dir", "client-id")
+        if getattr(args, n.replace("-", "_")) is None
+    ]
+    if missing:
+        raise ValueError(f"sampling through --server also needs {', '.join(missing)}")
+    remote = RemoteServer(args.server, read_token(args.token_file), args.client_id, args.tls_ca)
+    start = time.time()
+    try:
+        images = sample_remote(
+            remote,
+            args.client_dir,
+            args.num_images,
+            args.num_inference_steps,
+            args.scheduler,
+            args.guidance_scale,
+            args.seed,
+            args.class_label,
+        )
+    except RemoteError as error:
+        raise ValueError(f"server {args.server}: {error}") from None
+    finally:
+        remote.close()
+    save_image(make_grid(images * 2 - 1, columns=min(8, args.num_images)), args.out)
+    print(
+        f"wrote {args.out}: {args.num_images} images for client {args.client_id} through "
+        f"{args.server} ({args.scheduler}, {args.num_inference_steps} steps) in "
+        f"{time.time() - start:.1f} s"
     )
     return 0

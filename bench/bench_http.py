@@ -1,0 +1,246 @@
+"""HTTP deployment benchmarks on loopback, against baselines measured in the same run.
+
+    python bench/bench_http.py                 # sampling: HTTP server half vs in-process
+    python bench/bench_http.py --load          # 20 clients x 50 concurrent uploads
+    python bench/bench_http.py --load --train  # the same while the server trains
+
+Sampling runs the same models and batch both ways: in-process, the server half pipeline and
+the client half in this process; over HTTP, `latentfuse serve --no-train` in a child process
+runs the server half and this process finishes (target ratio HTTP / in-process <= 1.10). The
+load test fires concurrent uploads from threads and checks that every acknowledged release is
+held, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+
+from latentfuse.http.auth import issue_tokens
+from latentfuse.http.remote import RemoteServer, read_token, upload_id
+from latentfuse.http.wire import encode_release
+from latentfuse.transport import ReleaseBatch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_server(config: Path, root: Path, *extra: str, threads: int = 1) -> subprocess.Popen:
+    """`latentfuse serve` on a free loopback port in a child process; waits for /healthz."""
+    state = root / "state"
+    command = [sys.executable, "-m", "latentfuse.cli", "serve", "--config", str(config)]
+    command += ["--clients", str(root / "clients.json"), "--state-dir", str(state), "--port", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    log = open(root / "server.log", "w")  # noqa: SIM115  (the child writes it)
+    process = subprocess.Popen([*command, *extra], env=env, stdout=log, stderr=log, cwd=REPO)
+    deadline = time.monotonic() + 180
+    while not (state / "endpoint.json").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((root / "server.log").read_text()[-3000:])
+        time.sleep(0.1)
+    process.url = json.loads((state / "endpoint.json").read_text())["url"]
+    httpx.get(f"{process.url}/healthz", timeout=30).raise_for_status()
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a child server."""
+    process.terminate()
+    process.wait(timeout=60)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def sampling_bench(config_path: Path, batch: int, steps: int, scheduler: str, repeats: int) -> dict:
+    """Median seconds of one batch in-process and over HTTP, and their ratio."""
+    from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
+
+    from latentfuse.autoencoder import load_vae
+    from latentfuse.http.deploy import latent_shape, load_deploy_config, sampling_scheduler
+    from latentfuse.http.remote_sample import finish_remote
+    from latentfuse.http.service import build_server_unet, server_description
+    from latentfuse.http.wire import SampleRequest
+    from latentfuse.models import build_unet
+    from latentfuse.setup_run import make_scheduler, resolve_path
+
+    config, deploy = load_deploy_config(config_path)
+    client_id, (channels, size, _) = 0, latent_shape(config)
+    description = server_description(config, deploy)
+    torch.manual_seed(0)
+    client_unet = build_unet(config.client_unet_config(0), size, channels, deploy.num_classes + 1)
+    base = make_scheduler(config).config
+    server = CollaFuseServerPipeline(
+        sampling_scheduler(scheduler, base), build_server_unet(config, deploy).eval(), description
+    )
+    vae = load_vae(resolve_path(config.vae))
+    client = CollaFuseClientPipeline(
+        vae, sampling_scheduler(scheduler, base), client_unet.eval(), client_id, description
+    )
+    for pipe in (server, client):
+        pipe.set_progress_bar_config(disable=True)
+    seeds = tuple(range(batch))
+    labels = tuple(i % deploy.num_classes for i in range(batch))
+    request = SampleRequest(client_id, seeds, labels, steps, 1.0, scheduler)
+
+    def in_process() -> torch.Tensor:
+        """Both halves in this process, as CollaFusePipeline runs them."""
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        handoff = server(client_id, list(labels), None, steps, 1.0, generators)
+        return client(handoff, generator=generators, output_type="pt").images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        issue_tokens(root / "clients.json", root / "tokens", [client_id])
+        process = start_server(config_path, root, "--no-train", threads=torch.get_num_threads())
+        token = read_token(root / "tokens" / f"client-{client_id}.token")
+        try:
+            with RemoteServer(process.url, token, client_id) as remote:
+                over_http = lambda: finish_remote(remote, client, request)  # noqa: E731
+                same = torch.equal(in_process(), over_http())  # also the warm-up of both
+                times = {"in_process": [], "http": []}
+                for _ in range(repeats):  # interleaved, so background load hits both alike
+                    for name, run in (("in_process", in_process), ("http", over_http)):
+                        start = time.perf_counter()
+                        run()
+                        times[name].append(time.perf_counter() - start)
+        finally:
+            stop(process)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {**medians, "ratio": medians["http"] / medians["in_process"], "identical": same}
+
+
+# ---- load --------------------------------------------------------------------------------------
+LOAD_CONFIG = """vae = "{vae}"
+[data]
+num_clients = {clients}
+[split]
+t_cut = 100
+[server_unet]
+block_out_channels = [32]
+[train]
+server_batch_size = 16
+max_steps = 100000
+checkpoint_every = 50
+[deploy]
+class_names = ["a", "b", "c", "d"]
+upload_chunk_size = {images}
+"""
+
+
+def upload_worker(
+    url: str, token: str, cid: int, uploads: int, images: int, barrier: threading.Barrier
+) -> list[float]:
+    """One client: `uploads` releases of `images` random latents each; their latencies (s)."""
+    generator, latencies = torch.Generator().manual_seed(cid), []
+    with RemoteServer(url, token, cid) as remote:
+        barrier.wait()
+        for k in range(uploads):
+            batch = ReleaseBatch(
+                cid,
+                tuple(range(k * images, (k + 1) * images)),
+                torch.randn(images, 4, 16, 16, generator=generator),
+                torch.randint(0, 4, (images,), generator=generator),
+                100,
+                0,
+            )
+            body = encode_release(batch)
+            start = time.perf_counter()
+            remote.upload(upload_id(batch), body)
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def load_bench(clients: int, uploads: int, images: int, train: bool, threads: int) -> dict:
+    """Upload from `clients` threads at once; throughput, latency and what the server holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        vae = root / "vae"
+        vae.mkdir()  # the server reads only the autoencoder's config.json (for the latent shape)
+        (vae / "config.json").write_text(
+            json.dumps({"block_out_channels": [32, 32], "latent_channels": 4})
+        )
+        config = root / "load.toml"
+        config.write_text(LOAD_CONFIG.format(vae=vae, clients=clients, images=images))
+        issue_tokens(root / "clients.json", root / "tokens", range(clients))
+        tokens = [read_token(root / "tokens" / f"client-{c}.token") for c in range(clients)]
+        process = start_server(config, root, *(() if train else ("--no-train",)), threads=threads)
+        barrier = threading.Barrier(clients + 1, timeout=300)
+        try:
+            with ThreadPoolExecutor(clients) as pool:
+                futures = [
+                    pool.submit(upload_worker, process.url, tokens[c], c, uploads, images, barrier)
+                    for c in range(clients)
+                ]
+                barrier.wait()
+                start = time.perf_counter()
+                latencies = sorted(x for future in futures for x in future.result())
+                wall = time.perf_counter() - start
+            with RemoteServer(process.url, tokens[0], 0) as remote:
+                status = remote.status()
+        finally:
+            stop(process)
+    held = sum(status["releases_held"].values())
+    return {
+        "uploads": len(latencies),
+        "wall_s": wall,
+        "uploads_per_s": len(latencies) / wall,
+        "releases_per_s": len(latencies) * images / wall,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+        "max_ms": 1000 * latencies[-1],
+        "held": held,
+        "lost": clients * uploads * images - held,
+        "uploads_committed": status["uploads"],
+        "server_steps": status["step"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen benchmark and print its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", action="store_true", help="run the upload load test")
+    parser.add_argument("--train", action="store_true", help="load test: server trains meanwhile")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--uploads", type=int, default=50, help="uploads per client")
+    parser.add_argument("--images", type=int, default=4, help="releases per upload")
+    parser.add_argument("--config", default=str(REPO / "configs" / "deploy.toml"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--scheduler", default="ddim")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.load:
+        r = load_bench(args.clients, args.uploads, args.images, args.train, args.threads)
+        print(
+            f"load: {args.clients} clients x {args.uploads} uploads x {args.images} releases "
+            f"(server {'training' if args.train else 'not training'}): {r['uploads']} uploads in "
+            f"{r['wall_s']:.1f} s = {r['uploads_per_s']:.1f} uploads/s "
+            f"({r['releases_per_s']:.0f} releases/s); latency p50 {r['p50_ms']:.0f} ms, "
+            f"p95 {r['p95_ms']:.0f} ms, max {r['max_ms']:.0f} ms; held {r['held']}, "
+            f"lost {r['lost']}, committed uploads {r['uploads_committed']}, "
+            f"server steps meanwhile {r['server_steps']}"
+        )
+        return 0 if r["lost"] == 0 else 1
+    r = sampling_bench(Path(args.config), args.batch_size, args.steps, args.scheduler, args.repeats)
+    print(
+        f"sampling batch {args.batch_size}, {args.steps} {args.scheduler} steps, "
+        f"{args.threads} threads: in-process {r['in_process']:.3f} s, HTTP {r['http']:.3f} s, "
+        f"ratio {r['ratio']:.3f} (target <= 1.10); images identical: {r['identical']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

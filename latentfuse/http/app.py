@@ -1,0 +1,197 @@
+"""`latentfuse serve`: the FastAPI app over a ServerService, and uvicorn to run it.
+
+    GET  /healthz                                   liveness, versions and limits (no token)
+    GET  /v1/status                                 step, releases per client, last checkpoint
+    GET  /v1/clients/{id}/uploads                   this client's committed upload ids
+    PUT  /v1/clients/{id}/releases/{upload_id}      one ReleaseBatch (safetensors), idempotent
+    POST /v1/clients/{id}/sample                    SampleRequest (JSON) -> HandOff (safetensors)
+
+Every route but /healthz takes `Authorization: Bearer <token>`; a client reaches only its own
+id. Errors are JSON: {"error": code, "detail": message}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..checkpointing import atomic_write_json
+from .service import ServerService
+from .wire import SAFETENSORS_TYPE, WireError
+
+logger = logging.getLogger(__name__)
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes before more of it is read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise WireError(f"bad Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise WireError(
+                f"body of {declared} bytes exceeds the limit of {limit}", 413, "too_large"
+            )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise WireError(f"body exceeds the limit of {limit} bytes", 413, "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(service: ServerService, endpoint_file: Path | None = None, url: str = "") -> FastAPI:
+    """The app; its lifespan starts and stops the training thread (and writes `endpoint_file`)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Start training on start-up; stop it (it checkpoints) on shutdown."""
+        service.start()
+        if endpoint_file is not None:
+            atomic_write_json(endpoint_file, {"url": url, "version": __version__})
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    app = FastAPI(title="latentfuse server", version=__version__, lifespan=lifespan)
+    limit = service.deploy.max_body_bytes
+
+    @app.exception_handler(WireError)
+    async def wire_error(request: Request, error: WireError) -> JSONResponse:
+        """A refused request: its status and {"error", "detail"} JSON."""
+        return JSONResponse(error.payload(), status_code=error.status)
+
+    @app.get("/healthz")
+    async def health() -> dict[str, Any]:
+        """Liveness, versions and the limits a client sizes its requests by."""
+        return service.health()
+
+    @app.get("/v1/status")
+    async def status(request: Request) -> dict[str, Any]:
+        """Training step and state, releases held per client, the last checkpoint."""
+        await run_in_threadpool(service.authenticate_any, bearer_token(request))
+        return service.status()
+
+    @app.get("/v1/clients/{client_id}/uploads")
+    async def uploads(client_id: int, request: Request) -> dict[str, Any]:
+        """The upload ids (and sha256) the server holds from this client."""
+        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
+        return {"client_id": client_id, "uploads": service.committed(client_id)}
+
+    @app.put("/v1/clients/{client_id}/releases/{upload_id}")
+    async def put_release(client_id: int, upload_id: str, request: Request) -> dict[str, Any]:
+        """Store one release upload durably; a replayed upload id gets 409."""
+        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
+        body = await read_body(request, limit)
+        return await run_in_threadpool(service.submit, client_id, upload_id, body)
+
+    @app.post("/v1/clients/{client_id}/sample")
+    async def sample(client_id: int, request: Request) -> Response:
+        """Run the server's steps of a sampling request; the hand-off as safetensors."""
+        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
+        body = await read_body(request, limit)
+        payload = await run_in_threadpool(service.sample, client_id, body)
+        return Response(payload, media_type=SAFETENSORS_TYPE)
+
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on (host, port); port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve(
+    service: ServerService,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    endpoint_file: Path | None = None,
+) -> None:
+    """Run the app under uvicorn until interrupted (TLS when a certificate is given)."""
+    import uvicorn
+
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    sock = bind_socket(host, port)
+    bound = sock.getsockname()[1]
+    scheme = "https" if tls_cert else "http"
+    shown = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{shown}:{bound}"
+    app = create_app(service, endpoint_file, url)
+    config = uvicorn.Config(
+        app,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        log_level="warning",
+        timeout_keep_alive=30,
+    )
+    logger.info("latentfuse server listening on %s", url)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """The app under uvicorn in a thread of this process, on loopback (tests, benchmarks).
+
+    Example:
+        >>> with BackgroundServer(service) as url:
+        ...     httpx.get(f"{url}/healthz").json()
+    """
+
+    def __init__(
+        self,
+        service: ServerService,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        host: str = "127.0.0.1",
+    ):
+        import uvicorn
+
+        self.sock = bind_socket(host, 0)
+        scheme = "https" if tls_cert else "http"
+        self.url = f"{scheme}://{host}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            create_app(service), ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the background server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()

@@ -1,0 +1,153 @@
+"""Client tokens: the server keeps only salted PBKDF2 hashes (clients.json); clients keep tokens.
+
+A token is `lf<client id>.` followed by 256 random bits, so a guess is hopeless whatever the
+hash; the salted PBKDF2 keeps a leaked clients.json from being usable. The prefix only says
+which hash to check, so a request costs one key derivation at most; a token once accepted is
+remembered by its sha256 for the life of the process, so valid requests cost none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .persist import atomic_write_bytes
+
+CLIENTS_FORMAT = 1
+KDF = "pbkdf2_sha256"
+DEFAULT_ITERATIONS = 20_000
+TOKEN_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One client's salted token hash."""
+
+    salt: bytes
+    digest: bytes
+    iterations: int
+
+    def matches(self, token: str) -> bool:
+        """Whether `token` hashes to this credential (constant-time comparison)."""
+        derived = hashlib.pbkdf2_hmac("sha256", token.encode(), self.salt, self.iterations)
+        return hmac.compare_digest(derived, self.digest)
+
+
+def make_credential(token: str, iterations: int = DEFAULT_ITERATIONS) -> Credential:
+    """A fresh salt and the hash of `token` under it."""
+    salt = secrets.token_bytes(16)
+    return Credential(
+        salt, hashlib.pbkdf2_hmac("sha256", token.encode(), salt, iterations), iterations
+    )
+
+
+class TokenBook:
+    """The clients a server knows and their credentials; checks a bearer token for a client id."""
+
+    def __init__(self, credentials: dict[int, Credential]):
+        self.credentials = dict(credentials)
+        self._accepted: dict[int, bytes] = {}  # client id -> sha256 of a token already verified
+        self._lock = threading.Lock()
+
+    @property
+    def client_ids(self) -> list[int]:
+        """The known client ids, sorted."""
+        return sorted(self.credentials)
+
+    def verify(self, client_id: int, token: str) -> bool:
+        """Whether `token` is client `client_id`'s token (False for an unknown client)."""
+        credential = self.credentials.get(client_id)
+        if credential is None or not token:
+            return False
+        quick = hashlib.sha256(token.encode()).digest()
+        with self._lock:
+            known = self._accepted.get(client_id)
+        if known is not None and hmac.compare_digest(known, quick):
+            return True
+        if not credential.matches(token):
+            return False
+        with self._lock:
+            self._accepted[client_id] = quick
+        return True
+
+    @staticmethod
+    def claimed_id(token: str) -> int | None:
+        """The client id a token names in its `lf<id>.` prefix (unverified), else None."""
+        prefix, dot, _ = token.partition(".")
+        digits = prefix[2:]
+        if not dot or not prefix.startswith("lf") or not digits.isdigit() or len(digits) > 9:
+            return None
+        return int(digits)
+
+    def to_json(self) -> dict:
+        """The clients.json payload (hashes and salts only)."""
+        clients = {
+            str(cid): {"salt": c.salt.hex(), "hash": c.digest.hex(), "iterations": c.iterations}
+            for cid, c in sorted(self.credentials.items())
+        }
+        return {"format": CLIENTS_FORMAT, "kdf": KDF, "clients": clients}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TokenBook:
+        """Read clients.json; ValueError naming the file and the bad entry."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"clients file not found: {path} (create it with `latentfuse serve --make-tokens`)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON: {error}") from None
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != CLIENTS_FORMAT
+            or data.get("kdf") != KDF
+        ):
+            raise ValueError(f"{path}: expected format {CLIENTS_FORMAT} with kdf {KDF!r}")
+        credentials = {}
+        for key, entry in (data.get("clients") or {}).items():
+            try:
+                credentials[int(key)] = Credential(
+                    bytes.fromhex(entry["salt"]),
+                    bytes.fromhex(entry["hash"]),
+                    int(entry["iterations"]),
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"{path}: bad entry for client {key!r}: {error}") from None
+        if not credentials:
+            raise ValueError(f"{path} lists no clients")
+        return cls(credentials)
+
+
+def issue_tokens(
+    clients_file: str | os.PathLike,
+    token_dir: str | os.PathLike,
+    client_ids: Iterable[int],
+    iterations: int = DEFAULT_ITERATIONS,
+) -> dict[int, Path]:
+    """New tokens for `client_ids`: token files (mode 0600) and their hashes in clients.json.
+
+    Other clients already in clients.json keep their tokens; a listed client gets a new one.
+    """
+    clients_file, token_dir = Path(clients_file), Path(token_dir)
+    book = TokenBook.load(clients_file) if clients_file.exists() else TokenBook({})
+    token_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for client_id in sorted(set(client_ids)):
+        if client_id < 0:
+            raise ValueError(f"client ids must be >= 0, got {client_id}")
+        token = f"lf{client_id}.{secrets.token_urlsafe(TOKEN_BYTES)}"
+        path = token_dir / f"client-{client_id}.token"
+        atomic_write_bytes(path, (token + "\n").encode(), mode=0o600)
+        book.credentials[client_id] = make_credential(token, iterations)
+        written[client_id] = path
+    atomic_write_bytes(clients_file, json.dumps(book.to_json(), indent=2).encode(), mode=0o600)
+    return written

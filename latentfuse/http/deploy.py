@@ -1,0 +1,132 @@
+"""Deployment settings shared by server and clients: a run config plus its `[deploy]` table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from ..config import RunConfig, config_from_dict, parse_override
+
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm", "euler")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """What a networked run adds to a RunConfig: the label vocabulary and the wire's limits."""
+
+    class_names: tuple[str, ...] = ()  # global label i is class_names[i] on every client
+    upload_chunk_size: int = 256  # images per release upload
+    max_body_bytes: int = 32 * 2**20  # largest request body the server reads
+    max_images_per_client: int = 200_000  # image ids must lie below this (bounds server memory)
+    max_sample_batch: int = 64  # images per sampling request
+    max_concurrent_sampling: int = 2  # sampling requests computed at once (others wait)
+    fp16_wire: bool = False  # send latents as float16 (halves the bytes; not bit-exact)
+
+    def __post_init__(self) -> None:
+        if not self.class_names or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(
+                f"config: deploy.class_names must be a non-empty list of distinct names, "
+                f"got {list(self.class_names)!r}"
+            )
+        for name in (
+            "upload_chunk_size",
+            "max_body_bytes",
+            "max_images_per_client",
+            "max_concurrent_sampling",
+        ):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(
+                    f"config: deploy.{name} must be an int >= 1, got {getattr(self, name)!r}"
+                )
+        if type(self.max_sample_batch) is not int or self.max_sample_batch < 1:
+            raise ValueError(
+                "config: deploy.max_sample_batch must be an int >= 1, "
+                f"got {self.max_sample_batch!r}"
+            )
+        if type(self.fp16_wire) is not bool:
+            raise ValueError(f"config: deploy.fp16_wire must be a bool, got {self.fp16_wire!r}")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels; the null label is this index."""
+        return len(self.class_names)
+
+
+def deploy_from_dict(values: dict[str, Any]) -> DeployConfig:
+    """A DeployConfig from a TOML table, rejecting unknown keys by name."""
+    known = {f.name for f in dataclasses.fields(DeployConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"config: unknown key(s) {unknown} in [deploy]; expected some of {sorted(known)}"
+        )
+    values = dict(values)
+    if "class_names" in values:
+        if not isinstance(values["class_names"], list | tuple):
+            raise ValueError(
+                f"config: deploy.class_names must be a list, got {values['class_names']!r}"
+            )
+        values["class_names"] = tuple(str(v) for v in values["class_names"])
+    return DeployConfig(**values)
+
+
+def load_deploy_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[RunConfig, DeployConfig]:
+    """Read a TOML run config with a `[deploy]` table; `key=value` overrides reach both."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    values = tomllib.loads(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {key} is not a table")
+        node[keys[-1]] = value
+    deploy = values.pop("deploy", None)
+    if not isinstance(deploy, dict):
+        raise ValueError(f"config: {path} has no [deploy] table (deploy.class_names is required)")
+    return config_from_dict(values), deploy_from_dict(deploy)
+
+
+def latent_shape(config: RunConfig) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents, read from the autoencoder's config.json only."""
+    from ..setup_run import resolve_path
+
+    config_file = Path(resolve_path(config.vae)) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"autoencoder config not found: {config_file} (the server reads only its config.json "
+            "to learn the latent shape)"
+        )
+    vae = json.loads(config_file.read_text())
+    size = config.data.resolution // (2 ** (len(vae["block_out_channels"]) - 1))
+    return int(vae["latent_channels"]), size, size
+
+
+def sampling_scheduler(name: str, config: Any):
+    """A diffusers scheduler of kind `name` (ddpm, ddim, dpm, euler) from a scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    classes = {
+        "ddpm": DDPMScheduler,
+        "ddim": DDIMScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+        "euler": EulerDiscreteScheduler,
+    }
+    if name not in classes:
+        raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {name!r}")
+    return classes[name].from_config(config)

@@ -1,0 +1,236 @@
+"""Processes on loopback: `latentfuse serve` and two `latentfuse client`s train and sample; a
+server killed with SIGKILL mid-training restarts with every acknowledged release, none twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from latentfuse.cli import main
+from latentfuse.http.persist import ReleaseLog
+from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
+from latentfuse.http.wire import decode_release, encode_release
+from tests.test_http_app import world  # noqa: F401  (fixture, by name)
+from tests.test_http_client import client_folder
+from tests.test_training import tiny_world  # noqa: F401  (fixture, by name)
+
+CLASS_NAMES = ("class0", "class1", "class2", "class3")
+CLIENT_CLASSES = {0: ("class0", "class1"), 1: ("class2", "class3")}
+
+
+def deploy_toml(files: dict[str, Path], path: Path, max_steps: int, checkpoint_every: int) -> Path:
+    """The tiny run (tests/test_training.py) as a deployment config file."""
+    path.write_text(
+        f"""vae = "{files["vae"]}"
+[data]
+source = "{files["images"]}"
+split = ""
+num_clients = 2
+[split]
+t_cut = 100
+[server_unet]
+block_out_channels = [32]
+[client_unet]
+block_out_channels = [32]
+[train]
+server_batch_size = 8
+client_batch_size = 4
+max_steps = {max_steps}
+warmup_steps = 2
+checkpoint_every = {checkpoint_every}
+[deploy]
+class_names = {json.dumps(list(CLASS_NAMES))}
+upload_chunk_size = 8
+"""
+    )
+    return path
+
+
+def environment(files: dict[str, Path]) -> dict[str, str]:
+    """A child's environment: one thread, the tiny world's cache."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "LATENTFUSE_CACHE": str(files["cache"])}
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    files: dict[str, Path], toml: Path, root: Path, port: int, log: str
+) -> subprocess.Popen:
+    """`latentfuse serve` in a child process; returns once /healthz answers."""
+    command = [sys.executable, "-m", "latentfuse.cli", "serve", "--config", str(toml)]
+    command += ["--clients", str(root / "clients.json"), "--state-dir", str(root / "state")]
+    command += ["--port", str(port)]
+    (root / "state" / "endpoint.json").unlink(missing_ok=True)
+    with open(root / log, "w") as out:
+        process = subprocess.Popen(command, env=environment(files), stdout=out, stderr=out)
+    deadline = time.monotonic() + 120
+    while not (root / "state" / "endpoint.json").exists():
+        assert process.poll() is None, (root / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.1)
+    httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).raise_for_status()
+    return process
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """Poll `condition` every 0.1 s until true or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(request: pytest.FixtureRequest) -> dict:
+    """The tiny run of tests/test_http_app.py, built in-process, with its files."""
+    return request.getfixturevalue("world")
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Path:
+    """A folder with tokens for clients 0 and 1 (clients.json, tokens/)."""
+    argv = ["serve", "--make-tokens", "0,1", "--clients", str(tmp_path / "clients.json")]
+    assert main([*argv, "--token-dir", str(tmp_path / "tokens")]) == 0
+    return tmp_path
+
+
+def test_server_and_two_client_processes_train_and_sample(tiny_run, deployment, capsys):
+    root, port, files = deployment, free_port(), tiny_run["files"]
+    toml = deploy_toml(files, root / "deploy.toml", max_steps=6, checkpoint_every=3)
+    server = start_server(files, toml, root, port, "server.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        clients = []
+        for cid, classes in CLIENT_CLASSES.items():
+            data = client_folder(files["images"], root / f"data{cid}", classes)
+            command = [sys.executable, "-m", "latentfuse.cli", "client", "--server", url]
+            command += ["--token-file", str(root / "tokens" / f"client-{cid}.token")]
+            command += ["--data", str(data), "--client-id", str(cid), "--config", str(toml)]
+            command += ["--work-dir", str(root / f"client{cid}"), "--max-steps", "3"]
+            output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+            clients.append(subprocess.Popen(command, env=environment(files), **output))
+        for process in clients:
+            output, _ = process.communicate(timeout=300)
+            assert process.returncode == 0, output[-3000:]
+        token = read_token(root / "tokens" / "client-0.token")
+        with RemoteServer(url, token, 0) as connection:
+            wait_until(lambda: connection.status()["training"] == "finished", 120, "training")
+            status = connection.status()
+        assert status["releases_held"] == {"0": 24, "1": 24} and status["uploads"] == 6
+        assert status["step"] == 6 and status["last_checkpoint"]["step"] == 6
+        grid = root / "grid.png"
+        argv = ["sample", "--server", url, "--token-file", str(root / "tokens" / "client-1.token")]
+        argv += ["--client-dir", str(root / "client1" / "model"), "--client-id", "1"]
+        argv += ["--num-images", "3", "--num-inference-steps", "4", "--out", str(grid)]
+        assert main(argv) == 0 and grid.is_file()
+        assert "through" in capsys.readouterr().out
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    log = (root / "server.log").read_text()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see it
+    assert server.returncode in (0, -signal.SIGTERM) and "stopped at step 6" in log, log[-3000:]
+    assert not list((root / "client0").rglob("*.token"))
+
+
+class Uploader(threading.Thread):
+    """Uploads every client's release in chunks of 2, slowly, retrying through outages."""
+
+    def __init__(self, url: str, root: Path, releases: list):
+        super().__init__(daemon=True)
+        self.url, self.root, self.releases = url, root, releases
+        self.acked: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for batch in self.releases:
+                token = read_token(self.root / "tokens" / f"client-{batch.client_id}.token")
+                retry = RetryPolicy(base=0.1, cap=1.0, budget=180)
+                with RemoteServer(self.url, token, batch.client_id, retry=retry) as connection:
+                    for chunk in chunks(batch, 2):
+                        connection.upload(upload_id(chunk), encode_release(chunk))
+                        self.acked.append(f"{batch.client_id}/{upload_id(chunk)}")
+                        time.sleep(0.15)
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+
+def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment):
+    root, port, files = deployment, free_port(), tiny_run["files"]
+    toml = deploy_toml(files, root / "deploy.toml", max_steps=100_000, checkpoint_every=3)
+    releases = [c.make_release(0) for c in tiny_run["run"].clients]
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(files, toml, root, port, "server.log")
+    uploader = Uploader(url, root, releases)
+    uploader.start()
+    checkpoint = root / "state" / "checkpoint" / "state.json"
+    wait_until(lambda: len(uploader.acked) >= 8 and checkpoint.exists(), 120, "uploads, checkpoint")
+    server.send_signal(signal.SIGKILL)
+    server.wait(timeout=30)
+    acked_before_kill = list(uploader.acked)
+    checkpoint_step = json.loads(checkpoint.read_text())["extra"]["step"]
+    server = start_server(files, toml, root, port, "server2.log")
+    try:
+        token = read_token(root / "tokens" / "client-0.token")
+        with RemoteServer(url, token, 0) as connection:
+            restarted = connection.status()
+            uploader.join(timeout=180)
+            assert uploader.error is None and not uploader.is_alive(), uploader.error
+            wait_until(lambda: connection.status()["step"] > checkpoint_step, 60, "training")
+            final = connection.status()
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+    log = ReleaseLog(root / "state" / "releases")
+    committed = [f"{e.client_id}/{e.upload_id}" for e in log.entries()]
+    images = [
+        (e.client_id, i)
+        for e in log.entries()
+        for i in decode_release(log.read(e), 1 << 30, 1 << 20).image_ids
+    ]
+    duplicates = len(images) - len(set(images)) + len(committed) - len(set(committed))
+    held_after_restart = sum(restarted["releases_held"].values())
+    print(
+        f"\nkill -9 and restart: {len(acked_before_kill)} uploads "
+        f"({2 * len(acked_before_kill)} releases) acknowledged before the kill, "
+        f"{held_after_restart} releases held after restart, duplicates {duplicates}, "
+        f"training resumed from step {restarted['resumed_from_step']} "
+        f"(checkpoint on disk: step {checkpoint_step}); finally "
+        f"{sum(final['releases_held'].values())} held, step {final['step']}"
+    )
+    assert set(acked_before_kill) <= set(committed)
+    assert held_after_restart >= 2 * len(acked_before_kill)
+    assert restarted["resumed_from_step"] == checkpoint_step
+    assert duplicates == 0
+    assert final["releases_held"] == {str(b.client_id): len(b.image_ids) for b in releases}
+    assert final["uploads"] == sum(-(-len(b.image_ids) // 2) for b in releases)
+
+
+@pytest.mark.slow
+def test_load_20_clients_x_50_uploads_loses_nothing():
+    from bench.bench_http import load_bench
+
+    result = load_bench(clients=20, uploads=50, images=4, train=True, threads=1)
+    print(
+        f"\nload: {result['uploads']} uploads in {result['wall_s']:.1f} s = "
+        f"{result['uploads_per_s']:.1f} uploads/s, p95 {result['p95_ms']:.0f} ms, "
+        f"lost {result['lost']}, server steps meanwhile {result['server_steps']}"
+    )
+    assert result["uploads_committed"] == 1000 and result["held"] == 4000 and result["lost"] == 0
+    assert result["wall_s"] < 120
