@@ -157,3 +157,11 @@ def tiny_vae_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "tiny-vae"
     vae.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared tiny world (tests/worlds.py): noise images in 4 classes and a tiny VAE."""
+    from tests.worlds import make_tiny_world
+
+    return make_tiny_world(tmp_path_factory.mktemp("world"))

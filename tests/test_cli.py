@@ -100,3 +100,51 @@ def test_reconstruct_split_must_exist(
     args[args.index("--split") + 1] = "train"  # the fixture has no train/ folder
     assert main(args) == 2
     assert "train" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_world, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step model on the tiny world."""
+    from latentfuse.runner import train
+    from tests.worlds import tiny_config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+        config = tiny_config(tiny_world, "train.max_steps=2", "train.num_preview_images=1")
+        return train(config, tmp_path_factory.mktemp("sample-run") / "run")
+
+
+@pytest.mark.parametrize(("client", "rows"), [("all", 2), ("1", 1)])
+def test_sample_writes_a_grid_per_client(tiny_model, tmp_path, capsys, client, rows):
+    out = tmp_path / "grid.png"
+    argv = [
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--client",
+        client,
+        "--num-images",
+        "3",
+        "--num-inference-steps",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    with Image.open(out) as grid:
+        assert grid.size == (2 + 3 * 34, 2 + rows * 34)  # 32 px tiles, 2 px padding
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-images", "0"], "--num-images"),
+        (["--model", "/nonexistent/model"], "not found"),
+        (["--client", "7"], "client"),
+    ],
+)
+def test_sample_bad_arguments(tiny_model, tmp_path, capsys, argv, message):
+    base = ["sample", "--model", str(tiny_model), "--out", str(tmp_path / "g.png")]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from PIL import Image
 
 from latentfuse.evaluation import (
     EvaluationSettings,
@@ -26,8 +24,6 @@ from latentfuse.evaluation import (
 )
 from latentfuse.evaluation.evaluate import model_partition
 from latentfuse.evaluation.reference import cached_reference_stats
-
-IMAGES_PER_CLASS = 12
 
 
 @pytest.fixture(scope="module")
@@ -180,32 +176,6 @@ def test_sample_labels_follow_the_real_mix():
 
 
 # ---- a tiny trained model (the tiny_world pattern of test_training.py) ----------------------
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 4-class ImageFolder of 32x32 images and a tiny random AutoencoderKL."""
-    root = tmp_path_factory.mktemp("world")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(IMAGES_PER_CLASS):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    )
-    vae.save_pretrained(root / "vae")
-    return {"images": root / "images", "vae": root / "vae", "cache": root / "cache"}
-
-
 @pytest.fixture(autouse=True)
 def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))

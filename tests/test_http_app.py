@@ -29,7 +29,7 @@ from latentfuse.runner import collafuse_description
 from latentfuse.server import Server
 from latentfuse.setup_run import build_run
 from latentfuse.transport import ReleaseBatch
-from tests.test_training import tiny_config, tiny_world  # noqa: F401  (fixture, by name)
+from tests.worlds import tiny_config
 
 CLASS_NAMES = ("class0", "class1", "class2", "class3")
 STEPS = 6

@@ -25,7 +25,6 @@ from tests.test_http_app import (
     tiny_deploy,
     world,  # noqa: F401  (fixture, by name)
 )
-from tests.test_training import tiny_world  # noqa: F401  (fixture, by name)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token
 from latentfuse.http.wire import decode_release, encode_release
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
-from tests.test_training import tiny_world  # noqa: F401  (fixture, by name)
 
 CLASS_NAMES = ("class0", "class1", "class2", "class3")
 CLIENT_CLASSES = {0: ("class0", "class1"), 1: ("class2", "class3")}

@@ -6,51 +6,24 @@ import runpy
 from pathlib import Path
 
 import huggingface_hub
-import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler
 from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
 from PIL import Image
 
 from latentfuse import CollaFusePipeline
-from latentfuse.config import load_config
 from latentfuse.runner import train
+from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 T_CUT = 100
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<run>/model` of a 2-step run on 4 classes of noise images with a tiny autoencoder."""
-    root = tmp_path_factory.mktemp("trained")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                folder / f"{i}.png"
-            )
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    ).save_pretrained(root / "vae")
+def trained_model(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<run>/model` of a 2-step run on the tiny world (4 classes of noise images)."""
     overrides = [
-        f'vae="{root / "vae"}"',
-        f'data.source="{root / "images"}"',
-        'data.split=""',
-        "data.num_clients=2",
-        "server_unet.block_out_channels=[32]",
-        "client_unet.block_out_channels=[32]",
         "train.server_batch_size=4",
         "train.client_batch_size=2",
         "train.max_steps=2",
@@ -60,8 +33,8 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"split.t_cut={T_CUT}",
     ]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LATENTFUSE_CACHE", str(root / "cache"))
-        return train(load_config(None, overrides), root / "run")
+        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+        return train(tiny_config(tiny_world, *overrides), tmp_path_factory.mktemp("run") / "run")
 
 
 def sample(pipe, client_id: int, **kwargs) -> torch.Tensor:

@@ -11,64 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors.torch import load_file
 
-from latentfuse.config import RunConfig, load_config
 from latentfuse.runner import make_accelerator, train
 from latentfuse.setup_run import build_run
 from latentfuse.training import Trainer
+from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 4-class ImageFolder of 32x32 images and a tiny random AutoencoderKL."""
-    root = tmp_path_factory.mktemp("world")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        folder = root / "images" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(12):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        layers_per_block=1,
-        mid_block_add_attention=False,
-    )
-    vae.save_pretrained(root / "vae")
-    return {"images": root / "images", "vae": root / "vae", "cache": root / "cache"}
-
-
-def tiny_config(world: dict[str, Path], *overrides: str) -> RunConfig:
-    """A 2-client run over the tiny world with tiny UNets."""
-    base = [
-        f'vae="{world["vae"]}"',
-        f'data.source="{world["images"]}"',
-        'data.split=""',
-        "data.num_clients=2",
-        "server_unet.block_out_channels=[32]",
-        "client_unet.block_out_channels=[32]",
-        "train.server_batch_size=8",
-        "train.client_batch_size=4",
-        "train.max_steps=4",
-        "train.warmup_steps=2",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "train.num_preview_images=2",
-        "train.preview_inference_steps=4",
-        "split.t_cut=100",
-    ]
-    return load_config(None, base + list(overrides))
 
 
 @pytest.fixture(autouse=True)
