@@ -295,6 +295,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         values = tomllib.loads(path.read_text())
+    apply_overrides(values, overrides)
+    return _build(RunConfig, values, "")
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple = ()) -> None:
+    """Set each `a.b=value` override in the nested dict `values` (in place)."""
     for text in overrides:
         keys, value = parse_override(text)
         node = values
@@ -303,7 +309,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             if not isinstance(node, dict):
                 raise ValueError(f"override {text!r}: {key} is not a table")
         node[keys[-1]] = value
-    return _build(RunConfig, values, "")
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:

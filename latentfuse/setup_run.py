@@ -68,6 +68,21 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
     )
 
 
+def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSplit]:
+    """The clients' splits exactly as the run's data config deals them."""
+    data = config.data
+    return partition(
+        dataset,
+        data.num_clients,
+        data.partition,
+        seed=data.seed,
+        alpha=data.alpha,
+        eval_fraction=data.eval_fraction,
+        groups=[list(g) for g in data.groups] or None,
+        overlap=data.overlap,
+    )
+
+
 def make_scheduler(config: RunConfig) -> DDPMScheduler:
     """The training noise schedule every split and the pipeline share."""
     return DDPMScheduler(
@@ -80,17 +95,7 @@ def make_scheduler(config: RunConfig) -> DDPMScheduler:
 def build_run(config: RunConfig) -> Run:
     """Load data and autoencoder, partition, encode (cached) and build clients and models."""
     dataset = load_run_dataset(config)
-    data = config.data
-    splits = partition(
-        dataset,
-        data.num_clients,
-        data.partition,
-        seed=data.seed,
-        alpha=data.alpha,
-        eval_fraction=data.eval_fraction,
-        groups=[list(g) for g in data.groups] or None,
-        overlap=data.overlap,
-    )
+    splits = partition_clients(config, dataset)
     vae = load_vae(resolve_path(config.vae))
     vae_hash = vae_fingerprint(vae)
     scheduler = make_scheduler(config)

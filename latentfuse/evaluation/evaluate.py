@@ -14,7 +14,7 @@ import numpy as np
 from ..checkpointing import atomic_write_json
 from ..config import RunConfig, config_from_dict
 from ..datasets import ImageDataset
-from ..partition import ClientSplit, partition
+from ..partition import ClientSplit
 from .features import InceptionExtractor, extract_features, load_clip
 from .generate import generate_images, sample_labels
 from .metrics import KID_MAX_SUBSET_SIZE, KID_SUBSETS, FeatureStats, distribution_scores
@@ -52,23 +52,13 @@ def model_partition(
     collafuse_config: dict,
 ) -> tuple[RunConfig, ImageDataset, dict[int, ClientSplit]]:
     """Rebuild the run's data set and partition from a model's `collafuse.json`."""
-    from ..setup_run import load_run_dataset
+    from ..setup_run import load_run_dataset, partition_clients
 
     if "run_config" not in collafuse_config:
         raise ValueError("collafuse.json has no run_config: cannot rebuild the clients' data")
     config = config_from_dict(collafuse_config["run_config"])
-    data = config.data
     dataset = load_run_dataset(config)
-    splits = partition(
-        dataset,
-        data.num_clients,
-        data.partition,
-        seed=data.seed,
-        alpha=data.alpha,
-        eval_fraction=data.eval_fraction,
-        groups=[list(g) for g in data.groups] or None,
-        overlap=data.overlap,
-    )
+    splits = partition_clients(config, dataset)
     by_id = {s.client_id: s for s in splits}
     for cid, info in collafuse_config.get("clients", {}).items():
         expected = info.get("num_eval_images")

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from ..config import RunConfig, config_from_dict, parse_override
+from ..config import RunConfig, apply_overrides, config_from_dict
 
 SCHEDULER_NAMES = ("ddpm", "ddim", "dpm", "euler")
 
@@ -83,14 +83,7 @@ def load_deploy_config(
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     values = tomllib.loads(path.read_text())
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = values
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {text!r}: {key} is not a table")
-        node[keys[-1]] = value
+    apply_overrides(values, overrides)
     deploy = values.pop("deploy", None)
     if not isinstance(deploy, dict):
         raise ValueError(f"config: {path} has no [deploy] table (deploy.class_names is required)")
