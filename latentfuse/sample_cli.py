@@ -11,6 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,11 +77,12 @@ def run_sample(args: argparse.Namespace) -> int:
     if not model.exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
         raise FileNotFoundError(f"model folder not found: {args.model}")
     pipe = CollaFusePipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
     clients = sorted(int(c) for c in pipe.collafuse_config["clients"])
     chosen = clients if args.client == "all" else [int(args.client)]
     start, blocks = time.time(), []
-    for client_id in chosen:
+    for client_id in tqdm(chosen, desc="clients", disable=len(chosen) < 2):
         generators = [
             torch.Generator().manual_seed(args.seed * 100_000 + i) for i in range(args.num_images)
         ]
