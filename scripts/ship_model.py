@@ -16,6 +16,8 @@ from latentfuse import CollaFusePipeline
 from latentfuse.checkpointing import atomic_write_dir
 from latentfuse.hub import model_card
 
+DEFAULT_COMMAND = "accelerate launch train.py --config configs/cifar10.toml"
+
 
 def training_section(run: Path, description: dict) -> str:
     """Steps, wall time and loss curve summary of the run, from its own logs."""
@@ -29,8 +31,8 @@ def training_section(run: Path, description: dict) -> str:
             "## Training",
             "",
             f"- steps: {training.get('steps', last['step'])}; wall time "
-            f"{training.get('wall_seconds', 0) / 3600:.2f} h on 2 CPU cores (losses: the run's `losses.jsonl`)",
-            f"- command: `{training.get('command', 'accelerate launch train.py --config configs/cifar10.toml')}`",
+            f"{training.get('wall_seconds', 0) / 3600:.2f} h on 2 CPU cores",
+            f"- command: `{training.get('command', DEFAULT_COMMAND)}`",
             "- weights: EMA, stored as fp16 safetensors",
             "",
             f"| loss | step {first['step']} | step {last['step']} |",
