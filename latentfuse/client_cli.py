@@ -64,9 +64,10 @@ def run_client(args: argparse.Namespace) -> int:
         raise ValueError(f"server {args.server}: {error}") from None
     finally:
         remote.close()
+    tls_ca = f" --tls-ca {args.tls_ca}" if args.tls_ca else ""
     print(
         f"client {args.client_id}: {job.step} steps, uploads {job.uploaded}; "
-        f"model folder {model} (sample with: latentfuse sample --server {args.server} "
+        f"model folder {model} (sample with: latentfuse sample --server {args.server}{tls_ca} "
         f"--token-file {args.token_file} --client-dir {model} --client-id {args.client_id})"
     )
     return 0

@@ -1,0 +1,399 @@
+"""The cut-point sweep: one run per t_cut (same steps and batch), scored for what it samples and
+what its releases disclose, as in the paper's Figure 3; plus the objective and release-policy
+ablations at a few cuts.
+
+Each (cut, variant) point is a folder `cut-0100-base/` holding its training run (checkpoint,
+`model/`, `timing.json`) and `evaluation.json`. A point whose evaluation matches the current
+settings is skipped and an unfinished run continues from its checkpoint, so a sweep resumes
+where it stopped. The GM run (t_cut = 0) is always trained first: its server_unet, trained on
+clean latents, is the attacker that denoises every other cut's releases.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpointing import atomic_write_json
+from ..config import RELEASE_POLICIES, RunConfig, apply_overrides, config_from_dict
+from ..pipelines.folder import load_unet
+from ..runner import train
+from ..setup_run import Run, build_run
+from ..split import OBJECTIVES
+from .burden import client_burden
+from .disclosure import reconstruction_attack, reidentification, release_fid
+from .evaluate import EvaluationSettings, evaluate_model
+from .features import InceptionExtractor
+from .privacy import release_privacy
+from .reference import cached_reference_stats, load_real_images
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+ATTACKER_CUT = 0
+BURDEN_INFERENCE_STEPS = 50  # the client's FLOP share of a DDIM-50 chain, whatever the eval uses
+DISCLOSURE_KEYS = ("release_fid", "attack_psnr", "attack_ssim", "reid_rate")
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Which cuts to run and how each point is scored."""
+
+    cuts: tuple[int, ...] = (0, 20, 50, 100, 200, 500, 1000)
+    ablation_cuts: tuple[int, ...] = (100, 500)
+    num_samples: int = 1000  # generated images per client; also releases attacked per client
+    num_inference_steps: int = 50  # DDIM steps of the evaluation samples
+    attack_steps: int = 50  # the attacker's DDIM steps from the release level down to 0
+    clip_percentile: float = 99.0  # clip norm C: this percentile of the training latents' norms
+    delta: float = 1e-5
+    seed: int = 0
+    batch_size: int = 64
+    clip: str | None = None  # CLIP model for FCD; None: FCD reported unavailable
+    inception: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.cuts or any(c < 0 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts):
+            raise ValueError(f"cuts must be unique non-negative integers, got {self.cuts}")
+        if any(c < 1 for c in self.ablation_cuts):
+            raise ValueError(f"ablation_cuts must be >= 1, got {self.ablation_cuts}")
+        for name, low in (("num_samples", 2), ("attack_steps", 1)):  # FID needs two samples
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 < self.clip_percentile <= 100:
+            raise ValueError(f"clip_percentile must lie in (0, 100], got {self.clip_percentile}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+
+    def evaluation(self) -> EvaluationSettings:
+        """The sample-quality settings of `evaluate_model`."""
+        names = ("num_samples", "num_inference_steps", "seed", "batch_size", "clip", "inception")
+        return EvaluationSettings(**{n: getattr(self, n) for n in names}, device=self.device)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the sweep: a cut and a variant ("base" or an ablation) with its overrides."""
+
+    t_cut: int
+    variant: str = "base"
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The point's folder name, e.g. `cut-0100-base`."""
+        return f"cut-{self.t_cut:04d}-{self.variant}"
+
+
+@dataclass
+class _Shared:
+    """What every point's evaluation shares: the attacker, Inception and the clip norm."""
+
+    attacker: torch.nn.Module
+    attacker_labels: str  # the GM server's conditioning: "class", "client" or "none"
+    inception: InceptionExtractor
+    clip_norm: float
+
+
+def model_role(t_cut: int, num_train_timesteps: int) -> str:
+    """The row's model mark: GM at t_cut = 0, ICM at t_cut = T, else split."""
+    return "GM" if t_cut == 0 else "ICM" if t_cut == num_train_timesteps else "split"
+
+
+def ablation_variants(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The two ablations: the other server objective, and the other release policy."""
+    objective = next(o for o in OBJECTIVES if o != config.split.objective)
+    policy = next(p for p in RELEASE_POLICIES if p != config.split.release_policy)
+    return {
+        f"objective-{objective}": (f'split.objective="{objective}"',),
+        f"release-{policy}": (f'split.release_policy="{policy}"',),
+    }
+
+
+def sweep_points(config: RunConfig, settings: SweepSettings) -> list[SweepPoint]:
+    """Every point to run, the GM attacker first, then base cuts, then the ablations."""
+    T = config.split.num_train_timesteps
+    if any(c.t_cut is not None for c in config.clients):
+        raise ValueError("clients[].t_cut overrides the swept split.t_cut: remove them")
+    if any(c > T for c in settings.cuts):
+        raise ValueError(f"cuts must lie in [0, {T}], got {settings.cuts}")
+    if any(c >= T for c in settings.ablation_cuts):
+        raise ValueError(f"ablation_cuts must lie in [1, {T - 1}], got {settings.ablation_cuts}")
+    base = sorted({ATTACKER_CUT, *settings.cuts, *settings.ablation_cuts})
+    points = [SweepPoint(c) for c in base]
+    for cut in sorted(set(settings.ablation_cuts)):
+        points += [SweepPoint(cut, v, o) for v, o in ablation_variants(config).items()]
+    return points
+
+
+def point_config(config: RunConfig, point: SweepPoint) -> RunConfig:
+    """The base config with the point's cut and overrides."""
+    values = copy.deepcopy(config.to_dict())
+    apply_overrides(values, [f"split.t_cut={point.t_cut}", *point.overrides])
+    return config_from_dict(values)
+
+
+def train_point(config: RunConfig, folder: Path) -> tuple[Path, float]:
+    """Train (or finish training) one point; returns its model folder and training seconds."""
+    timing = folder / "timing.json"
+    saved = folder / "config.json"
+    if saved.is_file() and json.loads(saved.read_text()) != _jsonable(config.to_dict()):
+        raise ValueError(f"{folder} was trained with another config: choose another --out-dir")
+    if timing.is_file() and (folder / "model" / "collafuse.json").is_file():
+        return folder / "model", json.loads(timing.read_text())["train_seconds"]
+    start = time.time()
+    model = train(config, folder, resume=True)  # continues a checkpoint if one is there
+    seconds = time.time() - start
+    atomic_write_json(timing, {"train_seconds": seconds, "note": "the session that finished it"})
+    return model, seconds
+
+
+def latent_clip_norm(run: Run, percentile: float) -> tuple[float, dict]:
+    """The clip norm C: `percentile` of the L2 norms of every client's training latents."""
+    # At t_cut = 0 a release is the clean latent (abar_r = 1): the GM's releases are the z0.
+    norms = torch.cat([c.make_release(0).latents.flatten(1).norm(dim=1) for c in run.clients])
+    clip_norm = float(np.percentile(norms.double().numpy(), percentile))
+    return clip_norm, {
+        "clip_norm": clip_norm,
+        "rule": f"{percentile:g}th percentile of the L2 norms of all clients' training latents",
+        "num_latents": len(norms),
+        "share_above": float((norms > clip_norm).double().mean()),
+        "max_norm": float(norms.max()),
+    }
+
+
+def _attacker_labels(
+    mode: str, release_labels: torch.Tensor | None, client_id: int, n: int
+) -> torch.Tensor | None:
+    """What the attacker conditions on: the released labels, the client id, or the null label."""
+    if mode == "class":
+        return release_labels  # None (labels withheld): the attacker falls back to the null label
+    return torch.full((n,), client_id) if mode == "client" else None
+
+
+def client_disclosure(
+    run: Run, client_index: int, shared: _Shared, settings: SweepSettings
+) -> dict:
+    """Disclosure a-c of one client's releases: release FID, the attack, re-identification."""
+    client, split = run.clients[client_index], run.splits[client_index]
+    cid, resolution, bs = client.client_id, run.config.data.resolution, settings.batch_size
+    release = client.make_release(0)  # fresh: the first epoch's release
+    n = min(settings.num_samples, client.num_images)
+    rng = np.random.default_rng(settings.seed * 1_000_003 + cid)  # the same images at every cut
+    index = torch.from_numpy(np.sort(rng.choice(client.num_images, n, replace=False)))
+    latents = release.latents[index].to(settings.device)
+    labels = None if release.labels is None else release.labels[index]
+    sources = [split.train_indices[i] for i in index.tolist()]
+    originals = load_real_images(run.dataset, sources, resolution).float() / 127.5 - 1
+    real = cached_reference_stats(
+        shared.inception, run.dataset, split.eval_indices, resolution, bs, "inception"
+    )
+    fid = release_fid(run.vae, latents, real, shared.inception, batch_size=bs)
+    labels = _attacker_labels(shared.attacker_labels, labels, cid, n)
+    alphas, t_cut, steps = run.scheduler.alphas_cumprod, client.split.t_cut, settings.attack_steps
+    attack = reconstruction_attack(
+        shared.attacker, alphas, run.vae, latents, originals, t_cut, steps, labels, bs
+    )
+    reid = reidentification(shared.inception, attack["images"], originals, torch.arange(n), bs)
+    return {
+        **{f"release_{k}": fid[k] for k in ("fid", "fid_status", "kid", "num_real")},
+        **{f"attack_{k}": attack[k] for k in ("psnr", "ssim", "num_steps")},
+        **{f"reid_{k}": reid[k] for k in ("rate", "chance")},
+        "num_releases": n,
+    }
+
+
+def point_privacy(run: Run, folder: Path, shared: _Shared, delta: float) -> dict:
+    """Disclosure d: (epsilon, delta) per client; `fresh` composes over the epochs it used."""
+    cfg, alphas = run.config.split, run.scheduler.alphas_cumprod
+    state = json.loads((folder / "checkpoint" / "state.json").read_text())["extra"]["clients"]
+    clients = {  # k: releases of each image, epochs 0..released_epoch (1 under `once`)
+        cid: release_privacy(alphas, cfg.t_cut, shared.clip_norm, delta, cfg.release_policy, k)
+        for cid, k in ((c, max(1, s["released_epoch"] + 1)) for c, s in state.items())
+    }
+    worst = max(clients.values(), key=lambda p: p["epsilon"])
+    epsilon, status = _finite_or_none(worst["epsilon"]), worst["status"]
+    for report in clients.values():  # inf (no privacy) is stored as null
+        report["epsilon"] = _finite_or_none(report["epsilon"])
+    return {
+        "epsilon": epsilon,
+        "epsilon_status": status,
+        "releases_per_image": max(p["releases_per_image"] for p in clients.values()),
+        "clients": clients,
+    }
+
+
+def point_burden(run: Run, model_dir: Path) -> dict[str, float]:
+    """Each client's share of the sampling FLOPs (DDIM-50 chain and decoder)."""
+    load = lambda path: None if (unet := load_unet(path)) is None else unet.to(run.vae.device)
+    server, shares = load(model_dir / "server_unet"), {}
+    for client in run.clients:
+        unet = load(model_dir / "clients" / str(client.client_id))
+        t_cut, steps = client.split.t_cut, BURDEN_INFERENCE_STEPS
+        burden = client_burden(
+            unet, server, run.vae, run.scheduler, t_cut, steps, measure_time=False
+        )
+        shares[str(client.client_id)] = burden["sampling"]["client_share"]
+    return shares
+
+
+def evaluate_point(
+    point: SweepPoint, config: RunConfig, folder: Path, shared: _Shared, settings: SweepSettings
+) -> dict:
+    """Sample quality, disclosure a-d and client burden of one trained point."""
+    start = time.time()
+    model_dir = folder / "model"
+    quality = evaluate_model(model_dir, settings.evaluation())
+    run = build_run(config)
+    run.vae.to(settings.device)
+    T = config.split.num_train_timesteps
+    disclosure = {}
+    if point.t_cut < T:  # at t_cut = T nothing is released: nothing to attack
+        for i in tqdm(range(len(run.clients)), desc=f"{point.name} disclosure", leave=False):
+            disclosure[str(run.clients[i].client_id)] = client_disclosure(run, i, shared, settings)
+    privacy = point_privacy(run, folder, shared, settings.delta)
+    burden = point_burden(run, model_dir)
+    return {
+        "quality": quality,
+        "disclosure": disclosure,
+        "privacy": privacy,
+        "client_flop_share": burden,
+        "eval_seconds": time.time() - start,
+    }
+
+
+def point_row(point: SweepPoint, config: RunConfig, result: dict, train_seconds: float) -> dict:
+    """The summary row of one evaluated point."""
+    quality, disclosure, privacy = result["quality"], result["disclosure"], result["privacy"]
+    pooled, shares = quality["pooled"], result["client_flop_share"]
+    weights = {cid: d["num_releases"] for cid, d in disclosure.items()}
+    row = {
+        "t_cut": point.t_cut,
+        "model": model_role(point.t_cut, config.split.num_train_timesteps),
+        "variant": point.variant,
+        "objective": config.split.objective,
+        "release_policy": config.split.release_policy,
+        **{k: pooled[k] for k in ("fid", "fid_status", "kid", "kid_std", "fcd", "fcd_status")},
+        # release FID/KID: the mean over clients; the attack and re-identification: per image
+        **{k: _mean([d[k] for d in disclosure.values()]) for k in ("release_fid", "release_kid")},
+        **{k: _weighted(disclosure, k, weights) for k in ("attack_psnr", "attack_ssim")},
+        "reid_rate": _weighted(disclosure, "reid_rate", weights),
+        "reid_chance": _mean([d["reid_chance"] for d in disclosure.values()]),
+        "disclosure_status": "ok" if disclosure else "t_cut = T: nothing is released",
+        **{k: privacy[k] for k in ("epsilon", "epsilon_status", "releases_per_image")},
+        "client_flop_share": _mean(list(shares.values())),
+        "num_samples": quality["num_samples"],
+        "num_generated_pooled": pooled["num_generated"],
+        "num_releases": sum(weights.values()),
+        "steps": config.train.max_steps,
+        "train_seconds": train_seconds,
+        "eval_seconds": result["eval_seconds"],
+        "wall_seconds": train_seconds + result["eval_seconds"],
+        "folder": point.name,
+    }
+    row["clients"] = {
+        cid: {
+            "fid": entry["fid"],
+            "kid": entry["kid"],
+            **{k: disclosure.get(cid, {}).get(k) for k in DISCLOSURE_KEYS},
+            "epsilon": privacy["clients"][cid]["epsilon"],
+            "client_flop_share": shares[cid],
+        }
+        for cid, entry in quality["clients"].items()
+    }
+    return row
+
+
+def run_sweep(
+    config: RunConfig, out_dir: str | Path, settings: SweepSettings, resume: bool = False
+) -> dict:
+    """Train and evaluate every point (skipping finished ones); returns the summary."""
+    out_dir = Path(out_dir)
+    points = sweep_points(config, settings)
+    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} already holds a sweep: pass --resume to continue it")
+    configs = {p: point_config(config, p) for p in points}
+    attacker_point = points[0]  # the GM, t_cut = 0
+    attacker_model, _ = train_point(configs[attacker_point], out_dir / attacker_point.name)
+    clip_norm, clip_info = latent_clip_norm(
+        build_run(configs[attacker_point]), settings.clip_percentile
+    )
+    shared = _Shared(
+        load_unet(attacker_model / "server_unet").to(settings.device),
+        configs[attacker_point].server_labels,
+        InceptionExtractor(settings.inception, settings.device),
+        clip_norm,
+    )
+    rows = {p: _point(p, configs[p], out_dir, shared, settings) for p in tqdm(points, "sweep")}
+    base = [rows[p] for p in points if p.variant == "base" and p.t_cut in settings.cuts]
+    ablation = [rows[p] for p in points if p.t_cut in settings.ablation_cuts]
+    ablation.sort(key=lambda row: row["t_cut"])  # stable: base first, then the variants
+    return {
+        "format": FORMAT,
+        "num_train_timesteps": config.split.num_train_timesteps,
+        "num_clients": config.data.num_clients,
+        "num_samples": settings.num_samples,
+        "num_generated_pooled": settings.num_samples * config.data.num_clients,
+        "steps": config.train.max_steps,
+        "server_batch_size": config.train.server_batch_size,
+        "client_batch_size": config.train.client_batch_size,
+        "attacker": {"t_cut": ATTACKER_CUT, "model": f"{attacker_point.name}/model/server_unet"},
+        "privacy": {"delta": settings.delta, **clip_info},
+        "settings": _jsonable(asdict(settings)),
+        "rows": base,
+        "ablations": ablation,
+    }
+
+
+def _point(
+    point: SweepPoint, config: RunConfig, out_dir: Path, shared: _Shared, settings: SweepSettings
+) -> dict:
+    """Train one point unless trained, evaluate it unless its `evaluation.json` is up to date."""
+    folder, path = out_dir / point.name, out_dir / point.name / "evaluation.json"
+    _, train_seconds = train_point(config, folder)
+    key = _jsonable({"settings": asdict(settings), "clip_norm": shared.clip_norm})
+    for name in ("cuts", "ablation_cuts", "device", "batch_size"):  # no effect on a point
+        key["settings"].pop(name)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            logger.info("%s: evaluated already, skipped", point.name)
+            return saved["row"]
+        logger.info("%s: evaluation settings changed, evaluating again", point.name)
+    result = evaluate_point(point, config, folder, shared, settings)
+    row = point_row(point, config, result, train_seconds)
+    atomic_write_json(path, _jsonable({"key": key, "row": row, **result}))
+    return json.loads(json.dumps(_jsonable(row)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _weighted(disclosure: dict, key: str, weights: dict) -> float | None:
+    pairs = [(d[key], weights[c]) for c, d in disclosure.items() if d[key] is not None]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _jsonable(value):
+    """Tuples as lists and inf/nan as None: what the value reads back as from strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return _finite_or_none(value) if isinstance(value, float) else value

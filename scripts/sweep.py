@@ -1,0 +1,249 @@
+r"""The cut-point sweep of the evaluation: train a run per t_cut, score it, and report.
+
+    python scripts/sweep.py --config configs/sweep-cifar10.toml --out-dir results/cifar10-sweep
+    python scripts/sweep.py --config configs/sweep-cifar10.toml --out-dir results/cifar10-sweep \
+        --cuts 0,100,1000 --num-samples 200 --max-steps 500 --resume train.seed=1
+
+Every (cut, variant) run lives in `<out-dir>/cut-0100-base/` with its checkpoint and its
+`evaluation.json`; `--resume` continues unfinished runs and skips finished points. The report
+is written beside the folder: `<out-dir>.json` (atomically), `<out-dir>.md` and `<out-dir>.png`.
+`key=value` overrides apply to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from latentfuse.checkpointing import atomic_write_json
+from latentfuse.config import load_config
+from latentfuse.evaluation.sweep import SweepSettings, run_sweep
+
+logger = logging.getLogger("sweep")
+MISSING = "—"
+
+
+def parse_cuts(text: str) -> tuple[int, ...]:
+    """ "0,20,100" -> (0, 20, 100); "" -> ()."""
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    defaults = SweepSettings()
+    join = lambda cuts: ",".join(map(str, cuts))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="run config TOML (every run starts from it)")
+    p.add_argument("--out-dir", required=True, type=Path, help="one folder per (cut, variant)")
+    p.add_argument("--cuts", type=parse_cuts, default=defaults.cuts, help=join(defaults.cuts))
+    p.add_argument(
+        "--ablation-cuts",
+        type=parse_cuts,
+        default=defaults.ablation_cuts,
+        help=f"objective and release-policy ablations at these cuts ({join(defaults.ablation_cuts)}"
+        "); empty for none",
+    )
+    p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="per client")
+    p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
+    p.add_argument("--attack-steps", type=int, default=defaults.attack_steps)
+    p.add_argument("--clip-percentile", type=float, default=defaults.clip_percentile)
+    p.add_argument("--max-steps", type=int, help="train.max_steps of every run")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="evaluation")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="evaluation seed")
+    p.add_argument("--clip", help="CLIP model (folder or hub id) for FCD; default: no FCD")
+    p.add_argument("--inception", help="Inception TorchScript weights (default: the offline one)")
+    p.add_argument("--device", default=None, help="evaluation device (default: cuda if present)")
+    p.add_argument("--resume", action="store_true", help="continue a sweep in --out-dir")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    return p
+
+
+def report_paths(out_dir: Path) -> dict[str, Path]:
+    """`results/x-sweep` -> results/x-sweep.json, .md and .png."""
+    return {ext: out_dir.with_name(f"{out_dir.name}.{ext}") for ext in ("json", "md", "png")}
+
+
+def notes(summary: dict) -> list[str]:
+    """What the figures mean and how they were measured."""
+    s, privacy = summary["settings"], summary["privacy"]
+    return [
+        f"{summary['steps']} training steps per run (server batch {summary['server_batch_size']}"
+        f", client batch {summary['client_batch_size']}); {summary['num_samples']} generated "
+        f"images per client, {summary['num_generated_pooled']} pooled over "
+        f"{summary['num_clients']} clients, DDIM-{s['num_inference_steps']}; FID/KID against "
+        "each client's held-out real images (FID is biased upward at small counts).",
+        "release_fid: decoded releases vs the client's held-out real images, mean over clients.",
+        f"attack_psnr/attack_ssim: the GM (t_cut = 0) server_unet denoises each release by DDIM "
+        f"(at most {s['attack_steps']} steps) to an estimate of its source image.",
+        "reid_rate: share of reconstructions whose nearest image (Inception features) among the "
+        "attacked training images is their source; reid_chance = 1 / that count.",
+        f"epsilon: analytic Gaussian mechanism, delta = {privacy['delta']:g}, latents clipped to "
+        f"C = {privacy['clip_norm']:.4g} ({privacy['rule']}); training does not clip: "
+        f"{100 * privacy['share_above']:.2g}% of latents exceed C. `fresh` composes over the "
+        "epochs each client released. null = infinite (t_cut = 0 releases clean latents).",
+        "client_flop_share: the client's share of sampling FLOPs (DDIM-50 steps and decoder).",
+        "Disclosure fields are null at t_cut = T (ICM): nothing is released.",
+        "train_seconds counts the session that finished a run (an interrupted run's earlier "
+        "sessions are not counted).",
+    ]
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return MISSING if value is None else format(value, spec)
+
+
+def _epsilon(row: dict) -> str:
+    return "∞" if row["epsilon"] is None else _fmt(row["epsilon"], ".3g")
+
+
+def markdown(summary: dict, title: str) -> str:
+    """The report: the sweep table, the ablation table and the notes."""
+    delta = summary["privacy"]["delta"]
+    lines = [f"# Cut-point sweep: {title}", ""]
+    lines += [
+        f"| t_cut | model | FID | KID | release FID | attack PSNR (dB) | attack SSIM | re-id "
+        f"(chance) | ε (δ={delta:g}) | client FLOP share | steps | wall (s) |",
+        "|" + "---:|" * 12,
+    ]
+    for r in summary["rows"]:
+        reid = (
+            MISSING if r["reid_rate"] is None else f"{r['reid_rate']:.2f} ({r['reid_chance']:.3f})"
+        )
+        lines.append(
+            f"| {r['t_cut']} | {r['model']} | {_fmt(r['fid'])} | {_fmt(r['kid'], '.4f')} | "
+            f"{_fmt(r['release_fid'])} | {_fmt(r['attack_psnr'])} | {_fmt(r['attack_ssim'], '.3f')}"
+            f" | {reid} | {_epsilon(r)} | {_fmt(r['client_flop_share'], '.3f')} | {r['steps']} | "
+            f"{r['wall_seconds']:.0f} |"
+        )
+    if summary["ablations"]:
+        lines += ["", "## Ablations", ""]
+        lines += [
+            "| t_cut | variant | objective | release | FID | KID | release FID | attack PSNR | "
+            "attack SSIM | re-id | ε | releases / image |",
+            "|" + "---:|" * 12,
+        ]
+        for r in summary["ablations"]:
+            lines.append(
+                f"| {r['t_cut']} | {r['variant']} | {r['objective']} | {r['release_policy']} | "
+                f"{_fmt(r['fid'])} | {_fmt(r['kid'], '.4f')} | {_fmt(r['release_fid'])} | "
+                f"{_fmt(r['attack_psnr'])} | {_fmt(r['attack_ssim'], '.3f')} | "
+                f"{_fmt(r['reid_rate'])} | {_epsilon(r)} | {r['releases_per_image']} |"
+            )
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["t_cut"], r[key]) for r in rows if r[key] is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Figure 3 of the paper: FID and disclosure against the cut, GM and ICM marked (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, T = summary["rows"], summary["num_train_timesteps"]
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    (a, b), (c, d) = fig.subplots(2, 2, sharex=True)
+    a.plot(*_series(rows, "fid"), "o-", label="samples (pooled)")
+    a.plot(*_series(rows, "release_fid"), "s--", label="decoded releases (disclosure a)")
+    a.set(ylabel="FID vs held-out real images", title="quality and release FID")
+    b.plot(*_series(rows, "attack_psnr"), "o-", color="C2", label="PSNR")
+    b.set(ylabel="attack PSNR (dB)", title="reconstruction attack (disclosure b)")
+    twin = b.twinx()
+    twin.plot(*_series(rows, "attack_ssim"), "s--", color="C3", label="SSIM")
+    twin.set_ylabel("attack SSIM")
+    c.plot(*_series(rows, "reid_rate"), "o-", color="C4", label="re-identified")
+    c.plot(*_series(rows, "reid_chance"), ":", color="grey", label="chance")
+    c.set(ylabel="share", ylim=(-0.02, 1.02), title="re-identification (disclosure c)")
+    positive = [r for r in rows if r["epsilon"]]  # log axis: inf (null) and 0 are left out
+    d.plot(*_series(positive, "epsilon"), "o-", color="C5", label="epsilon")
+    d.set(ylabel=f"ε at δ = {summary['privacy']['delta']:g}", title="privacy bound (disclosure d)")
+    if positive:
+        d.set_yscale("log")
+    cuts = [r["t_cut"] for r in rows]
+    for axis in (a, b, c, d):
+        axis.set_xscale("symlog", linthresh=10)  # linear near 0, so the GM (t_cut = 0) shows
+        axis.set_xlim(-1, T * 1.2)
+        axis.set_xticks(cuts, [str(t) for t in cuts])
+        axis.minorticks_off()
+        for x, name in ((0, "GM"), (T, "ICM")):
+            axis.axvline(x, color="black", lw=0.8, ls="--")
+            axis.text(x, 0.97, f" {name}", transform=axis.get_xaxis_transform(), va="top")
+        axis.grid(alpha=0.3)
+    for axis in (c, d):
+        axis.set_xlabel("cut point t_cut")
+    handles = b.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    b.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    for axis in (a, c, d):
+        axis.legend(fontsize=8)
+    fig.suptitle(
+        f"{summary['steps']} steps per run, {summary['num_samples']} samples per client"
+        f" ({summary['num_generated_pooled']} pooled); ε = ∞ (GM) and ε = 0 (ICM) not drawn"
+    )
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def write_report(summary: dict, out_dir: Path, title: str) -> dict[str, Path]:
+    """Write `<out-dir>.json` (atomically), `.md` and `.png` beside the sweep folder."""
+    paths = report_paths(out_dir)
+    atomic_write_json(paths["json"], summary)
+    tmp = paths["md"].with_name(f".{paths['md'].name}.tmp")
+    tmp.write_text(markdown(summary, title))
+    os.replace(tmp, paths["md"])
+    plot(summary, paths["png"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the sweep and write its report; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    try:
+        config = load_config(args.config, overrides)
+        settings = SweepSettings(
+            cuts=args.cuts,
+            ablation_cuts=args.ablation_cuts,
+            num_samples=args.num_samples,
+            num_inference_steps=args.num_inference_steps,
+            attack_steps=args.attack_steps,
+            clip_percentile=args.clip_percentile,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            clip=args.clip,
+            inception=args.inception,
+            device=args.device,
+        )
+        summary = run_sweep(config, args.out_dir, settings, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 2
+    summary = {"config_file": args.config, "overrides": overrides, **summary}
+    summary["notes"] = notes(summary)
+    paths = write_report(summary, args.out_dir, Path(args.config or "defaults").stem)
+    print(markdown(summary, args.out_dir.name).split("\n## Notes")[0])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
