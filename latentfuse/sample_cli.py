@@ -53,6 +53,12 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     remote.add_argument("--client-dir", help="this client's model folder (`latentfuse client`)")
     remote.add_argument("--client-id", type=int, help="this client's id")
     remote.add_argument("--tls-ca", help="CA or self-signed certificate to trust (PEM)")
+    remote.add_argument(
+        "--retry-for",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying an unreachable server",
+    )
     sample.set_defaults(func=run_sample)
 
 
@@ -107,7 +113,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_remote_sample(args: argparse.Namespace) -> int:
     """Sample through `--server` and finish locally with `--client-dir`; save one grid."""
-    from .http.remote import RemoteError, RemoteServer, read_token
+    from .http.remote import RemoteError, RemoteServer, RetryPolicy, read_token
     from .http.remote_sample import sample_remote
     from .imaging import make_grid, save_image
 
@@ -118,7 +124,19 @@ def run_remote_sample(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise ValueError(f"sampling through --server also needs {', '.join(missing)}")
-    remote = RemoteServer(args.server, read_token(args.token_file), args.client_id, args.tls_ca)
+    if not Path(args.client_dir).is_dir():  # never fall back to a hub download of a typo
+        raise FileNotFoundError(
+            f"--client-dir {args.client_dir}: no such folder (the model folder that "
+            "`latentfuse client` exported: WORK_DIR/model)"
+        )
+    logging.getLogger("latentfuse").setLevel(logging.INFO)  # show retries, as `client` does
+    remote = RemoteServer(
+        args.server,
+        read_token(args.token_file),
+        args.client_id,
+        args.tls_ca,
+        retry=RetryPolicy(budget=args.retry_for),
+    )
     start = time.time()
     try:
         images = sample_remote(

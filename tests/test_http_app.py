@@ -12,7 +12,7 @@ import torch
 from latentfuse.pipelines import CollaFuseClientPipeline, CollaFusePipeline
 from safetensors.torch import save
 
-from latentfuse.http.app import BackgroundServer
+from latentfuse.http.app import BackgroundServer, serve
 from latentfuse.http.auth import TokenBook, issue_tokens
 from latentfuse.http.deploy import DeployConfig, sampling_scheduler
 from latentfuse.http.remote import (
@@ -304,3 +304,14 @@ def test_health_is_public_and_status_needs_a_client_token(served):
     bad = {"Authorization": "Bearer lf0.not-the-token"}
     assert httpx.get(f"{url}/v1/status", headers=bad).status_code == 401
     assert httpx.get(f"{url}/v1/clients/0/uploads", headers=bad).status_code == 401
+
+
+def test_a_port_in_use_is_reported_not_raised_as_a_traceback():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*--port 0"):
+            serve(None, "127.0.0.1", port)

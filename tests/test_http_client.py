@@ -209,8 +209,30 @@ def test_client_job_uploads_trains_exports_samples_and_resumes(tiny_run, tmp_pat
             ],
             "--client-id must lie in [0, 5)",
         ),
+        (
+            [
+                "sample",
+                "--server",
+                "http://127.0.0.1:9",
+                "--token-file",
+                "TOKEN",
+                "--client-dir",
+                "d",
+                "--client-id",
+                "0",
+            ],
+            "--client-dir d: no such folder",
+        ),
     ],
-    ids=["no state dir", "bad ids", "plain http", "sample without token", "down", "bad id"],
+    ids=[
+        "no state dir",
+        "bad ids",
+        "plain http",
+        "sample without token",
+        "down",
+        "bad id",
+        "sample without model",
+    ],
 )
 def test_command_line_refuses_bad_invocations(argv, message, tmp_path, capsys):
     from latentfuse.cli import main

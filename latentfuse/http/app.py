@@ -137,7 +137,13 @@ def serve(
 
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
-    sock = bind_socket(host, port)
+    try:
+        sock = bind_socket(host, port)
+    except OSError as error:  # a port in use, an address not on this machine
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {error.strerror or error} "
+            "(choose another --port; --port 0 picks a free one)"
+        ) from None
     bound = sock.getsockname()[1]
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
