@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 STAMP = .cache/install.stamp
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo reconstruct test test-all bench
 
 $(STAMP): pyproject.toml Makefile
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
+	latentfuse sample --model checkpoints/cifar10-collafuse --client all --num-images 8 --out grid.png
+
+reconstruct: install
 	latentfuse reconstruct --num-images 16 --out reconstruction.png
 
 test: install

@@ -104,7 +104,7 @@ class SplitConfig:
     t_cut: int = 100
     release_policy: str = "once"
     objective: str = "exact"
-    weighting: str = "none"
+    weighting: str = "inverse_lambda"  # measured: bench/weighting_experiment.py, README
 
     def __post_init__(self) -> None:
         _check(

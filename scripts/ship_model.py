@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--wall-hours", type=float, help="wall time to record")
     parser.add_argument("--command", help="training command to record")
+    parser.add_argument("--status", help="a status paragraph for the model card")
     args = parser.parse_args()
     run = Path(args.run)
     pipe = CollaFusePipeline.from_pretrained(run / "model")
@@ -67,6 +68,8 @@ def main() -> None:
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp)
         card = model_card(description) + "\n" + training_section(run, description)
+        if args.status:
+            card += f"\n## Status\n\n{args.status}\n"
         (tmp / "README.md").write_text(card)
         for png in samples:
             if png.name.split("-")[1] == last_step:
