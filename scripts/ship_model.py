@@ -39,7 +39,7 @@ def training_section(run: Path, description: dict) -> str:
             "| --- | --- | --- |",
             *rows,
             "",
-            "FID per client: not measured yet (the evaluation issue adds it).",
+            "FID per client: see Metrics (filled in by `latentfuse evaluate`, if run).",
             "",
         ]
     )
