@@ -24,6 +24,7 @@ from latentfuse.evaluation import (
 )
 from latentfuse.evaluation.evaluate import model_partition
 from latentfuse.evaluation.reference import cached_reference_stats
+from tests.worlds import tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -133,24 +134,6 @@ def test_too_few_samples_is_an_error():
     one = FeatureStats.from_features(np.zeros((1, 4)))
     with pytest.raises(ValueError, match=">= 2 samples"):
         frechet_distance(one, one)
-
-
-def tiny_clip(folder: Path) -> Path:
-    """A randomly initialised CLIPVisionModelWithProjection saved as a local folder."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    return folder
 
 
 def test_fcd_with_a_tiny_clip_model(tmp_path):

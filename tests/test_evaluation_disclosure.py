@@ -3,7 +3,6 @@ FID of decoded releases."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +20,7 @@ from latentfuse.evaluation import (
 )
 from latentfuse.evaluation.disclosure import attack_timesteps
 from latentfuse.split import DiffusionSplit
+from tests.worlds import tiny_clip
 
 T = 1000
 
@@ -181,23 +181,6 @@ def test_reidentification_finds_the_sources(inception):
     assert torch.equal(result["nearest"], order)
     wrong = reidentification(inception, reconstructions, training, order.roll(1))
     assert wrong["rate"] == 0.0
-
-
-def tiny_clip(folder: Path) -> Path:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    return folder
 
 
 def test_release_fid_grows_with_the_noise(inception, alphas_cumprod, tmp_path):

@@ -58,3 +58,21 @@ def tiny_config(world: dict[str, Path], *overrides: str) -> RunConfig:
         "split.t_cut=100",
     ]
     return load_config(None, base + list(overrides))
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIPVisionModelWithProjection saved as a local folder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder
