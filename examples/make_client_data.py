@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from latentfuse.checkpointing import atomic_write_dir
 from latentfuse.datasets import ImageDataset, load_cifar10
 
 
@@ -54,19 +54,14 @@ def choose(
 
 def write_client(share: dict[str, list[Path]], target: Path) -> None:
     """Copy one client's images into `target/<class>/`; a temporary folder renamed at the end."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for name, paths in share.items():
             (tmp / name).mkdir()
             for path in paths:
                 shutil.copyfile(path, tmp / name / path.name)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(target, write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checkpointing import atomic_write_dir
 from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -101,19 +100,13 @@ def extract_archive(archive: str | os.PathLike, sha256: str | None = None) -> Pa
     target = cache_dir() / "archives" / actual[:16]
     if (target / ".complete").exists():
         return target
-    # Unpack into a temporary sibling, then rename: an interrupted unpack leaves no half folder.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
-    try:
+
+    def unpack(tmp: Path) -> None:  # into a temporary sibling, renamed when complete
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
         (tmp / ".complete").write_text(str(archive.name))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write_dir(target, unpack)
     logger.info("unpacked %s into %s", archive, target)
     return target
 
