@@ -20,15 +20,12 @@ from .sampling import (
     Generators,
     Labels,
     check_output_type,
-    check_steps,
     client_conditioning,
     client_entry,
-    client_labels,
     denoise,
     initial_latents,
-    resolve_batch_size,
     server_conditioning,
-    split_schedule,
+    start_chain,
     to_output,
 )
 
@@ -101,14 +98,19 @@ class CollaFusePipeline(DiffusionPipeline):
             >>> generators = [torch.Generator().manual_seed(i) for i in range(4)]
             >>> images = pipe(client_id=1, generator=generators, num_inference_steps=50).images
         """
-        check_steps(num_inference_steps)
         check_output_type(output_type)
         config, device = self.collafuse_config, self._execution_device
-        client_entry(config, client_id)  # an unknown client fails first
-        batch_size = resolve_batch_size(batch_size, generator, class_labels)
-        labels = client_labels(config, client_id, class_labels, batch_size, generator).to(device)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        server_steps, client_steps = split_schedule(self.scheduler, config, client_id)
+        labels, server_steps, client_steps = start_chain(
+            self.scheduler,
+            config,
+            client_id,
+            class_labels,
+            batch_size,
+            num_inference_steps,
+            generator,
+            device,
+        )
+        batch_size = len(labels)
         first = self.denoiser(client_id, "server" if len(server_steps) else "client")  # shape
         latents = initial_latents(first, self.scheduler, batch_size, generator, device)
         if len(server_steps):

@@ -35,8 +35,8 @@ from .sampling import (
     client_labels,
     denoise,
     initial_latents,
-    resolve_batch_size,
     split_schedule,
+    start_chain,
     to_output,
 )
 
@@ -147,19 +147,25 @@ class CollaFuseClientPipeline(DiffusionPipeline):
         """Noise, labels and the whole schedule, when the server has no steps in it."""
         if num_inference_steps is None:
             raise ValueError("num_inference_steps is required when there is no hand-off")
-        check_steps(num_inference_steps)
         config, device = self.collafuse_config, self._execution_device
-        batch_size = resolve_batch_size(batch_size, generator, class_labels)
-        labels = client_labels(config, self.client_id, class_labels, batch_size, generator)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        server_steps, client_steps = split_schedule(self.scheduler, config, self.client_id)
+        labels, server_steps, client_steps = start_chain(
+            self.scheduler,
+            config,
+            self.client_id,
+            class_labels,
+            batch_size,
+            num_inference_steps,
+            generator,
+            device,
+        )
+        batch_size = len(labels)
         if len(server_steps):
             raise ValueError(
                 f"client {self.client_id}'s cut leaves the server {len(server_steps)} of the "
                 f"{num_inference_steps} steps: pass the server's hand-off"
             )
         latents = initial_latents(self._unet(), self.scheduler, batch_size, generator, device)
-        return latents, labels.to(device), client_steps
+        return latents, labels, client_steps
 
     def _resume(self, handoff: HandOff) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Set the scheduler to where the server stopped; the hand-off's latents and labels."""

@@ -25,14 +25,10 @@ from .handoff import HandOff, SolverState
 from .sampling import (
     Generators,
     Labels,
-    check_steps,
-    client_entry,
-    client_labels,
     denoise,
     initial_latents,
-    resolve_batch_size,
     server_conditioning,
-    split_schedule,
+    start_chain,
 )
 
 
@@ -87,13 +83,18 @@ class CollaFuseServerPipeline(DiffusionPipeline):
             >>> handoff = server(client_id=1, batch_size=4, generator=torch.manual_seed(0))
             >>> tensors, meta = handoff.to_tensors()  # what goes over the wire
         """
-        check_steps(num_inference_steps)
         config, device, unet = self.collafuse_config, self._execution_device, self.server_unet
-        client_entry(config, client_id)
-        batch_size = resolve_batch_size(batch_size, generator, class_labels)
-        labels = client_labels(config, client_id, class_labels, batch_size, generator).to(device)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        server_steps, client_steps = split_schedule(self.scheduler, config, client_id)
+        labels, server_steps, client_steps = start_chain(
+            self.scheduler,
+            config,
+            client_id,
+            class_labels,
+            batch_size,
+            num_inference_steps,
+            generator,
+            device,
+        )
+        batch_size = len(labels)
         latents = initial_latents(unet, self.scheduler, batch_size, generator, device)
         cond = server_conditioning(unet, config, client_id, labels)
         latents = denoise(

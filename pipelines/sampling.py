@@ -157,6 +157,29 @@ def client_labels(
 
 
 # ---- the chain ---------------------------------------------------------------------------------
+def start_chain(
+    scheduler,
+    description: dict[str, Any],
+    client_id: int,
+    class_labels: Labels,
+    batch_size: int | None,
+    num_inference_steps: int,
+    generator: Generators,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the call, draw the client's labels, set the schedule once and split it.
+
+    Returns (labels (b,), server timesteps, client timesteps); the batch size is len(labels).
+    """
+    check_steps(num_inference_steps)
+    client_entry(description, client_id)  # an unknown client fails first
+    batch_size = resolve_batch_size(batch_size, generator, class_labels)
+    labels = client_labels(description, client_id, class_labels, batch_size, generator)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    server_steps, client_steps = split_schedule(scheduler, description, client_id)
+    return labels.to(device), server_steps, client_steps
+
+
 def initial_latents(
     unet: UNet2DModel, scheduler, batch_size: int, generator: Generators, device: torch.device
 ) -> torch.Tensor:
