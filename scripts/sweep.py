@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "); empty for none",
     )
     p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="per client")
+    p.add_argument(
+        "--num-releases",
+        type=int,
+        default=defaults.num_releases,
+        help="releases attacked and re-identified per client (default: --num-samples)",
+    )
     p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
     p.add_argument("--attack-steps", type=int, default=defaults.attack_steps)
     p.add_argument("--clip-percentile", type=float, default=defaults.clip_percentile)
@@ -82,7 +88,9 @@ def notes(summary: dict) -> list[str]:
         "each client's held-out real images (FID is biased upward at small counts).",
         "release_fid: decoded releases vs the client's held-out real images, mean over clients.",
         f"attack_psnr/attack_ssim: the GM (t_cut = 0) server_unet denoises each release by DDIM "
-        f"(at most {s['attack_steps']} steps) to an estimate of its source image.",
+        f"(at most {s['attack_steps']} steps) to an estimate of its source image; "
+        f"{s['num_releases'] or s['num_samples']} releases per client (the same training images "
+        "at every cut).",
         "reid_rate: share of reconstructions whose nearest image (Inception features) among the "
         "attacked training images is their source; reid_chance = 1 / that count.",
         f"epsilon: analytic Gaussian mechanism, delta = {privacy['delta']:g}, latents clipped to "
@@ -224,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             cuts=args.cuts,
             ablation_cuts=args.ablation_cuts,
             num_samples=args.num_samples,
+            num_releases=args.num_releases,
             num_inference_steps=args.num_inference_steps,
             attack_steps=args.attack_steps,
             clip_percentile=args.clip_percentile,

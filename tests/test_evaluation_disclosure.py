@@ -183,6 +183,22 @@ def test_reidentification_finds_the_sources(inception):
     assert wrong["rate"] == 0.0
 
 
+def test_reidentification_takes_a_gallery_of_features(inception):
+    from latentfuse.evaluation import extract_features, to_uint8
+
+    training = smooth_images(4, 5)
+    order = torch.tensor([3, 1, 0, 2])
+    reconstructions = training[order].clone()
+    gallery = extract_features(inception, to_uint8(training))
+    from_features = reidentification(inception, reconstructions, gallery, order)
+    from_images = reidentification(inception, reconstructions, training, order)
+    assert from_features["rate"] == from_images["rate"] == 1.0
+    assert from_features["chance"] == 0.25
+    assert torch.equal(from_features["nearest"], from_images["nearest"])
+    with pytest.raises(ValueError, match="columns"):
+        reidentification(inception, reconstructions, gallery[:, :10], order)
+
+
 def test_release_fid_grows_with_the_noise(inception, alphas_cumprod, tmp_path):
     from latentfuse.evaluation import to_uint8
 

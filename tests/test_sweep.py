@@ -48,14 +48,15 @@ def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.fixture(scope="module")
 def sweep_args(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list:
-    """The command line of a tiny sweep: 3 cuts, 2 steps, 4 samples per client."""
+    """The command line of a tiny sweep: 3 cuts, 2 steps, 4 samples and 3 releases per client."""
     out_dir = tmp_path_factory.mktemp("sweep") / "tiny-sweep"
     config = tiny_config(
         tiny_world, "train.num_preview_images=1", "train.preview_inference_steps=2"
     )
     return [
         *("--out-dir", str(out_dir), "--cuts", ",".join(map(str, CUTS)), "--ablation-cuts", "100"),
-        *("--num-samples", "4", "--num-inference-steps", "2", "--attack-steps", "2"),
+        *("--num-samples", "4", "--num-releases", "3"),
+        *("--num-inference-steps", "2", "--attack-steps", "2"),
         *("--max-steps", "2", "--batch-size", "8", "--device", "cpu"),
         *as_overrides(config.to_dict()),
     ]
@@ -87,7 +88,9 @@ def test_rows_mark_gm_and_icm_and_carry_the_figures(swept):
         assert set(row["clients"]) == {"0", "1"}
     for row in rows[:2]:  # GM and split release latents: every disclosure figure exists
         assert all(finite(row[k]) for k in ("release_fid", "attack_psnr", "attack_ssim"))
-        assert 0 <= row["reid_rate"] <= 1 and row["num_releases"] == 8
+        assert 0 <= row["reid_rate"] <= 1 and row["num_releases"] == 6  # 3 per client
+        assert row["reid_chance"] == pytest.approx(1 / 3)  # the gallery: the attacked images
+        assert row["num_generated_pooled"] == 8  # --num-releases leaves the samples alone
     gm, split, icm = rows
     assert gm["epsilon"] is None and "no privacy" in gm["epsilon_status"]  # inf stored as null
     assert finite(split["epsilon"]) and split["epsilon"] > 0
@@ -179,6 +182,7 @@ def test_cuts_outside_the_schedule_are_named(tiny_world, settings, match):
     [
         ("cuts", (0, 0)),
         ("num_samples", 1),
+        ("num_releases", 1),
         ("attack_steps", 0),
         ("clip_percentile", 0),
         ("delta", 1),

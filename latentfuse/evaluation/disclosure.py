@@ -206,14 +206,25 @@ def reidentification(
     batch_size: int = 64,
 ) -> dict:
     """Share of reconstructions whose nearest training image (feature space, L2) is their own
-    source; images in [-1, 1], `source_indices` (n,) index into `training_images`."""
+    source; images in [-1, 1], `source_indices` (n,) index into `training_images`.
+
+    `training_images` may also be their features, (m, extractor.dim), from `extract_features`:
+    a gallery that stays the same across attacks is then embedded once."""
     if len(reconstructions) != len(source_indices):
         raise ValueError(
             f"{len(reconstructions)} reconstructions but {len(source_indices)} source indices"
         )
     queries = extract_features(extractor, to_uint8(reconstructions), batch_size, "reid queries")
-    gallery = extract_features(extractor, to_uint8(training_images), batch_size, "reid gallery")
-    nearest = torch.cdist(queries.double(), gallery.double()).argmin(dim=1)
+    if training_images.ndim == 2:
+        if training_images.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"training_images as features must have {queries.shape[1]} columns (the "
+                f"extractor's dim), got {tuple(training_images.shape)}"
+            )
+        gallery = training_images
+    else:
+        gallery = extract_features(extractor, to_uint8(training_images), batch_size, "reid gallery")
+    nearest = torch.cdist(queries.double(), torch.as_tensor(gallery).double()).argmin(dim=1)
     hits = nearest == source_indices.to(nearest.device)
     return {
         "rate": float(hits.double().mean()) if len(hits) else math.nan,

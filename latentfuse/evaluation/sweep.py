@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from ..split import OBJECTIVES
 from .burden import client_burden
 from .disclosure import reconstruction_attack, reidentification, release_fid
 from .evaluate import EvaluationSettings, evaluate_model
-from .features import InceptionExtractor
+from .features import InceptionExtractor, extract_features, to_uint8
 from .privacy import release_privacy
 from .reference import cached_reference_stats, load_real_images
 
@@ -50,7 +50,8 @@ class SweepSettings:
 
     cuts: tuple[int, ...] = (0, 20, 50, 100, 200, 500, 1000)
     ablation_cuts: tuple[int, ...] = (100, 500)
-    num_samples: int = 1000  # generated images per client; also releases attacked per client
+    num_samples: int = 1000  # generated images per client
+    num_releases: int | None = None  # releases attacked per client; None: num_samples
     num_inference_steps: int = 50  # DDIM steps of the evaluation samples
     attack_steps: int = 50  # the attacker's DDIM steps from the release level down to 0
     clip_percentile: float = 99.0  # clip norm C: this percentile of the training latents' norms
@@ -66,9 +67,10 @@ class SweepSettings:
             raise ValueError(f"cuts must be unique non-negative integers, got {self.cuts}")
         if any(c < 1 for c in self.ablation_cuts):
             raise ValueError(f"ablation_cuts must be >= 1, got {self.ablation_cuts}")
-        for name, low in (("num_samples", 2), ("attack_steps", 1)):  # FID needs two samples
-            if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name, low in (("num_samples", 2), ("num_releases", 2), ("attack_steps", 1)):
+            value = getattr(self, name)  # FID needs two samples
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0 < self.clip_percentile <= 100:
             raise ValueError(f"clip_percentile must lie in (0, 100], got {self.clip_percentile}")
         if not 0 < self.delta < 1:
@@ -102,6 +104,7 @@ class _Shared:
     attacker_labels: str  # the GM server's conditioning: "class", "client" or "none"
     inception: InceptionExtractor
     clip_norm: float
+    galleries: dict = field(default_factory=dict)  # (client, sources) -> their features
 
 
 def model_role(t_cut: int, num_train_timesteps: int) -> str:
@@ -187,7 +190,8 @@ def client_disclosure(
     client, split = run.clients[client_index], run.splits[client_index]
     cid, resolution, bs = client.client_id, run.config.data.resolution, settings.batch_size
     release = client.make_release(0)  # fresh: the first epoch's release
-    n = min(settings.num_samples, client.num_images)
+    wanted = settings.num_releases if settings.num_releases is not None else settings.num_samples
+    n = min(wanted, client.num_images)
     rng = np.random.default_rng(settings.seed * 1_000_003 + cid)  # the same images at every cut
     index = torch.from_numpy(np.sort(rng.choice(client.num_images, n, replace=False)))
     latents = release.latents[index].to(settings.device)
@@ -203,7 +207,14 @@ def client_disclosure(
     attack = reconstruction_attack(
         shared.attacker, alphas, run.vae, latents, originals, t_cut, steps, labels, bs
     )
-    reid = reidentification(shared.inception, attack["images"], originals, torch.arange(n), bs)
+    key = (cid, tuple(sources))  # the same images at every cut: their features once
+    if key not in shared.galleries:
+        shared.galleries[key] = extract_features(
+            shared.inception, to_uint8(originals), bs, f"client {cid} re-id gallery"
+        )
+    reid = reidentification(
+        shared.inception, attack["images"], shared.galleries[key], torch.arange(n), bs
+    )
     return {
         **{f"release_{k}": fid[k] for k in ("fid", "fid_status", "kid", "num_real")},
         **{f"attack_{k}": attack[k] for k in ("psnr", "ssim", "num_steps")},
