@@ -6,7 +6,8 @@
 
 Overrides are `section.key=value` (TOML values). The run folder gets the resolved config,
 TensorBoard logs, `losses.jsonl`, preview grids under `samples/`, a resumable `checkpoint/`
-and, at the end, the diffusers-layout model under `model/`.
+and, at the end, the diffusers-layout model under `model/`. Ctrl-C or SIGTERM finishes the
+step in progress, checkpoints it and exits with status 130; `--resume` continues from there.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the last full step is checkpointed
+        print(f"train.py: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
     logging.getLogger("train").info("model written to %s", model_dir)
     return 0
 

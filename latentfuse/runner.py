@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -138,7 +142,55 @@ def global_losses(accelerator: Accelerator, losses: dict[str, float]) -> dict[st
     return dict(zip(names, accelerator.reduce(local, reduction="mean").tolist(), strict=True))
 
 
+class StopRequest:
+    """Set by SIGINT/SIGTERM during training: the loop finishes its step, checkpoints and stops.
+
+    A step is never cut in half (server and clients update together), so the checkpoint written
+    on the way out is consistent and `--resume` continues from exactly that step. A second
+    signal stops at once, as the default handler would."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        logger.warning(
+            "%s: finishing this step, then checkpointing (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop (every process checks the same step)."""
+        flag = self.signal is not None
+        if accelerator.num_processes > 1:
+            local = torch.tensor([float(flag)], device=accelerator.device)
+            flag = bool(accelerator.reduce(local, reduction="sum").item() > 0)
+        return flag
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[StopRequest]:
+    """Route SIGINT and SIGTERM to a StopRequest while training (main thread only)."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be installed from the main thread
+        return
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
+    with stop_on_signal() as stop:
+        _steps(run, trainer, output_dir, stop)
+
+
+def _steps(run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest) -> None:
     cfg, accelerator = run.config.train, trainer.accelerator
     progress = accelerator.is_main_process
     from tqdm.auto import tqdm
@@ -146,6 +198,15 @@ def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="train", disable=not progress)
     start, history = time.time(), []
     while trainer.step < cfg.max_steps:
+        if stop.agreed(accelerator):
+            trainer.save_checkpoint()
+            accelerator.wait_for_everyone()
+            bar.close()
+            raise KeyboardInterrupt(
+                f"training stopped by {signal.Signals(stop.signal or signal.SIGINT).name} at "
+                f"step {trainer.step}; the checkpoint in {trainer.checkpoint_dir()} holds it: "
+                "run again with --resume to continue"
+            )
         losses = trainer.train_step()
         bar.update(1)
         bar.set_postfix({k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()})

@@ -203,3 +203,37 @@ def test_clients_of_different_sizes(tiny_world, tmp_path):
     model = train(config, tmp_path / "run")
     described = json.loads((model / "collafuse.json").read_text())["clients"]
     assert sorted(c["num_train_images"] for c in described.values()) == sizes
+
+
+def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
+    tiny_world, tmp_path, monkeypatch
+):
+    """SIGTERM mid-run: the step in progress finishes and is checkpointed, then training stops;
+    --resume from there gives the same weights as a run that was never stopped."""
+    import signal
+
+    from latentfuse.training import Trainer
+
+    original = Trainer.train_step
+
+    def step_then_signal(self):
+        losses = original(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives after step 3 has fully run
+        return losses
+
+    config = tiny_config(tiny_world, "train.max_steps=6", "train.checkpoint_every=100")
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 3.*--resume"):
+        train(config, tmp_path / "stopped")
+    state = json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())
+    assert state["extra"]["step"] == 3
+    assert not (tmp_path / "stopped" / "model").exists()  # nothing exported half-way
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = train(config, tmp_path / "stopped", resume=True)
+    straight = train(config, tmp_path / "straight")
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
