@@ -97,7 +97,11 @@ def notes(summary: dict) -> list[str]:
         f"C = {privacy['clip_norm']:.4g} ({privacy['rule']}); training does not clip: "
         f"{100 * privacy['share_above']:.2g}% of latents exceed C. `fresh` composes over the "
         "epochs each client released. null = infinite (t_cut = 0 releases clean latents).",
-        "client_flop_share: the client's share of sampling FLOPs (DDIM-50 steps and decoder).",
+        "Client burden (torch.utils.flop_counter; seconds best of 3 at batch 2 on the sweep's "
+        "device): sampling is one DDIM-50 chain plus the decoder, the client running t < t_cut and "
+        "decoding; training is one forward and backward pass of each side's denoiser per image "
+        "(an image's share of a step). Bytes: one fp32 latent up per release (0 when the server "
+        "has no timesteps), one hand-off latent down per sample (0 when it runs none).",
         "Disclosure fields are null at t_cut = T (ICM): nothing is released.",
         "train_seconds counts the session that finished a run (an interrupted run's earlier "
         "sessions are not counted).",
@@ -131,6 +135,27 @@ def markdown(summary: dict, title: str) -> str:
             f" | {reid} | {_epsilon(r)} | {_fmt(r['client_flop_share'], '.3f')} | {r['steps']} | "
             f"{r['wall_seconds']:.0f} |"
         )
+    lines += ["", "## Client burden (per image, mean over clients)", ""]
+    lines += [
+        "| t_cut | sampling: client FLOP share | client wall share | client GFLOP | server GFLOP "
+        "| training: client FLOP share | client GFLOP | server GFLOP | bytes up / release | "
+        "bytes down / sample |",
+        "|" + "---:|" * 10,
+    ]
+    burden = (
+        ("client_flop_share", ".3f"),
+        ("client_seconds_share", ".3f"),
+        ("client_sampling_gflops", ".3f"),
+        ("server_sampling_gflops", ".3f"),
+        ("client_train_flop_share", ".3f"),
+        ("client_train_gflops", ".4f"),
+        ("server_train_gflops", ".4f"),
+        ("upload_bytes_per_release", ".0f"),
+        ("download_bytes_per_sample", ".0f"),
+    )
+    for r in summary["rows"]:
+        cells = [str(r["t_cut"])] + [_fmt(r[key], spec) for key, spec in burden]
+        lines.append("| " + " | ".join(cells) + " |")
     if summary["ablations"]:
         lines += ["", "## Ablations", ""]
         lines += [

@@ -96,6 +96,17 @@ def test_rows_mark_gm_and_icm_and_carry_the_figures(swept):
     assert finite(split["epsilon"]) and split["epsilon"] > 0
     assert icm["epsilon"] == 0 and icm["release_fid"] is None and icm["reid_rate"] is None
     assert gm["client_flop_share"] < split["client_flop_share"] < icm["client_flop_share"] == 1
+    assert gm["client_train_flop_share"] == 0 and icm["client_train_flop_share"] == 1
+    assert 0 < split["client_train_flop_share"] < 1 and 0 < split["client_seconds_share"] < 1
+    assert icm["server_sampling_gflops"] == 0 and icm["client_seconds_share"] == 1
+    latent = gm["upload_bytes_per_release"]  # a clean fp32 latent: 4 bytes a value
+    assert latent > 0 and latent % 4 == 0 and split["upload_bytes_per_release"] == latent
+    assert icm["upload_bytes_per_release"] == 0 and icm["download_bytes_per_sample"] == 0
+    assert split["download_bytes_per_sample"] == latent
+    for row in rows:  # the full per-client burden travels with the row
+        burden = row["clients"]["0"]["burden"]
+        assert burden["t_cut"] == row["t_cut"] and burden["num_inference_steps"] == 50
+        assert burden["sampling"]["client_share"] == row["clients"]["0"]["client_flop_share"]
     assert swept["privacy"]["clip_norm"] > 0 and swept["attacker"]["t_cut"] == 0
 
 
@@ -118,12 +129,14 @@ def test_report_files_are_written(swept, sweep_args):
     out_dir = Path(sweep_args[1])
     table = out_dir.with_name(f"{out_dir.name}.md").read_text()
     assert "| 0 | GM |" in table and "| 1000 | ICM |" in table and "## Ablations" in table
+    assert "## Client burden" in table
     assert "∞" in table and "notes" in json.dumps(swept)
     png = out_dir.with_name(f"{out_dir.name}.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     for point in ("cut-0000-base", "cut-0100-release-fresh", "cut-1000-base"):
         assert (out_dir / point / "checkpoint" / "state.json").is_file()
         assert strict_json(out_dir / point / "evaluation.json")["row"]["folder"] == point
+        assert strict_json(out_dir / point / "burden.json")["0"]["t_cut"] == int(point[4:8])
     assert not list(out_dir.parent.glob(".*tmp*")), "no temporary file is left behind"
 
 
@@ -133,6 +146,7 @@ def test_resume_skips_finished_points(swept, sweep_args, monkeypatch, capsys):
 
     monkeypatch.setattr("latentfuse.evaluation.sweep.train", refuse)
     monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
+    monkeypatch.setattr("latentfuse.evaluation.sweep.client_burden", refuse)
     out_dir = Path(sweep_args[1])
     evaluations = sorted(out_dir.glob("*/evaluation.json"))
     assert len(evaluations) == 5
@@ -191,3 +205,23 @@ def test_cuts_outside_the_schedule_are_named(tiny_world, settings, match):
 def test_bad_settings_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         SweepSettings(**{field: value})
+
+
+def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkeypatch):
+    """An evaluation.json written before burden.json existed is kept (no re-evaluation) and
+    the point's burden is measured and added to its row."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished point was evaluated again")
+
+    monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
+    out_dir = Path(sweep_args[1])
+    (out_dir / "cut-0100-base" / "burden.json").unlink()
+    assert load_script().main([*sweep_args, "--resume"]) == 0
+    again = strict_json(out_dir.with_name(f"{out_dir.name}.json"))
+    assert (out_dir / "cut-0100-base" / "burden.json").is_file()
+    row = next(r for r in again["rows"] if r["t_cut"] == 100)
+    assert (
+        0 < row["client_flop_share"] < 1
+        and row["fid"] == next(r for r in swept["rows"] if r["t_cut"] == 100)["fid"]
+    )

@@ -243,18 +243,36 @@ def point_privacy(run: Run, folder: Path, shared: _Shared, delta: float) -> dict
     }
 
 
-def point_burden(run: Run, model_dir: Path) -> dict[str, float]:
-    """Each client's share of the sampling FLOPs (DDIM-50 chain and decoder)."""
+def point_burden(run: Run, model_dir: Path, repeats: int = 3) -> dict[str, dict]:
+    """Each client's burden at its cut (`client_burden`): FLOPs and seconds per image on each
+    side, in training and in sampling (a DDIM-50 chain and the decoder), and bytes per image."""
     load = lambda path: None if (unet := load_unet(path)) is None else unet.to(run.vae.device)
-    server, shares = load(model_dir / "server_unet"), {}
+    server, burden = load(model_dir / "server_unet"), {}
     for client in run.clients:
         unet = load(model_dir / "clients" / str(client.client_id))
-        t_cut, steps = client.split.t_cut, BURDEN_INFERENCE_STEPS
-        burden = client_burden(
-            unet, server, run.vae, run.scheduler, t_cut, steps, measure_time=False
+        burden[str(client.client_id)] = client_burden(
+            unet,
+            server,
+            run.vae,
+            run.scheduler,
+            client.split.t_cut,
+            BURDEN_INFERENCE_STEPS,
+            repeats=repeats,
         )
-        shares[str(client.client_id)] = burden["sampling"]["client_share"]
-    return shares
+    return burden
+
+
+def cached_burden(config: RunConfig, folder: Path, device: str) -> dict[str, dict]:
+    """`point_burden` of a trained point, kept in its `burden.json` (it depends only on the
+    model, so a re-evaluation keeps it and a sweep evaluated before it existed gains it)."""
+    path = folder / "burden.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run = build_run(config)
+    run.vae.to(device)
+    burden = _jsonable(point_burden(run, folder / "model"))
+    atomic_write_json(path, burden)
+    return burden
 
 
 def evaluate_point(
@@ -272,20 +290,42 @@ def evaluate_point(
         for i in tqdm(range(len(run.clients)), desc=f"{point.name} disclosure", leave=False):
             disclosure[str(run.clients[i].client_id)] = client_disclosure(run, i, shared, settings)
     privacy = point_privacy(run, folder, shared, settings.delta)
-    burden = point_burden(run, model_dir)
     return {
         "quality": quality,
         "disclosure": disclosure,
         "privacy": privacy,
-        "client_flop_share": burden,
         "eval_seconds": time.time() - start,
     }
 
 
-def point_row(point: SweepPoint, config: RunConfig, result: dict, train_seconds: float) -> dict:
+def burden_summary(burden: dict[str, dict]) -> dict[str, float | None]:
+    """The row's burden columns: shares and per-image costs, as means over clients."""
+    mean = lambda phase, key: _mean([b[phase].get(key) for b in burden.values()])
+    seconds = [
+        (b["sampling"]["client_seconds_per_image"], b["sampling"]["server_seconds_per_image"])
+        for b in burden.values()
+    ]
+    return {
+        "client_flop_share": mean("sampling", "client_share"),
+        "client_seconds_share": _mean([c / (c + s) if c + s > 0 else None for c, s in seconds]),
+        "client_train_flop_share": mean("training", "client_share"),
+        "client_sampling_gflops": _giga(mean("sampling", "client_flops_per_image")),
+        "server_sampling_gflops": _giga(mean("sampling", "server_flops_per_image")),
+        "client_train_gflops": _giga(mean("training", "client_flops_per_image")),
+        "server_train_gflops": _giga(mean("training", "server_flops_per_image")),
+        "client_sampling_seconds": mean("sampling", "client_seconds_per_image"),
+        "server_sampling_seconds": mean("sampling", "server_seconds_per_image"),
+        "upload_bytes_per_release": mean("bytes_per_image", "training_upload_per_release"),
+        "download_bytes_per_sample": mean("bytes_per_image", "sampling_download"),
+    }
+
+
+def point_row(
+    point: SweepPoint, config: RunConfig, result: dict, train_seconds: float, burden: dict
+) -> dict:
     """The summary row of one evaluated point."""
     quality, disclosure, privacy = result["quality"], result["disclosure"], result["privacy"]
-    pooled, shares = quality["pooled"], result["client_flop_share"]
+    pooled = quality["pooled"]
     weights = {cid: d["num_releases"] for cid, d in disclosure.items()}
     row = {
         "t_cut": point.t_cut,
@@ -301,7 +341,7 @@ def point_row(point: SweepPoint, config: RunConfig, result: dict, train_seconds:
         "reid_chance": _mean([d["reid_chance"] for d in disclosure.values()]),
         "disclosure_status": "ok" if disclosure else "t_cut = T: nothing is released",
         **{k: privacy[k] for k in ("epsilon", "epsilon_status", "releases_per_image")},
-        "client_flop_share": _mean(list(shares.values())),
+        **burden_summary(burden),
         "num_samples": quality["num_samples"],
         "num_generated_pooled": pooled["num_generated"],
         "num_releases": sum(weights.values()),
@@ -317,7 +357,8 @@ def point_row(point: SweepPoint, config: RunConfig, result: dict, train_seconds:
             "kid": entry["kid"],
             **{k: disclosure.get(cid, {}).get(k) for k in DISCLOSURE_KEYS},
             "epsilon": privacy["clients"][cid]["epsilon"],
-            "client_flop_share": shares[cid],
+            "client_flop_share": burden[cid]["sampling"]["client_share"],
+            "burden": burden[cid],
         }
         for cid, entry in quality["clients"].items()
     }
@@ -374,20 +415,27 @@ def _point(
     key = _jsonable({"settings": asdict(settings), "clip_norm": shared.clip_norm})
     for name in ("cuts", "ablation_cuts", "device", "batch_size"):  # no effect on a point
         key["settings"].pop(name)
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            logger.info("%s: evaluated already, skipped", point.name)
-            return saved["row"]
+    saved, result = json.loads(path.read_text()) if path.is_file() else {}, None
+    if saved.get("key") == key:
+        logger.info("%s: evaluated already, skipped", point.name)
+        result = {k: saved[k] for k in ("quality", "disclosure", "privacy", "eval_seconds")}
+    elif saved:
         logger.info("%s: evaluation settings changed, evaluating again", point.name)
-    result = evaluate_point(point, config, folder, shared, settings)
-    row = point_row(point, config, result, train_seconds)
-    atomic_write_json(path, _jsonable({"key": key, "row": row, **result}))
-    return json.loads(json.dumps(_jsonable(row)))
+    if result is None:
+        result = evaluate_point(point, config, folder, shared, settings)
+    burden = cached_burden(config, folder, settings.device)
+    row = _jsonable(point_row(point, config, result, train_seconds, burden))
+    if saved.get("key") != key or saved.get("row") != row:
+        atomic_write_json(path, _jsonable({"key": key, "row": row, **result}))
+    return json.loads(json.dumps(row))
 
 
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _giga(value: float | None) -> float | None:
+    return None if value is None else value / 1e9
 
 
 def _mean(values: list) -> float | None:
