@@ -86,7 +86,8 @@ def notes(summary: dict) -> list[str]:
         f"images per client, {summary['num_generated_pooled']} pooled over "
         f"{summary['num_clients']} clients, DDIM-{s['num_inference_steps']}; FID/KID against "
         "each client's held-out real images (FID is biased upward at small counts).",
-        "release_fid: decoded releases vs the client's held-out real images, mean over clients.",
+        "release_fid/release_kid: decoded releases vs the client's held-out real images, mean "
+        "over clients. With few releases FID is biased far upward; KID is unbiased.",
         f"attack_psnr/attack_ssim: the GM (t_cut = 0) server_unet denoises each release by DDIM "
         f"(at most {s['attack_steps']} steps) to an estimate of its source image; "
         f"{s['num_releases'] or s['num_samples']} releases per client (the same training images "
@@ -121,9 +122,9 @@ def markdown(summary: dict, title: str) -> str:
     delta = summary["privacy"]["delta"]
     lines = [f"# Cut-point sweep: {title}", ""]
     lines += [
-        f"| t_cut | model | FID | KID | release FID | attack PSNR (dB) | attack SSIM | re-id "
-        f"(chance) | ε (δ={delta:g}) | client FLOP share | steps | wall (s) |",
-        "|" + "---:|" * 12,
+        f"| t_cut | model | FID | KID | release FID | release KID | attack PSNR (dB) | attack SSIM "
+        f"| re-id (chance) | ε (δ={delta:g}) | client FLOP share | steps | wall (s) |",
+        "|" + "---:|" * 13,
     ]
     for r in summary["rows"]:
         reid = (
@@ -131,8 +132,9 @@ def markdown(summary: dict, title: str) -> str:
         )
         lines.append(
             f"| {r['t_cut']} | {r['model']} | {_fmt(r['fid'])} | {_fmt(r['kid'], '.4f')} | "
-            f"{_fmt(r['release_fid'])} | {_fmt(r['attack_psnr'])} | {_fmt(r['attack_ssim'], '.3f')}"
-            f" | {reid} | {_epsilon(r)} | {_fmt(r['client_flop_share'], '.3f')} | {r['steps']} | "
+            f"{_fmt(r['release_fid'])} | {_fmt(r['release_kid'], '.4f')} | "
+            f"{_fmt(r['attack_psnr'])} | {_fmt(r['attack_ssim'], '.3f')} | {reid} | "
+            f"{_epsilon(r)} | {_fmt(r['client_flop_share'], '.3f')} | {r['steps']} | "
             f"{r['wall_seconds']:.0f} |"
         )
     lines += ["", "## Client burden (per image, mean over clients)", ""]
