@@ -35,6 +35,34 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def metrics_from_results(results: dict[str, Any], command: str | None = None) -> dict[str, Any]:
+    """The model card's metrics from a `latentfuse evaluate` results.json: FID and KID (and FCD
+    where measured) per client and pooled, with how they were measured."""
+    if not {"clients", "pooled", "num_samples"} <= results.keys():
+        raise ValueError(
+            "metrics: not a `latentfuse evaluate` results.json (needs clients, pooled and "
+            f"num_samples; got keys {sorted(results)})"
+        )
+
+    def scores(entry: dict[str, Any]) -> dict[str, Any]:
+        out = {k: round(entry[k], 4) for k in ("fid", "kid") if entry.get(k) is not None}
+        if entry.get("fcd") is not None:
+            out["fcd"] = round(entry["fcd"], 4)
+        return out
+
+    metrics = {f"client_{cid}": scores(e) for cid, e in sorted(results["clients"].items())}
+    metrics["pooled"] = scores(results["pooled"])
+    settings = results.get("settings", {})
+    first = next(iter(results["clients"].values()), {})
+    metrics["note"] = (
+        f"{command or 'latentfuse evaluate'}: {results['num_samples']} generated per client "
+        f"(DDIM-{settings.get('num_inference_steps', '?')}, seed {settings.get('seed', '?')}) vs "
+        f"its {first.get('num_real', '?')} held-out real images; FID is biased high at small "
+        f"sample counts; FCD: {first.get('fcd_status', 'not measured')}"
+    )
+    return metrics
+
+
 def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 

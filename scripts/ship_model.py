@@ -1,6 +1,8 @@
 """Turn a finished training run into the shipped checkpoint: fp16 weights, model card, a grid.
 
 python scripts/ship_model.py --run outputs/cifar10 --out checkpoints/cifar10-collafuse
+python scripts/ship_model.py --run outputs/cifar10 --out checkpoints/cifar10-collafuse \
+    --metrics results/cifar10-collafuse-eval.json    # after `latentfuse evaluate` of the folder
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from latentfuse import CollaFusePipeline
 from latentfuse.checkpointing import atomic_write_dir
-from latentfuse.hub import model_card
+from latentfuse.hub import metrics_from_results, model_card
 
 DEFAULT_COMMAND = "accelerate launch train.py --config configs/cifar10.toml"
 
@@ -39,7 +41,7 @@ def training_section(run: Path, description: dict) -> str:
             "| --- | --- | --- |",
             *rows,
             "",
-            "FID per client: see Metrics (filled in by `latentfuse evaluate`, if run).",
+            "FID per client: see Metrics (from `latentfuse evaluate`, where given).",
             "",
         ]
     )
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--wall-hours", type=float, help="wall time to record")
     parser.add_argument("--command", help="training command to record")
     parser.add_argument("--status", help="a status paragraph for the model card")
+    parser.add_argument("--metrics", help="`latentfuse evaluate` results.json for the card")
+    parser.add_argument("--metrics-command", help="the evaluate command to record with them")
     args = parser.parse_args()
     run = Path(args.run)
     pipe = CollaFusePipeline.from_pretrained(run / "model")
@@ -61,6 +65,9 @@ def main() -> None:
         training["wall_seconds"] = args.wall_hours * 3600
     if args.command:
         training["command"] = args.command
+    if args.metrics:
+        results = json.loads(Path(args.metrics).read_text())
+        description["metrics"] = metrics_from_results(results, args.metrics_command)
     pipe.to(torch.float16)
     samples = sorted((run / "samples").glob("step-*-client-*.png"))
     last_step = samples[-1].name.split("-")[1] if samples else None

@@ -150,3 +150,31 @@ def test_example_writes_a_grid_per_client(trained_model, tmp_path):
     for client_id in (0, 1):
         with Image.open(tmp_path / f"client-{client_id}.png") as grid:
             assert grid.size == (2 * 32, 2 * 32)
+
+
+def test_card_metrics_come_from_an_evaluate_results_file():
+    from latentfuse.hub import metrics_from_results, model_card
+
+    entry = lambda fid: {  # noqa: E731
+        "fid": fid,
+        "kid": 0.01234567,
+        "fcd": None,
+        "fcd_status": "unavailable: no CLIP model given",
+        "num_real": 1000,
+    }
+    results = {
+        "num_samples": 64,
+        "clients": {"1": entry(210.123456), "0": entry(199.5)},
+        "pooled": entry(141.8),
+        "settings": {"num_inference_steps": 50, "seed": 0},
+    }
+    metrics = metrics_from_results(results, "latentfuse evaluate --num-samples 64")
+    assert list(metrics) == ["client_0", "client_1", "pooled", "note"]
+    assert metrics["client_1"] == {"fid": 210.1235, "kid": 0.0123}  # no FCD without CLIP
+    note = metrics["note"]
+    assert "--num-samples 64: 64 generated per client (DDIM-50, seed 0)" in note
+    assert "1000 held-out" in note and "FCD: unavailable: no CLIP model given" in note
+    card = model_card({"clients": {}, "metrics": metrics})
+    assert "| client_0.fid | 199.5 |" in card and "| pooled.kid | 0.0123 |" in card
+    with pytest.raises(ValueError, match="metrics: not a `latentfuse evaluate`.*'fid'"):
+        metrics_from_results({"fid": 1.0})
