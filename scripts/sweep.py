@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"objective and release-policy ablations at these cuts ({join(defaults.ablation_cuts)}"
         "); empty for none",
     )
+    p.add_argument(
+        "--ablations",
+        type=lambda text: tuple(a.strip() for a in text.split(",") if a.strip()),
+        default=defaults.ablations,
+        help=f"which ablations run at --ablation-cuts ({','.join(defaults.ablations)})",
+    )
     p.add_argument("--num-samples", type=int, default=defaults.num_samples, help="per client")
     p.add_argument(
         "--num-releases",
@@ -80,7 +86,21 @@ def report_paths(out_dir: Path) -> dict[str, Path]:
 def notes(summary: dict) -> list[str]:
     """What the figures mean and how they were measured."""
     s, privacy = summary["settings"], summary["privacy"]
-    return [
+    unreleased = [
+        str(r["t_cut"])
+        for r in summary["ablations"]
+        if r["release_policy"] == "fresh" and r["releases_per_image"] == 1
+    ]
+    fresh_note = (
+        [
+            f"`fresh` at t_cut = {', '.join(unreleased)} released each image once: no client began "
+            "a second epoch of its own data within the budget, so that run is the `once` run "
+            "(same seeds, same releases) and its rows match."
+        ]
+        if unreleased
+        else []
+    )
+    return fresh_note + [
         f"{summary['steps']} training steps per run (server batch {summary['server_batch_size']}"
         f", client batch {summary['client_batch_size']}); {summary['num_samples']} generated "
         f"images per client, {summary['num_generated_pooled']} pooled over "
@@ -258,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = SweepSettings(
             cuts=args.cuts,
             ablation_cuts=args.ablation_cuts,
+            ablations=args.ablations,
             num_samples=args.num_samples,
             num_releases=args.num_releases,
             num_inference_steps=args.num_inference_steps,

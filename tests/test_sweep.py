@@ -179,9 +179,27 @@ def test_points_train_the_attacker_first(tiny_world):
     assert fresh.train == config.train and fresh.data == config.data  # same budget and data
 
 
+def test_ablations_choose_which_variants_run(tiny_world):
+    config = tiny_config(tiny_world)
+    settings = SweepSettings(cuts=(100,), ablation_cuts=(100,), ablations=("release",))
+    points = sweep_points(config, settings)
+    assert [(p.t_cut, p.variant) for p in points] == [(0, "base"), (100, "base"), (100, "release-fresh")]
+
+
+def test_the_report_says_when_fresh_never_released_twice(swept):
+    notes = load_script().notes
+    fresh = next(r for r in swept["ablations"] if r["release_policy"] == "fresh")
+    once_only = {**swept, "ablations": [{**fresh, "releases_per_image": 1}]}
+    assert any("released each image once" in n for n in notes(once_only))
+    twice = {**swept, "ablations": [{**fresh, "releases_per_image": 2}]}
+    assert not any("released each image once" in n for n in notes(twice))
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [
+        ({"ablations": ("objective", "sampler")}, "ablations"),
+        ({"ablations": ()}, "ablations"),
         ({"cuts": (0, 1001)}, "cuts"),
         ({"ablation_cuts": (1000,)}, "ablation_cuts"),
     ],

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 ATTACKER_CUT = 0
 BURDEN_INFERENCE_STEPS = 50  # the client's FLOP share of a DDIM-50 chain, whatever the eval uses
+ABLATIONS = ("objective", "release")  # the other server objective; the other release policy
 DISCLOSURE_KEYS = ("release_fid", "attack_psnr", "attack_ssim", "reid_rate")
 
 
@@ -50,6 +51,7 @@ class SweepSettings:
 
     cuts: tuple[int, ...] = (0, 20, 50, 100, 200, 500, 1000)
     ablation_cuts: tuple[int, ...] = (100, 500)
+    ablations: tuple[str, ...] = ABLATIONS  # which of the two ablations to run at ablation_cuts
     num_samples: int = 1000  # generated images per client
     num_releases: int | None = None  # releases attacked per client; None: num_samples
     num_inference_steps: int = 50  # DDIM steps of the evaluation samples
@@ -65,6 +67,12 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if not self.cuts or any(c < 0 for c in self.cuts) or len(set(self.cuts)) != len(self.cuts):
             raise ValueError(f"cuts must be unique non-negative integers, got {self.cuts}")
+        unknown = sorted(set(self.ablations) - set(ABLATIONS))
+        if unknown or not self.ablations:
+            raise ValueError(
+                f"ablations must be a non-empty subset of {', '.join(ABLATIONS)}, "
+                f"got {', '.join(self.ablations) or 'none'}"
+            )
         if any(c < 1 for c in self.ablation_cuts):
             raise ValueError(f"ablation_cuts must be >= 1, got {self.ablation_cuts}")
         for name, low in (("num_samples", 2), ("num_releases", 2), ("attack_steps", 1)):
@@ -112,14 +120,17 @@ def model_role(t_cut: int, num_train_timesteps: int) -> str:
     return "GM" if t_cut == 0 else "ICM" if t_cut == num_train_timesteps else "split"
 
 
-def ablation_variants(config: RunConfig) -> dict[str, tuple[str, ...]]:
-    """The two ablations: the other server objective, and the other release policy."""
+def ablation_variants(
+    config: RunConfig, ablations: tuple[str, ...] = ABLATIONS
+) -> dict[str, tuple[str, ...]]:
+    """The ablations asked for: the other server objective and/or the other release policy."""
     objective = next(o for o in OBJECTIVES if o != config.split.objective)
     policy = next(p for p in RELEASE_POLICIES if p != config.split.release_policy)
-    return {
-        f"objective-{objective}": (f'split.objective="{objective}"',),
-        f"release-{policy}": (f'split.release_policy="{policy}"',),
+    variants = {
+        "objective": (f"objective-{objective}", f'split.objective="{objective}"'),
+        "release": (f"release-{policy}", f'split.release_policy="{policy}"'),
     }
+    return {variants[a][0]: (variants[a][1],) for a in ABLATIONS if a in ablations}
 
 
 def sweep_points(config: RunConfig, settings: SweepSettings) -> list[SweepPoint]:
@@ -134,7 +145,8 @@ def sweep_points(config: RunConfig, settings: SweepSettings) -> list[SweepPoint]
     base = sorted({ATTACKER_CUT, *settings.cuts, *settings.ablation_cuts})
     points = [SweepPoint(c) for c in base]
     for cut in sorted(set(settings.ablation_cuts)):
-        points += [SweepPoint(cut, v, o) for v, o in ablation_variants(config).items()]
+        variants = ablation_variants(config, settings.ablations)
+        points += [SweepPoint(cut, v, o) for v, o in variants.items()]
     return points
 
 
