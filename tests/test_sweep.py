@@ -183,7 +183,11 @@ def test_ablations_choose_which_variants_run(tiny_world):
     config = tiny_config(tiny_world)
     settings = SweepSettings(cuts=(100,), ablation_cuts=(100,), ablations=("release",))
     points = sweep_points(config, settings)
-    assert [(p.t_cut, p.variant) for p in points] == [(0, "base"), (100, "base"), (100, "release-fresh")]
+    assert [(p.t_cut, p.variant) for p in points] == [
+        (0, "base"),
+        (100, "base"),
+        (100, "release-fresh"),
+    ]
 
 
 def test_the_report_says_when_fresh_never_released_twice(swept):
