@@ -100,7 +100,9 @@ def notes(summary: dict) -> list[str]:
         if unreleased
         else []
     )
-    return fresh_note + [
+    overrides = summary.get("overrides") or []
+    override_note = [f"Config overrides of every run: {' '.join(overrides)}."] if overrides else []
+    return fresh_note + override_note + [
         f"{summary['steps']} training steps per run (server batch {summary['server_batch_size']}"
         f", client batch {summary['client_batch_size']}); {summary['num_samples']} generated "
         f"images per client, {summary['num_generated_pooled']} pooled over "

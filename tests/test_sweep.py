@@ -247,3 +247,12 @@ def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkey
         0 < row["client_flop_share"] < 1
         and row["fid"] == next(r for r in swept["rows"] if r["t_cut"] == 100)["fid"]
     )
+
+
+def test_the_report_names_the_config_overrides(swept):
+    notes = load_script().notes
+    assert any(
+        "data.max_images_per_client=10" in n
+        for n in notes({**swept, "overrides": ["data.max_images_per_client=10"]})
+    )
+    assert not any("overrides" in n for n in notes({**swept, "overrides": []}))
