@@ -256,3 +256,14 @@ def test_the_report_names_the_config_overrides(swept):
         for n in notes({**swept, "overrides": ["data.max_images_per_client=10"]})
     )
     assert not any("overrides" in n for n in notes({**swept, "overrides": []}))
+
+
+def test_choosing_fewer_ablations_on_resume_evaluates_nothing_again(swept, sweep_args, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished point was evaluated again")
+
+    monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
+    assert load_script().main([*sweep_args, "--resume", "--ablations", "release"]) == 0
+    out_dir = Path(sweep_args[1])
+    again = strict_json(out_dir.with_name(f"{out_dir.name}.json"))
+    assert [r["variant"] for r in again["ablations"]] == ["base", "release-fresh"]

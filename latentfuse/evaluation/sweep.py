@@ -425,7 +425,7 @@ def _point(
     folder, path = out_dir / point.name, out_dir / point.name / "evaluation.json"
     _, train_seconds = train_point(config, folder)
     key = _jsonable({"settings": asdict(settings), "clip_norm": shared.clip_norm})
-    for name in ("cuts", "ablation_cuts", "device", "batch_size"):  # no effect on a point
+    for name in ("cuts", "ablation_cuts", "ablations", "device", "batch_size"):  # no effect
         key["settings"].pop(name)
     saved, result = json.loads(path.read_text()) if path.is_file() else {}, None
     if saved.get("key") == key:
