@@ -61,6 +61,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
         seed=args.seed,
         batch_size=args.batch_size,
         clip=args.clip,
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-samples", type=int, default=1000, help="images per client")
     evaluate.add_argument("--out", default="results.json")
     evaluate.add_argument("--num-inference-steps", type=int, default=50)
+    evaluate.add_argument(
+        "--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument(

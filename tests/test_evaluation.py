@@ -204,6 +204,18 @@ def test_image_i_is_the_same_whatever_the_batch(tiny_model):
     assert torch.equal(together, apart)
 
 
+def test_guidance_reaches_the_samples(tiny_model):
+    from latentfuse.pipelines import CollaFusePipeline
+
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    labels = json.loads((tiny_model / "collafuse.json").read_text())["clients"]["0"]["classes"]
+    kwargs = {"seed": 3, "num_inference_steps": 4, "batch_size": 2}
+    plain = generate_images(pipe, 0, labels, **kwargs)
+    assert torch.equal(plain, generate_images(pipe, 0, labels, guidance_scale=1.0, **kwargs))
+    assert not torch.equal(plain, generate_images(pipe, 0, labels, guidance_scale=4.0, **kwargs))
+
+
 def test_reference_statistics_are_cached(tiny_world, inception, monkeypatch):
     from latentfuse.datasets import load_image_folder
 
@@ -244,7 +256,9 @@ def test_evaluate_cli_writes_results(tiny_model, tmp_path, capsys):
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 
 
-@pytest.mark.parametrize("field", ["num_samples", "num_inference_steps", "batch_size", "seed"])
+@pytest.mark.parametrize(
+    "field", ["num_samples", "num_inference_steps", "batch_size", "seed", "guidance_scale"]
+)
 def test_bad_settings_are_named(field):
     with pytest.raises(ValueError, match=field):
         EvaluationSettings(**{field: -1})

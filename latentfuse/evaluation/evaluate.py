@@ -34,6 +34,7 @@ class EvaluationSettings:
 
     num_samples: int = 1000  # generated images per client
     num_inference_steps: int = 50
+    guidance_scale: float = 1.0  # classifier-free guidance of the samples (1: none)
     seed: int = 0
     batch_size: int = 64
     clip: str | None = None  # CLIPVisionModelWithProjection folder or hub id; None: no FCD
@@ -44,6 +45,8 @@ class EvaluationSettings:
         for name in ("num_samples", "num_inference_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -128,7 +131,15 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
         eval_labels = [dataset.records[i].label for i in split.eval_indices]
         label_seed = settings.seed * 1_000_003 + cid
         labels = sample_labels(eval_labels or list(split.classes), settings.num_samples, label_seed)
-        images = generate_images(pipe, cid, labels, settings.seed, settings.num_inference_steps, bs)
+        images = generate_images(
+            pipe,
+            cid,
+            labels,
+            settings.seed,
+            settings.num_inference_steps,
+            bs,
+            guidance_scale=settings.guidance_scale,
+        )
         generated = {
             name: FeatureStats.from_features(extract_features(ext, images, bs, f"{name} c{cid}"))
             for name, ext in extractors.items()

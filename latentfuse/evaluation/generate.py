@@ -36,6 +36,7 @@ def generate_images(
     seed: int = 0,
     num_inference_steps: int = 50,
     batch_size: int = 64,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """uint8 images (n, 3, h, w) sampled by `pipe` for `client_id`, one per label."""
     if batch_size < 1:
@@ -52,6 +53,7 @@ def generate_images(
             class_labels=list(labels[start:stop]),
             batch_size=stop - start,
             num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
             generator=generators,
             output_type="pt",
         ).images  # (b, 3, h, w) in [0, 1]
