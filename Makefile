@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	latentfuse sample --model checkpoints/cifar10-collafuse --client all --num-images 8 --out grid.png
+	latentfuse sample --model checkpoints/cifar10-collafuse --client all --num-images 8 --guidance-scale 3 --out grid.png
 
 reconstruct: install
 	latentfuse reconstruct --num-images 16 --out reconstruction.png

@@ -102,7 +102,7 @@ def notes(summary: dict) -> list[str]:
     )
     overrides = summary.get("overrides") or []
     override_note = [f"Config overrides of every run: {' '.join(overrides)}."] if overrides else []
-    return fresh_note + override_note + [
+    measured = [
         f"{summary['steps']} training steps per run (server batch {summary['server_batch_size']}"
         f", client batch {summary['client_batch_size']}); {summary['num_samples']} generated "
         f"images per client, {summary['num_generated_pooled']} pooled over "
@@ -129,6 +129,7 @@ def notes(summary: dict) -> list[str]:
         "train_seconds counts the session that finished a run (an interrupted run's earlier "
         "sessions are not counted).",
     ]
+    return fresh_note + override_note + measured
 
 
 def _fmt(value, spec: str = ".2f") -> str:
