@@ -21,6 +21,7 @@ from latentfuse.client import Client
 from latentfuse.config import load_config
 from latentfuse.datasets import ImageDataset
 from latentfuse.models import build_unet, count_parameters
+from latentfuse.release_key import new_release_key
 from latentfuse.runner import make_accelerator
 from latentfuse.server import Server
 from latentfuse.setup_run import Run, make_scheduler
@@ -75,7 +76,9 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.num_latents,))
     scheduler = make_scheduler(config)
     split = DiffusionSplit.from_scheduler(scheduler, config.split.t_cut)
-    client = Client(0, latents, labels, split, config.split.release_policy)
+    client = Client(
+        0, latents, labels, split, config.split.release_policy, release_key=new_release_key()
+    )
     server = Server({0: split}, config.split.objective, config.split.weighting, "class")
     unet = build_unet(config.server_unet, 16, 4, 11)
     baseline_unet = copy.deepcopy(unet)

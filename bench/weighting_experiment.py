@@ -25,6 +25,7 @@ from latentfuse.datasets import load_cifar10
 from latentfuse.latents import cached_latents
 from latentfuse.models import build_unet
 from latentfuse.paths import DEFAULT_VAE_DIR, cache_dir
+from latentfuse.release_key import new_release_key
 from latentfuse.server import Server
 from latentfuse.setup_run import make_scheduler
 from latentfuse.split import DiffusionSplit
@@ -110,7 +111,9 @@ def main() -> None:
     for objective, weighting in VARIANTS:
         unet = copy.deepcopy(template)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4)
-        client = Client(0, train.latents, train.labels, split, "once")
+        client = Client(
+            0, train.latents, train.labels, split, "once", release_key=new_release_key()
+        )
         server = Server({0: split}, objective if objective != "central" else "exact", weighting)
         server.receive(client.make_release(0))
         g = torch.Generator().manual_seed(0)

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .privacy import clip_latent_norm
+from .release_key import check_release_key, release_noise
 from .split import DiffusionSplit, sample_client_timesteps
 from .transport import ReleaseBatch
-
-
-def image_seed(seed: int, client_id: int, image_id: int, epoch: int = 0) -> int:
-    """A 63-bit seed for one image's release noise, independent of batching and order."""
-    mix = (seed * 1_000_003 + client_id) * 1_000_033 + image_id
-    return (mix * 2_654_435_761 + epoch * 97_531) % (2**63 - 1)
 
 
 class EpochSampler:
@@ -46,7 +42,11 @@ class EpochSampler:
 
 
 class Client:
-    """One client's side of training. `z0` and `eps_c` never leave this object."""
+    """One client's side of training. `z0`, `eps_c` and the release key never leave it.
+
+    `seed` (public: it is in the run config) orders the client's own batches and draws its
+    local training noise; the release noise comes only from `release_key` (release_key.py).
+    """
 
     def __init__(
         self,
@@ -57,12 +57,22 @@ class Client:
         release_policy: str = "once",
         share_labels: bool = True,
         seed: int = 0,
+        *,
+        release_key: bytes,
+        clip_norm: float = 0.0,
+        max_releases: int = 0,
     ):
         if release_policy not in ("once", "fresh"):
             raise ValueError(f"release_policy must be 'once' or 'fresh', got {release_policy!r}")
+        if clip_norm < 0 or max_releases < 0:
+            raise ValueError(
+                f"clip_norm and max_releases must be >= 0, got {clip_norm}, {max_releases}"
+            )
         self.client_id, self.split, self.release_policy = client_id, split, release_policy
         self._z0, self.labels = latents, labels  # (n, c, h, w), (n,)
         self.share_labels, self.seed = share_labels, seed
+        self._release_key = check_release_key(release_key)
+        self.clip_norm, self.max_releases = clip_norm, max_releases  # 0: no clip, no cap
         self.sampler = EpochSampler(len(latents), seed * 7919 + client_id)
         self.generator = torch.Generator().manual_seed(seed * 104_729 + client_id)
         self._released_epoch = -1
@@ -78,24 +88,19 @@ class Client:
         return self.split.t_cut > 0
 
     def release_noise(self, epoch: int) -> torch.Tensor:
-        """eps_c for every image: seeded per image (once) or per image and epoch (fresh)."""
+        """eps_c of every image under the key: per image (once) or per image and epoch (fresh)."""
         epoch = 0 if self.release_policy == "once" else epoch
-        shape = self._z0.shape[1:]
-        return torch.stack(
-            [
-                torch.randn(
-                    shape,
-                    generator=torch.Generator().manual_seed(
-                        image_seed(self.seed, self.client_id, i, epoch)
-                    ),
-                )
-                for i in range(self.num_images)
-            ]
+        shape = tuple(self._z0.shape[1:])
+        noise = release_noise(
+            self._release_key, self.client_id, range(self.num_images), epoch, shape
         )
+        return noise.float()
 
     def make_release(self, epoch: int) -> ReleaseBatch:
-        """The release z_r of every image for `epoch` (identical across epochs under `once`)."""
-        z_r = self.split.release(self._z0, self.release_noise(epoch).to(self._z0.dtype))
+        """The release z_r of every image for `epoch` (identical across epochs under `once`);
+        each latent clipped to norm `clip_norm` first when the formal-privacy mode is on."""
+        z0 = clip_latent_norm(self._z0, self.clip_norm) if self.clip_norm else self._z0
+        z_r = self.split.release(z0, self.release_noise(epoch).to(z0.dtype))
         return ReleaseBatch(
             client_id=self.client_id,
             image_ids=tuple(range(self.num_images)),
@@ -106,7 +111,8 @@ class Client:
         )
 
     def due_releases(self) -> list[ReleaseBatch]:
-        """Releases not yet sent: all images once (`once`), or anew each epoch (`fresh`)."""
+        """Releases not yet sent: all images once (`once`), or anew each epoch (`fresh`, at
+        most `max_releases` times when that is set)."""
         if self.split.is_independent:
             return []
         epoch = self.sampler.epoch
@@ -114,6 +120,8 @@ class Client:
             self.release_policy == "once" or self._released_epoch == epoch
         ):
             return []
+        if self.max_releases and self._released_epoch + 1 >= self.max_releases:
+            return []  # fresh releases happen at epochs 0, 1, ...: that many already went
         self._released_epoch = epoch
         return [self.make_release(epoch)]
 

@@ -130,6 +130,40 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """The formal-privacy mode (analytic Gaussian mechanism, latentfuse/privacy.py).
+
+    With `clip_norm` > 0 every client scales each latent to L2 norm <= clip_norm before it
+    releases it, so a guarantee holds and is recorded in collafuse.json. With
+    `target_epsilon` > 0 too, each client's cut is raised (never lowered) to the smallest one
+    whose releases are (target_epsilon, delta)-DP per image, composed over `max_releases`
+    releases under `fresh` (a client then stops releasing after that many)."""
+
+    target_epsilon: float = 0.0  # 0: no target (the configured cut is kept)
+    delta: float = 1e-5
+    clip_norm: float = 0.0  # 0: latents are not clipped and no guarantee holds
+    max_releases: int = 0  # fresh: releases per image (0: unlimited, only without clipping)
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon >= 0, "privacy.target_epsilon", self.target_epsilon, ">= 0")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "in (0, 1)")
+        _check(self.clip_norm >= 0, "privacy.clip_norm", self.clip_norm, ">= 0")
+        _check(self.max_releases >= 0, "privacy.max_releases", self.max_releases, ">= 0")
+        if self.target_epsilon > 0:
+            _check(
+                self.clip_norm > 0,
+                "privacy.clip_norm",
+                self.clip_norm,
+                "> 0 when privacy.target_epsilon is set (the bound needs clipped latents)",
+            )
+
+    @property
+    def enforced(self) -> bool:
+        """Whether releases are clipped, so that a formal guarantee holds."""
+        return self.clip_norm > 0
+
+
+@dataclass(frozen=True)
 class ClientOverride:
     """Per-client settings that differ from the defaults (a weaker device, a smaller net)."""
 
@@ -193,8 +227,17 @@ class RunConfig:
     client_unet: UNetConfig = field(default_factory=lambda: UNetConfig((32, 64)))
     clients: tuple[ClientOverride, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
+        if self.privacy.enforced and self.split.release_policy == "fresh":
+            _check(
+                self.privacy.max_releases >= 1,
+                "privacy.max_releases",
+                self.privacy.max_releases,
+                ">= 1 under split.release_policy = 'fresh' with privacy.clip_norm set "
+                "(the guarantee composes over a known number of releases)",
+            )
         _check(
             self.server_labels in SERVER_LABELS,
             "server_labels",

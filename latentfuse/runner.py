@@ -117,7 +117,9 @@ def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Pa
         )
     accelerator = make_accelerator(config, output_dir)
     with accelerator.main_process_first():  # one process encodes, the others read the cache
-        run = build_run(config)  # data, autoencoder and partition are checked before any output
+        run = build_run(
+            config, output_dir
+        )  # data, autoencoder and partition are checked before any output
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "config.json", config.to_dict())

@@ -17,6 +17,8 @@ from .latents import cached_latents, dataset_fingerprint
 from .models import build_unet
 from .partition import ClientSplit, partition
 from .paths import REPO_ROOT, cache_dir
+from .privacy import private_t_cut
+from .release_key import client_key_path, load_or_create_release_key, new_release_key
 from .server import Server
 from .split import DiffusionSplit
 
@@ -92,8 +94,47 @@ def make_scheduler(config: RunConfig) -> DDPMScheduler:
     )
 
 
-def build_run(config: RunConfig) -> Run:
-    """Load data and autoencoder, partition, encode (cached) and build clients and models."""
+def client_split(config: RunConfig, scheduler: DDPMScheduler, client_id: int) -> DiffusionSplit:
+    """One client's cut: its configured cut, raised to the smallest private one when
+    `privacy.target_epsilon` is set (the same answer on the client and the server side)."""
+    t_cut, privacy = config.client_t_cut(client_id), config.privacy
+    if privacy.target_epsilon > 0:
+        needed = private_t_cut(
+            scheduler.alphas_cumprod.double(),
+            privacy.clip_norm,
+            privacy.target_epsilon,
+            privacy.delta,
+            config.split.release_policy,
+            privacy.max_releases,
+        )
+        if needed > t_cut:
+            logger.info(
+                "client %d: t_cut %d -> %d for (epsilon=%g, delta=%g) at clip norm %g",
+                client_id,
+                t_cut,
+                needed,
+                privacy.target_epsilon,
+                privacy.delta,
+                privacy.clip_norm,
+            )
+            t_cut = needed
+    return DiffusionSplit.from_scheduler(scheduler, t_cut)
+
+
+def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:
+    """A simulated client's secret key: kept in its own part of `run_dir` (made on first use),
+    or, without a run folder, a fresh CSPRNG key that lives only in this process."""
+    if run_dir is None:
+        return new_release_key()
+    return load_or_create_release_key(client_key_path(run_dir, client_id))
+
+
+def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
+    """Load data and autoencoder, partition, encode (cached) and build clients and models.
+
+    Each client's release key comes from `run_dir` (`simulated_release_key`): a resumed run
+    reproduces its releases, and two runs in different folders never share noise.
+    """
     dataset = load_run_dataset(config)
     splits = partition_clients(config, dataset)
     vae = load_vae(resolve_path(config.vae))
@@ -112,7 +153,7 @@ def build_run(config: RunConfig) -> Run:
         latents = cached_latents(
             vae, dataset, indices, cache, config.data.resolution, vae_hash=vae_hash
         )
-        cuts[cid] = DiffusionSplit.from_scheduler(scheduler, config.client_t_cut(cid))
+        cuts[cid] = client_split(config, scheduler, cid)
         clients.append(
             Client(
                 cid,
@@ -122,6 +163,9 @@ def build_run(config: RunConfig) -> Run:
                 config.split.release_policy,
                 share_labels=config.server_labels == "class",
                 seed=config.train.seed,
+                release_key=simulated_release_key(run_dir, cid),
+                clip_norm=config.privacy.clip_norm,
+                max_releases=config.privacy.max_releases,
             )
         )
         if cuts[cid].t_cut > 0:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from latentfuse.client import Client, EpochSampler
+from latentfuse.release_key import KEY_BYTES
 from latentfuse.split import DiffusionSplit
 from latentfuse.transport import InProcessTransport, ReleaseBatch
 
@@ -36,9 +37,15 @@ def make_labels() -> torch.Tensor:
     return torch.arange(NUM_IMAGES) % NUM_CLASSES
 
 
+def fixed_key(n: int = 0) -> bytes:
+    """A fixed 256-bit release key (tests only: real keys come from the CSPRNG)."""
+    return bytes([n]) * KEY_BYTES
+
+
 def make_client(t_cut: int = 100, latents: torch.Tensor | None = None, **kwargs) -> Client:
-    """A tiny client over `latents` (default: `make_latents()`)."""
+    """A tiny client over `latents` (default: `make_latents()`), key `fixed_key(0)` by default."""
     latents = make_latents() if latents is None else latents
+    kwargs.setdefault("release_key", fixed_key(0))
     return Client(0, latents, make_labels(), make_split(t_cut), **kwargs)
 
 
@@ -115,14 +122,23 @@ def test_fresh_release_changes_every_epoch():
     assert torch.equal(client.make_release(1).latents, client.make_release(1).latents)
 
 
-def test_release_noise_depends_on_client_and_seed():
-    """Two clients holding the same latents never draw the same eps_c; a rebuilt one does."""
+def test_release_noise_depends_on_the_key_not_the_public_seed():
+    """eps_c changes with the key (and the client id), never with the public seed; a client
+    rebuilt with the same key draws it again."""
     z0 = make_latents()
     noise = make_client(100, z0).release_noise(0)
-    other_id = Client(1, z0, make_labels(), make_split(100)).release_noise(0)
-    other_seed = make_client(100, z0, seed=1).release_noise(0)
-    assert rows_differ(noise, other_id) and rows_differ(noise, other_seed)
+    other_id = Client(1, z0, make_labels(), make_split(100), release_key=fixed_key(0))
+    other_key = make_client(100, z0, release_key=fixed_key(1)).release_noise(0)
+    assert rows_differ(noise, other_id.release_noise(0)) and rows_differ(noise, other_key)
+    assert torch.equal(noise, make_client(100, z0, seed=1).release_noise(0))
     assert torch.equal(noise, make_client(100, z0).release_noise(0))
+
+
+@pytest.mark.parametrize("key", [b"", b"short", "00" * 32, None])
+def test_client_refuses_a_weak_or_missing_key(key):
+    """A key under 256 bits (or not bytes) is refused, naming the argument."""
+    with pytest.raises(ValueError, match="release_key"):
+        make_client(100, release_key=key)
 
 
 def run_epochs(client: Client, transport: InProcessTransport, batch_size: int, steps: int) -> None:

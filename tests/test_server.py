@@ -28,6 +28,7 @@ def make_client(client_id: int, t_cut: int, num_images: int = 10, **kwargs) -> C
     g = torch.Generator().manual_seed(100 + client_id)
     latents = torch.randn(num_images, *LATENT_SHAPE, generator=g)
     labels = torch.arange(num_images) % NUM_CLASSES
+    kwargs.setdefault("release_key", bytes([client_id]) * 32)
     return Client(client_id, latents, labels, make_split(t_cut), **kwargs)
 
 

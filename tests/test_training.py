@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_cut_points_train_and_export(
 
 def test_resume_equals_uninterrupted(tiny_world, tmp_path):
     straight = train(tiny_config(tiny_world), tmp_path / "straight")
+    # The same clients: the same secret release keys (a resumed run reads its own).
+    shutil.copytree(tmp_path / "straight" / "clients", tmp_path / "resumed" / "clients")
     train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "resumed")
     resumed = train(tiny_config(tiny_world), tmp_path / "resumed", resume=True)
     a, b = weights(straight), weights(resumed)
@@ -177,10 +180,10 @@ def launch(tiny_world: dict[str, Path], out: Path, processes: int) -> Path:
 def test_two_processes_match_one(tiny_world, tmp_path):
     # Adam turns float noise in a ~zero gradient into a full step, so the nets use groups of
     # 4 channels (the default): no parameter's gradient is identically zero.
-    one_dir, two_dir = (
-        launch(tiny_world, tmp_path / "one", 1),
-        launch(tiny_world, tmp_path / "two", 2),
-    )
+    one_dir = launch(tiny_world, tmp_path / "one", 1)
+    # The same clients, so the same secret release keys: the same releases.
+    shutil.copytree(tmp_path / "one" / "clients", tmp_path / "two" / "clients")
+    two_dir = launch(tiny_world, tmp_path / "two", 2)
     one, two = weights(one_dir), weights(two_dir)
     assert one.keys() == two.keys()
     for key in one:
@@ -232,7 +235,8 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = train(config, tmp_path / "stopped", resume=True)
-    straight = train(config, tmp_path / "straight")
+    shutil.copytree(tmp_path / "stopped" / "clients", tmp_path / "straight" / "clients")
+    straight = train(config, tmp_path / "straight")  # the same clients: the same keys
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for key in a:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from ..privacy import (
+    analytic_gaussian_epsilon,
+    classical_gaussian_epsilon,
+    clip_latent_norm,
+    gaussian_delta,
+    release_privacy,
+)
 from .burden import client_burden, count_flops
 from .disclosure import (
     ddim_reconstruct,
@@ -22,13 +29,6 @@ from .features import (
 )
 from .generate import generate_images, sample_labels, sample_seed
 from .metrics import FeatureStats, distribution_scores, frechet_distance, kernel_distance
-from .privacy import (
-    analytic_gaussian_epsilon,
-    classical_gaussian_epsilon,
-    clip_latent_norm,
-    gaussian_delta,
-    release_privacy,
-)
 from .reference import cached_reference_stats, load_real_images
 
 __all__ = [

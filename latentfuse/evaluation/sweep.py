@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import atomic_write_json
 from ..config import RELEASE_POLICIES, RunConfig, apply_overrides, config_from_dict
 from ..pipelines.folder import load_unet
+from ..privacy import release_privacy
 from ..runner import train
 from ..setup_run import Run, build_run
 from ..split import OBJECTIVES
@@ -33,7 +34,6 @@ from .burden import client_burden
 from .disclosure import reconstruction_attack, reidentification, release_fid
 from .evaluate import EvaluationSettings, evaluate_model
 from .features import InceptionExtractor, extract_features, to_uint8
-from .privacy import release_privacy
 from .reference import cached_reference_stats, load_real_images
 
 logger = logging.getLogger(__name__)
@@ -127,10 +127,10 @@ def ablation_variants(
     objective = next(o for o in OBJECTIVES if o != config.split.objective)
     policy = next(p for p in RELEASE_POLICIES if p != config.split.release_policy)
     variants = {
-        "objective": (f"objective-{objective}", f'split.objective="{objective}"'),
-        "release": (f"release-{policy}", f'split.release_policy="{policy}"'),
+        "objective": {f"objective-{objective}": (f'split.objective="{objective}"',)},
+        "release": {f"release-{policy}": (f'split.release_policy="{policy}"',)},
     }
-    return {variants[a][0]: (variants[a][1],) for a in ABLATIONS if a in ablations}
+    return {k: v for a in ABLATIONS if a in ablations for k, v in variants[a].items()}
 
 
 def sweep_points(config: RunConfig, settings: SweepSettings) -> list[SweepPoint]:
@@ -144,8 +144,8 @@ def sweep_points(config: RunConfig, settings: SweepSettings) -> list[SweepPoint]
         raise ValueError(f"ablation_cuts must lie in [1, {T - 1}], got {settings.ablation_cuts}")
     base = sorted({ATTACKER_CUT, *settings.cuts, *settings.ablation_cuts})
     points = [SweepPoint(c) for c in base]
+    variants = ablation_variants(config, settings.ablations)
     for cut in sorted(set(settings.ablation_cuts)):
-        variants = ablation_variants(config, settings.ablations)
         points += [SweepPoint(cut, v, o) for v, o in variants.items()]
     return points
 

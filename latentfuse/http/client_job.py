@@ -22,9 +22,9 @@ from ..config import RunConfig
 from ..datasets import load_dataset
 from ..latents import cached_latents
 from ..models import EMA, build_unet
+from ..release_key import KEY_FILE, load_or_create_release_key
 from ..runner import make_accelerator
-from ..setup_run import make_scheduler, resolve_path
-from ..split import DiffusionSplit
+from ..setup_run import client_split, make_scheduler, resolve_path
 from ..training import denoising_loss, lr_at, shard
 from .deploy import DeployConfig
 from .remote import RemoteServer
@@ -70,7 +70,7 @@ class ClientJob:
         )
         labels = global_labels(dataset.class_names, deploy)[latents.labels]
         self.scheduler = make_scheduler(config)
-        split = DiffusionSplit.from_scheduler(self.scheduler, config.client_t_cut(client_id))
+        split = client_split(config, self.scheduler, client_id)
         cfg = config.train
         self.client = Client(
             client_id,
@@ -80,6 +80,9 @@ class ClientJob:
             config.split.release_policy,
             share_labels=config.server_labels == "class",
             seed=cfg.seed,
+            release_key=load_or_create_release_key(self.work_dir / KEY_FILE),
+            clip_norm=config.privacy.clip_norm,
+            max_releases=config.privacy.max_releases,
         )
         self.accelerator = make_accelerator(config, self.work_dir, log=False)
         self.unet = self.ema = self.optimizer = None

@@ -20,8 +20,7 @@ from ..config import RunConfig
 from ..models import build_unet
 from ..pipelines import CollaFuseServerPipeline
 from ..server import Server
-from ..setup_run import make_scheduler
-from ..split import DiffusionSplit
+from ..setup_run import client_split, make_scheduler
 from ..transport import ReleaseBatch
 from .auth import TokenBook
 from .deploy import DeployConfig, latent_shape, sampling_scheduler
@@ -98,8 +97,7 @@ class ServerService:
             )
         self.scheduler = make_scheduler(config)
         splits = {
-            cid: DiffusionSplit.from_scheduler(self.scheduler, config.client_t_cut(cid))
-            for cid in range(config.data.num_clients)
+            cid: client_split(config, self.scheduler, cid) for cid in range(config.data.num_clients)
         }
         if all(s.is_independent for s in splits.values()):
             raise ValueError("every client has t_cut = T: there is nothing for a server to do")

@@ -15,7 +15,7 @@ from latentfuse.evaluation import (
     gaussian_delta,
     release_privacy,
 )
-from latentfuse.evaluation.privacy import log_normal_cdf, normal_cdf
+from latentfuse.privacy import log_normal_cdf, normal_cdf
 
 DELTA = 1e-5
 CLIP_NORM = 40.0  # an L2 bound on latents: (4, 16, 16) ones of unit variance have norm ~32

@@ -126,3 +126,58 @@ def release_privacy(
         "noise_std": sigma,
         "status": status,
     }
+
+
+def releases_per_image(policy: str, max_releases: int) -> int:
+    """How many releases of one image a guarantee composes over: 1 under `once`."""
+    return 1 if policy == "once" else max_releases
+
+
+def private_t_cut(
+    alphas_cumprod: torch.Tensor,
+    clip_norm: float,
+    target_epsilon: float,
+    delta: float,
+    policy: str = "once",
+    max_releases: int = 1,
+) -> int:
+    """The smallest cut whose releases of latents clipped to `clip_norm` are
+    (target_epsilon, delta)-DP per image, composed over the releases `policy` makes.
+
+    epsilon falls as the cut rises (abar_r falls), so a bisection finds it; t_cut = T
+    releases nothing and always qualifies."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    k = releases_per_image(policy, max_releases)
+
+    def epsilon(t_cut: int) -> float:
+        return release_privacy(alphas_cumprod, t_cut, clip_norm, delta, policy, k)["epsilon"]
+
+    low, high = 0, len(alphas_cumprod)  # epsilon(high) = 0 <= target
+    while low < high:
+        middle = (low + high) // 2
+        if epsilon(middle) <= target_epsilon:
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def release_guarantee(
+    alphas_cumprod: torch.Tensor,
+    t_cut: int,
+    clip_norm: float,
+    delta: float,
+    policy: str,
+    max_releases: int,
+) -> dict:
+    """What one client's releases guarantee: the (epsilon, delta) of the analytic Gaussian
+    mechanism where clipping to `clip_norm` is enforced, else "not applicable"."""
+    if clip_norm <= 0:
+        return {"epsilon": None, "status": "not applicable: latents are not clipped"}
+    if policy == "fresh" and max_releases < 1:
+        return {"epsilon": None, "status": "not applicable: fresh releases are not capped"}
+    k = releases_per_image(policy, max_releases)
+    report = release_privacy(alphas_cumprod, t_cut, clip_norm, delta, policy, k)
+    report["epsilon"] = report["epsilon"] if math.isfinite(report["epsilon"]) else None
+    return report
