@@ -62,6 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
         seed=args.seed,
         batch_size=args.batch_size,
         clip=args.clip,
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-inference-steps", type=int, default=50)
     evaluate.add_argument(
         "--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)"
+    )
+    evaluate.add_argument(
+        "--scheduler",
+        default="ddpm",
+        choices=["ddpm", "ddim", "dpm", "euler"],
+        help="sampler of the scored images, recorded in results.json (ddpm: ancestral)",
     )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--batch-size", type=int, default=64)

@@ -56,7 +56,8 @@ def metrics_from_results(results: dict[str, Any], command: str | None = None) ->
     first = next(iter(results["clients"].values()), {})
     metrics["note"] = (
         f"{command or 'latentfuse evaluate'}: {results['num_samples']} generated per client "
-        f"(DDIM-{settings.get('num_inference_steps', '?')}, seed {settings.get('seed', '?')}) vs "
+        f"({settings.get('scheduler', 'ddpm (ancestral)')}-"
+        f"{settings.get('num_inference_steps', '?')}, seed {settings.get('seed', '?')}) vs "
         f"its {first.get('num_real', '?')} held-out real images; FID is biased high at small "
         f"sample counts; FCD: {first.get('fcd_status', 'not measured')}"
     )

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="releases attacked and re-identified per client (default: --num-samples)",
     )
     p.add_argument("--num-inference-steps", type=int, default=defaults.num_inference_steps)
+    p.add_argument(
+        "--scheduler",
+        default=defaults.scheduler,
+        choices=["ddpm", "ddim", "dpm", "euler"],
+        help="sampler of the scored images (ddpm: ancestral), recorded in the report",
+    )
     p.add_argument("--attack-steps", type=int, default=defaults.attack_steps)
     p.add_argument("--clip-percentile", type=float, default=defaults.clip_percentile)
     p.add_argument("--max-steps", type=int, help="train.max_steps of every run")
@@ -106,7 +112,8 @@ def notes(summary: dict) -> list[str]:
         f"{summary['steps']} training steps per run (server batch {summary['server_batch_size']}"
         f", client batch {summary['client_batch_size']}); {summary['num_samples']} generated "
         f"images per client, {summary['num_generated_pooled']} pooled over "
-        f"{summary['num_clients']} clients, DDIM-{s['num_inference_steps']}; FID/KID against "
+        f"{summary['num_clients']} clients, sampler {s.get('scheduler', 'ddpm')} (ancestral "
+        f"unless ddim), {s['num_inference_steps']} steps; FID/KID against "
         "each client's held-out real images (FID is biased upward at small counts).",
         "release_fid/release_kid: decoded releases vs the client's held-out real images, mean "
         "over clients. With few releases FID is biased far upward; KID is unbiased.",
@@ -121,7 +128,8 @@ def notes(summary: dict) -> list[str]:
         f"{100 * privacy['share_above']:.2g}% of latents exceed C. `fresh` composes over the "
         "epochs each client released. null = infinite (t_cut = 0 releases clean latents).",
         "Client burden (torch.utils.flop_counter; seconds best of 3 at batch 2 on the sweep's "
-        "device): sampling is one DDIM-50 chain plus the decoder, the client running t < t_cut and "
+        "device): sampling is one 50-step chain (FLOPs are the same for any sampler) plus the "
+        "decoder, the client running t < t_cut and "
         "decoding; training is one forward and backward pass of each side's denoiser per image "
         "(an image's share of a step). Bytes: one fp32 latent up per release (0 when the server "
         "has no timesteps), one hand-off latent down per sample (0 when it runs none).",
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=args.num_samples,
             num_releases=args.num_releases,
             num_inference_steps=args.num_inference_steps,
+            scheduler=args.scheduler,
             attack_steps=args.attack_steps,
             clip_percentile=args.clip_percentile,
             seed=args.seed,

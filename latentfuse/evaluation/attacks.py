@@ -60,7 +60,9 @@ def likelihood_reidentification(
     if k < m:
         rng = np.random.default_rng(seed)
         others = [rng.choice(np.delete(np.arange(m), s), k - 1, replace=False) for s in sources]
-        columns = torch.as_tensor(np.stack([np.r_[s, o] for s, o in zip(sources, others)]))
+        columns = torch.as_tensor(
+            np.stack([np.r_[s, o] for s, o in zip(sources, others, strict=True)])
+        )
         hits = distances.gather(1, columns).argmin(1) == 0
     else:
         hits = distances.argmin(1) == sources

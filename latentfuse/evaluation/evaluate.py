@@ -35,6 +35,7 @@ class EvaluationSettings:
     num_samples: int = 1000  # generated images per client
     num_inference_steps: int = 50
     guidance_scale: float = 1.0  # classifier-free guidance of the samples (1: none)
+    scheduler: str = "ddpm"  # the sampler: ddpm (ancestral), ddim (eta 0), dpm or euler
     seed: int = 0
     batch_size: int = 64
     clip: str | None = None  # CLIPVisionModelWithProjection folder or hub id; None: no FCD
@@ -49,6 +50,10 @@ class EvaluationSettings:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        from ..http.deploy import SCHEDULER_NAMES
+
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {self.scheduler!r}")
 
 
 def model_partition(
@@ -114,7 +119,10 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
         raise FileNotFoundError(f"{root} is not a CollaFuse model folder (no collafuse.json)")
     collafuse_config = json.loads((root / "collafuse.json").read_text())
     config, dataset, splits = model_partition(collafuse_config)
+    from ..http.deploy import sampling_scheduler
+
     pipe = CollaFusePipeline.from_pretrained(root).to(settings.device)
+    pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     extractors = {"inception": InceptionExtractor(settings.inception, settings.device)}
     clip, clip_status = load_clip(settings.clip, settings.device)
@@ -155,6 +163,7 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
     return {
         "model": str(root.resolve()),
         "num_samples": settings.num_samples,
+        "sampler": f"{settings.scheduler}, {settings.num_inference_steps} steps",
         "clients": clients,
         "pooled": pooled,
         "settings": {

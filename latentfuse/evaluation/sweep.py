@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = 1
 ATTACKER_CUT = 0
-BURDEN_INFERENCE_STEPS = 50  # the client's FLOP share of a DDIM-50 chain, whatever the eval uses
+BURDEN_INFERENCE_STEPS = 50  # the client's FLOP share of a 50-step chain (any sampler)
 ABLATIONS = ("objective", "release")  # the other server objective; the other release policy
 DISCLOSURE_KEYS = ("release_fid", "attack_psnr", "attack_ssim", "reid_rate")
 
@@ -54,8 +54,9 @@ class SweepSettings:
     ablations: tuple[str, ...] = ABLATIONS  # which of the two ablations to run at ablation_cuts
     num_samples: int = 1000  # generated images per client
     num_releases: int | None = None  # releases attacked per client; None: num_samples
-    num_inference_steps: int = 50  # DDIM steps of the evaluation samples
-    attack_steps: int = 50  # the attacker's DDIM steps from the release level down to 0
+    num_inference_steps: int = 50  # sampler steps of the evaluation samples
+    scheduler: str = "ddpm"  # the evaluation sampler (ddpm: ancestral, as the figures ran)
+    attack_steps: int = 50  # the attacker's DDIM (eta 0) steps from the release level down to 0
     clip_percentile: float = 99.0  # clip norm C: this percentile of the training latents' norms
     delta: float = 1e-5
     seed: int = 0
@@ -86,7 +87,8 @@ class SweepSettings:
 
     def evaluation(self) -> EvaluationSettings:
         """The sample-quality settings of `evaluate_model`."""
-        names = ("num_samples", "num_inference_steps", "seed", "batch_size", "clip", "inception")
+        names = ("num_samples", "num_inference_steps", "scheduler", "seed", "batch_size")
+        names += ("clip", "inception")
         return EvaluationSettings(**{n: getattr(self, n) for n in names}, device=self.device)
 
 
@@ -257,7 +259,7 @@ def point_privacy(run: Run, folder: Path, shared: _Shared, delta: float) -> dict
 
 def point_burden(run: Run, model_dir: Path, repeats: int = 3) -> dict[str, dict]:
     """Each client's burden at its cut (`client_burden`): FLOPs and seconds per image on each
-    side, in training and in sampling (a DDIM-50 chain and the decoder), and bytes per image."""
+    side, in training and in sampling (a 50-step chain and the decoder), and bytes per image."""
     load = lambda path: None if (unet := load_unet(path)) is None else unet.to(run.vae.device)
     server, burden = load(model_dir / "server_unet"), {}
     for client in run.clients:
