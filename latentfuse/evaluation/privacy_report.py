@@ -34,7 +34,8 @@ def _quality(row: dict) -> str:
 def privacy_markdown(summary: dict, command: str = "") -> str:
     """The report: one row per point, then what each column measures."""
     header = (
-        f"| point | t_cut | re-id, gallery {summary['settings']['gallery_size']} | re-id, whole training set | release MIA AUC | "
+        f"| point | t_cut | re-id, gallery {summary['settings']['gallery_size']} | "
+        "re-id, whole training set | release MIA AUC | "
         "TPR@1% FPR | TPR@0.1% FPR | model MIA AUC | recon PSNR dB | mean-image PSNR dB | "
         "epsilon (delta) | quality |"
     )
