@@ -293,3 +293,23 @@ def test_client_state_round_trip(release_policy):
     assert set(batch) == set(expected)
     assert all(torch.equal(batch[key], expected[key]) for key in expected)
     assert [m.epoch for m in restored.due_releases()] == [m.epoch for m in client.due_releases()]
+
+
+def test_clipped_release_is_the_release_of_the_clipped_latent():
+    """With clip_norm set the release carries sqrt(abar_r) clip(z0): no latent's signal exceeds
+    the norm the guarantee assumes."""
+    from latentfuse.privacy import clip_latent_norm
+
+    z0 = make_latents() * 10
+    client = make_client(100, z0, clip_norm=2.0)
+    expected = client.split.release(clip_latent_norm(z0, 2.0), client.release_noise(0))
+    torch.testing.assert_close(client.make_release(0).latents, expected)
+
+
+def test_max_releases_caps_fresh_releases():
+    client, transport = (
+        make_client(100, release_policy="fresh", max_releases=2),
+        InProcessTransport(),
+    )
+    run_epochs(client, transport, batch_size=NUM_IMAGES, steps=6)  # six epochs
+    assert [m.epoch for m in transport.log] == [0, 1]

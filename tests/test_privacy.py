@@ -110,3 +110,41 @@ def test_bad_arguments_are_named(alphas_cumprod, kwargs, message):
     arguments = {"t_cut": 100, "clip_norm": CLIP_NORM, "delta": DELTA, **kwargs}
     with pytest.raises(ValueError, match=message):
         release_privacy(alphas_cumprod, **arguments)
+
+
+SCHEDULE = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+
+@pytest.mark.parametrize("target", [1.0, 8.0, 64.0])
+@pytest.mark.parametrize(("policy", "releases"), [("once", 1), ("fresh", 4)])
+def test_private_t_cut_is_the_smallest_cut_that_meets_the_target(target, policy, releases):
+    from latentfuse.privacy import private_t_cut
+
+    cut = private_t_cut(SCHEDULE, 30.0, target, 1e-5, policy, releases)
+    k = 1 if policy == "once" else releases
+    assert release_privacy(SCHEDULE, cut, 30.0, 1e-5, policy, k)["epsilon"] <= target
+    assert release_privacy(SCHEDULE, cut - 1, 30.0, 1e-5, policy, k)["epsilon"] > target
+
+
+def test_release_guarantee_needs_enforced_clipping():
+    from latentfuse.privacy import release_guarantee
+
+    assert release_guarantee(SCHEDULE, 500, 0.0, 1e-5, "once", 0)["status"].startswith(
+        "not applicable"
+    )
+    assert release_guarantee(SCHEDULE, 500, 30.0, 1e-5, "once", 0)["epsilon"] > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["privacy.target_epsilon=8"], "privacy.clip_norm"),
+        (['split.release_policy="fresh"', "privacy.clip_norm=30"], "privacy.max_releases"),
+        (["privacy.delta=1"], "privacy.delta"),
+    ],
+)
+def test_privacy_config_names_the_bad_field(overrides, field):
+    from latentfuse.config import load_config
+
+    with pytest.raises(ValueError, match=field):
+        load_config(None, overrides)
