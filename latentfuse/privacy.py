@@ -181,3 +181,27 @@ def release_guarantee(
     report = release_privacy(alphas_cumprod, t_cut, clip_norm, delta, policy, k)
     report["epsilon"] = report["epsilon"] if math.isfinite(report["epsilon"]) else None
     return report
+
+
+def guarantee_record(config, alphas_cumprod: torch.Tensor, cuts: dict[int, int]) -> dict:
+    """collafuse.json's "privacy": the threat model and each client's guarantee at its cut
+    (`config` is the RunConfig; `cuts` maps client id to t_cut)."""
+    p = config.privacy
+    return {
+        "threat_model": "honest-but-curious server holding every release, the run config and "
+        "its own model, never a client's release key",
+        "release_noise": "keyed PRF of (client, image id, epoch) under each client's secret key",
+        "clip_norm": p.clip_norm or None,
+        "target_epsilon": p.target_epsilon or None,
+        "clients": {
+            str(cid): release_guarantee(
+                alphas_cumprod.double(),
+                t_cut,
+                p.clip_norm,
+                p.delta,
+                config.split.release_policy,
+                p.max_releases,
+            )
+            for cid, t_cut in cuts.items()
+        },
+    }

@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration
 from .checkpointing import atomic_write_dir, atomic_write_json
 from .config import RunConfig
 from .imaging import make_grid, save_image
-from .privacy import release_guarantee
+from .privacy import guarantee_record
 from .setup_run import Run, build_run
 from .training import Trainer
 
@@ -65,32 +65,10 @@ def collafuse_description(run: Run) -> dict:
             "num_clients": cfg.data.num_clients,
         },
         "vae_sha256": run.vae_hash,
-        "privacy": release_guarantees(run),
+        "privacy": guarantee_record(
+            cfg, run.scheduler.alphas_cumprod, {c.client_id: c.split.t_cut for c in run.clients}
+        ),
         "run_config": cfg.to_dict(),
-    }
-
-
-def release_guarantees(run: Run) -> dict:
-    """What each client's releases guarantee (the formal-privacy mode), and the threat model."""
-    cfg, alphas = run.config, run.scheduler.alphas_cumprod.double()
-    p = cfg.privacy
-    return {
-        "threat_model": "honest-but-curious server holding every release, the run config and "
-        "its own model, never a client's release key",
-        "release_noise": "secret per-client key (HMAC-SHA256 of client, image, epoch)",
-        "clip_norm": p.clip_norm or None,
-        "target_epsilon": p.target_epsilon or None,
-        "clients": {
-            str(c.client_id): release_guarantee(
-                alphas,
-                c.split.t_cut,
-                p.clip_norm,
-                p.delta,
-                cfg.split.release_policy,
-                p.max_releases,
-            )
-            for c in run.clients
-        },
     }
 
 

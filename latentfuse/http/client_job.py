@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..datasets import load_dataset
 from ..latents import cached_latents
 from ..models import EMA, build_unet
+from ..privacy import guarantee_record
 from ..release_key import KEY_FILE, load_or_create_release_key
 from ..runner import make_accelerator
 from ..setup_run import client_split, make_scheduler, resolve_path
@@ -206,6 +207,9 @@ class ClientJob:
             "objective": cfg.split.objective,
             "weighting": cfg.split.weighting,
             "vae_sha256": self.vae_hash,
+            "privacy": guarantee_record(
+                cfg, self.scheduler.alphas_cumprod, {self.client_id: self.client.split.t_cut}
+            ),
         }
 
     def export(self) -> Path:
