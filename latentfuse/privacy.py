@@ -173,6 +173,8 @@ def release_guarantee(
 ) -> dict:
     """What one client's releases guarantee: the (epsilon, delta) of the analytic Gaussian
     mechanism where clipping to `clip_norm` is enforced, else "not applicable"."""
+    if t_cut == len(alphas_cumprod):
+        return {"epsilon": 0.0, "t_cut": t_cut, "status": "t_cut = T: nothing is released"}
     if clip_norm <= 0:
         return {"epsilon": None, "status": "not applicable: latents are not clipped"}
     if policy == "fresh" and max_releases < 1:

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampler of the scored images (ddpm: ancestral), recorded in the report",
     )
     p.add_argument("--attack-steps", type=int, default=defaults.attack_steps)
-    p.add_argument("--clip-percentile", type=float, default=defaults.clip_percentile)
     p.add_argument("--max-steps", type=int, help="train.max_steps of every run")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="evaluation")
     p.add_argument("--seed", type=int, default=defaults.seed, help="evaluation seed")
@@ -123,10 +122,9 @@ def notes(summary: dict) -> list[str]:
         "at every cut).",
         "reid_rate: share of reconstructions whose nearest image (Inception features) among the "
         "attacked training images is their source; reid_chance = 1 / that count.",
-        f"epsilon: analytic Gaussian mechanism, delta = {privacy['delta']:g}, latents clipped to "
-        f"C = {privacy['clip_norm']:.4g} ({privacy['rule']}); training does not clip: "
-        f"{100 * privacy['share_above']:.2g}% of latents exceed C. `fresh` composes over the "
-        "epochs each client released. null = infinite (t_cut = 0 releases clean latents).",
+        f"epsilon: analytic Gaussian mechanism, delta = {privacy['delta']:g}, only where the run "
+        "clips latents (privacy.clip_norm); otherwise not applicable. `fresh` composes over the "
+        "epochs each client released.",
         "Client burden (torch.utils.flop_counter; seconds best of 3 at batch 2 on the sweep's "
         "device): sampling is one 50-step chain (FLOPs are the same for any sampler) plus the "
         "decoder, the client running t < t_cut and "
@@ -145,7 +143,9 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def _epsilon(row: dict) -> str:
-    return "∞" if row["epsilon"] is None else _fmt(row["epsilon"], ".3g")
+    if row["epsilon"] is None:
+        return "n/a" if "not applicable" in (row.get("epsilon_status") or "") else "∞"
+    return _fmt(row["epsilon"], ".3g")
 
 
 def markdown(summary: dict, title: str) -> str:
@@ -295,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
             num_inference_steps=args.num_inference_steps,
             scheduler=args.scheduler,
             attack_steps=args.attack_steps,
-            clip_percentile=args.clip_percentile,
             seed=args.seed,
             batch_size=args.batch_size,
             clip=args.clip,

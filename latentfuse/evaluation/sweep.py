@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..checkpointing import atomic_write_json
 from ..config import RELEASE_POLICIES, RunConfig, apply_overrides, config_from_dict
 from ..pipelines.folder import load_unet
-from ..privacy import release_privacy
+from ..privacy import release_guarantee
 from ..runner import train
 from ..setup_run import Run, build_run
 from ..split import OBJECTIVES
@@ -57,8 +57,6 @@ class SweepSettings:
     num_inference_steps: int = 50  # sampler steps of the evaluation samples
     scheduler: str = "ddpm"  # the evaluation sampler (ddpm: ancestral, as the figures ran)
     attack_steps: int = 50  # the attacker's DDIM (eta 0) steps from the release level down to 0
-    clip_percentile: float = 99.0  # clip norm C: this percentile of the training latents' norms
-    delta: float = 1e-5
     seed: int = 0
     batch_size: int = 64
     clip: str | None = None  # CLIP model for FCD; None: FCD reported unavailable
@@ -80,10 +78,6 @@ class SweepSettings:
             value = getattr(self, name)  # FID needs two samples
             if value is not None and value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not 0 < self.clip_percentile <= 100:
-            raise ValueError(f"clip_percentile must lie in (0, 100], got {self.clip_percentile}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
 
     def evaluation(self) -> EvaluationSettings:
         """The sample-quality settings of `evaluate_model`."""
@@ -108,12 +102,11 @@ class SweepPoint:
 
 @dataclass
 class _Shared:
-    """What every point's evaluation shares: the attacker, Inception and the clip norm."""
+    """What every point's evaluation shares: the attacker and Inception."""
 
     attacker: torch.nn.Module
     attacker_labels: str  # the GM server's conditioning: "class", "client" or "none"
     inception: InceptionExtractor
-    clip_norm: float
     galleries: dict = field(default_factory=dict)  # (client, sources) -> their features
 
 
@@ -237,22 +230,33 @@ def client_disclosure(
     }
 
 
-def point_privacy(run: Run, folder: Path, shared: _Shared, delta: float) -> dict:
-    """Disclosure d: (epsilon, delta) per client; `fresh` composes over the epochs it used."""
-    cfg, alphas = run.config.split, run.scheduler.alphas_cumprod
+def point_privacy(run: Run, folder: Path) -> dict:
+    """Disclosure d: the (epsilon, delta) each client's releases guarantee where the run
+    enforced clipping (privacy.clip_norm), else "not applicable"; `fresh` composes over the
+    epochs each client actually released."""
+    cfg, alphas = run.config, run.scheduler.alphas_cumprod.double()
     state = json.loads((folder / "checkpoint" / "state.json").read_text())["extra"]["clients"]
-    clients = {  # k: releases of each image, epochs 0..released_epoch (1 under `once`)
-        cid: release_privacy(alphas, cfg.t_cut, shared.clip_norm, delta, cfg.release_policy, k)
-        for cid, k in ((c, max(1, s["released_epoch"] + 1)) for c, s in state.items())
-    }
-    worst = max(clients.values(), key=lambda p: p["epsilon"])
-    epsilon, status = _finite_or_none(worst["epsilon"]), worst["status"]
-    for report in clients.values():  # inf (no privacy) is stored as null
-        report["epsilon"] = _finite_or_none(report["epsilon"])
+    clients = {}
+    for client in run.clients:  # k: releases of each image, epochs 0..released_epoch
+        k = max(1, state[str(client.client_id)]["released_epoch"] + 1)
+        k = 1 if cfg.split.release_policy == "once" else k
+        report = release_guarantee(
+            alphas,
+            client.split.t_cut,
+            cfg.privacy.clip_norm,
+            cfg.privacy.delta,
+            cfg.split.release_policy,
+            k,
+        )
+        clients[str(client.client_id)] = {**report, "releases_per_image": k}
+    epsilons = [c["epsilon"] for c in clients.values()]
+    worst = next((c for c in clients.values() if c["epsilon"] is None), None)
+    worst = worst or max(clients.values(), key=lambda c: c["epsilon"])
     return {
-        "epsilon": epsilon,
-        "epsilon_status": status,
-        "releases_per_image": max(p["releases_per_image"] for p in clients.values()),
+        "epsilon": None if None in epsilons else max(epsilons),
+        "epsilon_status": worst["status"],
+        "delta": cfg.privacy.delta,
+        "releases_per_image": max(c["releases_per_image"] for c in clients.values()),
         "clients": clients,
     }
 
@@ -296,14 +300,14 @@ def evaluate_point(
     start = time.time()
     model_dir = folder / "model"
     quality = evaluate_model(model_dir, settings.evaluation())
-    run = build_run(config)
+    run = build_run(config, folder)  # the point's own client keys: the releases it made
     run.vae.to(settings.device)
     T = config.split.num_train_timesteps
     disclosure = {}
     if point.t_cut < T:  # at t_cut = T nothing is released: nothing to attack
         for i in tqdm(range(len(run.clients)), desc=f"{point.name} disclosure", leave=False):
             disclosure[str(run.clients[i].client_id)] = client_disclosure(run, i, shared, settings)
-    privacy = point_privacy(run, folder, shared, settings.delta)
+    privacy = point_privacy(run, folder)
     return {
         "quality": quality,
         "disclosure": disclosure,
@@ -390,14 +394,10 @@ def run_sweep(
     configs = {p: point_config(config, p) for p in points}
     attacker_point = points[0]  # the GM, t_cut = 0
     attacker_model, _ = train_point(configs[attacker_point], out_dir / attacker_point.name)
-    clip_norm, clip_info = latent_clip_norm(
-        build_run(configs[attacker_point]), settings.clip_percentile
-    )
     shared = _Shared(
         load_unet(attacker_model / "server_unet").to(settings.device),
         configs[attacker_point].server_labels,
         InceptionExtractor(settings.inception, settings.device),
-        clip_norm,
     )
     rows = {p: _point(p, configs[p], out_dir, shared, settings) for p in tqdm(points, "sweep")}
     base = [rows[p] for p in points if p.variant == "base" and p.t_cut in settings.cuts]
@@ -413,7 +413,12 @@ def run_sweep(
         "server_batch_size": config.train.server_batch_size,
         "client_batch_size": config.train.client_batch_size,
         "attacker": {"t_cut": ATTACKER_CUT, "model": f"{attacker_point.name}/model/server_unet"},
-        "privacy": {"delta": settings.delta, **clip_info},
+        "privacy": {
+            "delta": config.privacy.delta,
+            "clip_norm": config.privacy.clip_norm or None,
+            "note": "epsilon only where privacy.clip_norm enforces clipping; see the privacy "
+            "sweep (scripts/privacy_sweep.py) for the attacker suite",
+        },
         "settings": _jsonable(asdict(settings)),
         "rows": base,
         "ablations": ablation,
@@ -426,7 +431,7 @@ def _point(
     """Train one point unless trained, evaluate it unless its `evaluation.json` is up to date."""
     folder, path = out_dir / point.name, out_dir / point.name / "evaluation.json"
     _, train_seconds = train_point(config, folder)
-    key = _jsonable({"settings": asdict(settings), "clip_norm": shared.clip_norm})
+    key = _jsonable({"settings": asdict(settings), "privacy": config.privacy.__dict__})
     for name in ("cuts", "ablation_cuts", "ablations", "device", "batch_size"):  # no effect
         key["settings"].pop(name)
     saved, result = json.loads(path.read_text()) if path.is_file() else {}, None
