@@ -91,8 +91,9 @@ class Client:
         """eps_c of every image under the key: per image (once) or per image and epoch (fresh)."""
         epoch = 0 if self.release_policy == "once" else epoch
         shape = tuple(self._z0.shape[1:])
+        ids, key = range(self.num_images), self._release_key
         noise = release_noise(
-            self._release_key, self.client_id, range(self.num_images), epoch, shape
+            key, self.client_id, ids, epoch, shape, self.split.t_cut, self.clip_norm
         )
         return noise.float()
 

@@ -5,12 +5,17 @@ to the server: with both, z0 = (z_r - sqrt(1 - abar_r) eps_c) / sqrt(abar_r) exa
 eps_c is a keyed pseudo-random function of (client id, image id, epoch) under a 256-bit key
 made by the operating system's CSPRNG and kept only on the client:
 
-    seed_i = HMAC-SHA256(key, "latentfuse/release-noise/v1" | client_id | image_id | epoch)
-    bytes_i = SHAKE-256(seed_i) (8 bytes per pair of normals)
+    seed_i = HMAC-SHA256(key, "latentfuse/release-noise/v2" | client_id | image_id | epoch
+                              | t_cut | clip_norm)
+    bytes_i = SHAKE-256(seed_i) (16 bytes per pair of normals)
     eps_c[i] = Box-Muller(bytes_i)                       # float64, then the latent dtype
 
 Each image's noise depends only on its own fields, so batching and order do not change it, a
-resumed run reproduces it, and without the key nobody can: no torch or NumPy generator, whose
+resumed run reproduces it, and without the key nobody can. The release settings (cut, clip
+norm) are in the input too: two releases of one image under one key at different settings
+would otherwise share eps_c, and two equations in (z0, eps_c) give z0 exactly. With them in,
+such a pair is two independent noisy copies (what `fresh` also hands over), never an
+inversion. no torch or NumPy generator, whose
 state could be recovered from its outputs, stands between the key and the noise.
 
 Losing the key loses no training: the releases already sent stay valid server-side (the
@@ -38,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 KEY_BYTES = 32  # 256 bits
 KEY_FILE = "release.key"
-_DOMAIN = b"latentfuse/release-noise/v1"
+_DOMAIN = b"latentfuse/release-noise/v2"
 _TWO_53 = float(2**53)
 
 
@@ -95,15 +100,22 @@ def load_or_create_release_key(path: str | Path) -> bytes:
             os.link(tmp, path)  # never replaces a key another process made meanwhile
         except FileExistsError:
             return load_release_key(path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the key survives a crash right after the first release
+        finally:
+            os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
     logger.info("made a new release key: %s (keep it on this machine; never share it)", path)
     return key
 
 
-def noise_seed(key: bytes, client_id: int, image_id: int, epoch: int) -> bytes:
+def noise_seed(
+    key: bytes, client_id: int, image_id: int, epoch: int, t_cut: int, clip_norm: float
+) -> bytes:
     """The 256-bit PRF output that seeds one image's release noise."""
-    message = _DOMAIN + struct.pack(">qqq", client_id, image_id, epoch)
+    message = _DOMAIN + struct.pack(">qqqqd", client_id, image_id, epoch, t_cut, clip_norm)
     return hmac.new(check_release_key(key), message, hashlib.sha256).digest()
 
 
@@ -124,10 +136,14 @@ def release_noise(
     image_ids: list[int] | range,
     epoch: int,
     shape: tuple[int, ...],
+    t_cut: int,
+    clip_norm: float = 0.0,
 ) -> torch.Tensor:
-    """eps_c (n, *shape), float64, of the images `image_ids` at `epoch` under `key`."""
+    """eps_c (n, *shape), float64, of the images `image_ids` at `epoch` under `key`, for
+    releases at cut `t_cut` of latents clipped to `clip_norm` (0: unclipped)."""
     count = math.prod(shape)
-    rows = [_normals(noise_seed(key, client_id, i, epoch), count) for i in image_ids]
+    seeds = [noise_seed(key, client_id, i, epoch, t_cut, float(clip_norm)) for i in image_ids]
+    rows = [_normals(seed, count) for seed in seeds]
     if not rows:
         return torch.empty((0, *shape), dtype=torch.float64)
     return torch.from_numpy(np.stack(rows)).view(len(rows), *shape)

@@ -31,7 +31,7 @@ def latents(n: int, seed: int) -> torch.Tensor:
 
 def releases_of(z0: torch.Tensor, t_cut: int) -> torch.Tensor:
     abar = float(ALPHAS[t_cut - 1])
-    eps = release_noise(KEY, 0, range(len(z0)), 0, SHAPE).float()
+    eps = release_noise(KEY, 0, range(len(z0)), 0, SHAPE, t_cut).float()
     return math.sqrt(abar) * z0 + math.sqrt(1 - abar) * eps
 
 

@@ -243,3 +243,23 @@ def test_command_line_refuses_bad_invocations(argv, message, tmp_path, capsys):
     argv = [str(token) if a == "TOKEN" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_changed_release_is_refused_before_its_body_leaves(monkeypatch):
+    """The server holds a release of images 0..3; a different one (a new key, say) is refused
+    by the client itself, so the server never receives a second noisy copy."""
+    import torch
+
+    from latentfuse.http.remote import RemoteServer, upload_id
+    from latentfuse.transport import ReleaseBatch
+
+    batch = lambda latents: ReleaseBatch(0, (0, 1, 2, 3), latents, None, 100, 0)
+    first = batch(torch.zeros(4, 4, 2, 2))
+    remote = RemoteServer("http://127.0.0.1:9", "lf1.x", 0)
+    sent = []
+    monkeypatch.setattr(remote, "limits", lambda: {"upload_chunk_size": 2, "max_body_bytes": 1e9})
+    monkeypatch.setattr(remote, "committed", lambda: {upload_id(c): "other" for c in [first]})
+    monkeypatch.setattr(remote, "upload", lambda key, body: sent.append(key) or True)
+    with pytest.raises(RuntimeError, match="already holds other releases"):
+        remote.upload_release(batch(torch.ones(4, 4, 2, 2)))
+    assert sent == []

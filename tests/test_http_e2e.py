@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from latentfuse.cli import main
 from latentfuse.http.persist import ReleaseLog
 from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
 from latentfuse.http.wire import decode_release, encode_release
+from latentfuse.release_key import load_release_key
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
 
@@ -145,6 +147,15 @@ def test_server_and_two_client_processes_train_and_sample(tiny_run, deployment, 
     # uvicorn shuts down gracefully, then re-raises SIGTERM so supervisors see it
     assert server.returncode in (0, -signal.SIGTERM) and "stopped at step 6" in log, log[-3000:]
     assert not list((root / "client0").rglob("*.token"))
+    # Each client made its own secret release key; nothing on the server side holds it.
+    server_files = [p.read_bytes() for p in (root / "state").rglob("*") if p.is_file()]
+    server_files.append(log.encode())
+    for cid in CLIENT_CLASSES:
+        key_file = root / f"client{cid}" / "release.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key = load_release_key(key_file)
+        for spelling in (key, key.hex().encode()):
+            assert not any(spelling in blob for blob in server_files)
 
 
 class Uploader(threading.Thread):

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -78,6 +79,17 @@ def upload_id(batch: ReleaseBatch) -> str:
     ids = ",".join(map(str, batch.image_ids)).encode()
     digest = hashlib.sha256(ids).hexdigest()[:12]
     return f"e{batch.epoch}-i{batch.image_ids[0]}-n{len(batch.image_ids)}-{digest}"
+
+
+def held_images(committed: dict[str, str]) -> dict[int, set[int]]:
+    """epoch -> image ids that committed uploads (ids as `upload_id` writes them) cover."""
+    held: dict[int, set[int]] = {}
+    for key in committed:
+        match = re.match(r"e(\d+)-i(\d+)-n(\d+)-", key)
+        if match:  # chunks are contiguous runs of image ids
+            epoch, first, count = map(int, match.groups())
+            held.setdefault(epoch, set()).update(range(first, first + count))
+    return held
 
 
 def chunks(batch: ReleaseBatch, size: int) -> list[ReleaseBatch]:
@@ -223,6 +235,7 @@ class RemoteServer:
         limits = self.limits()
         size = min(chunk_size or limits["upload_chunk_size"], limits["upload_chunk_size"])
         done = self.committed()
+        held = held_images(done)
         counts = {"uploaded": 0, "skipped": 0}
         for chunk in chunks(batch, size):
             key, body = upload_id(chunk), encode_release(chunk, fp16=fp16)
@@ -234,6 +247,15 @@ class RemoteServer:
             if done.get(key) == hashlib.sha256(body).hexdigest():
                 counts["skipped"] += 1
                 continue
+            if held.get(chunk.epoch, set()).intersection(chunk.image_ids):
+                # Checked before the body leaves: the server already holds a different release
+                # of these images, and a second one is a second noisy copy of each.
+                raise RuntimeError(
+                    f"client {self.client_id}: the server already holds other releases of images "
+                    f"{chunk.image_ids[0]}..{chunk.image_ids[-1]} (epoch {chunk.epoch}); this "
+                    "client's releases changed (a new release key, cut, clip or chunking?), so "
+                    "nothing was sent. Restore the work directory or see docs/privacy.md"
+                )
             counts["uploaded" if self.upload(key, body) else "skipped"] += 1
         return counts
 

@@ -37,13 +37,14 @@ from .wire import (
 logger = logging.getLogger(__name__)
 
 
-def server_description(config: RunConfig, deploy: DeployConfig) -> dict[str, Any]:
-    """The collafuse.json the server half pipeline needs; every class is allowed to every client."""
+def server_description(
+    config: RunConfig, deploy: DeployConfig, cuts: dict[int, int]
+) -> dict[str, Any]:
+    """The collafuse.json the server half pipeline needs, at each client's effective cut
+    (`cuts`, from `client_split`: raised in the formal-privacy mode); every class is allowed
+    to every client."""
     classes = list(range(deploy.num_classes))
-    clients = {
-        str(cid): {"t_cut": config.client_t_cut(cid), "classes": classes}
-        for cid in range(config.data.num_clients)
-    }
+    clients = {str(cid): {"t_cut": cuts[cid], "classes": classes} for cid in sorted(cuts)}
     return {
         "format": 1,
         "class_names": list(deploy.class_names),
@@ -109,7 +110,8 @@ class ServerService:
             seed=config.train.seed,
         )
         self.latent_shape = latent_shape(config)
-        self.description = server_description(config, deploy)
+        cuts = {cid: split.t_cut for cid, split in splits.items()}
+        self.description = server_description(config, deploy, cuts)
         self.lock = threading.Lock()  # guards the Server's store (uploads vs training batches)
         self.log = ReleaseLog(self.state_dir / "releases")
         for entry in self.log.entries():  # replay: the store is rebuilt from the durable log
