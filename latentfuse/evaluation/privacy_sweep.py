@@ -104,14 +104,24 @@ def _labels_for(run: Run, cid: int, labels: torch.Tensor) -> torch.Tensor | None
     return torch.full_like(labels, cid) if mode == "client" else None
 
 
-def client_attacks(run: Run, index: int, server_unet, settings: PrivacySweepSettings) -> dict:
-    """Every attacker against one client, each figure with its uncertainty and baseline."""
+def client_attacks(
+    run: Run, index: int, server_unet, settings: PrivacySweepSettings, num_releases: int = 1
+) -> dict:
+    """Every attacker against one client, each figure with its uncertainty and baseline.
+
+    Under `fresh` the server holds `num_releases` releases of each image (linked by image id)
+    and the likelihood attackers use their mean, whose noise is 1/sqrt(k) as strong."""
     client, split = run.clients[index], run.splits[index]
     cid, abar_r, t_cut = client.client_id, client.split.abar_release, client.split.t_cut
     clip, alphas = client.clip_norm, run.scheduler.alphas_cumprod.double()
     rng = np.random.default_rng(settings.seed * 1_000_003 + cid)  # the same images every cut
     z0, labels = client._z0, client.labels  # the truth, and what E(x) gives an attacker
-    releases = client.make_release(0).latents  # everything the server holds of this client
+    first = client.make_release(0).latents
+    if client.release_policy == "fresh" and num_releases > 1:
+        releases = torch.stack([client.make_release(e).latents for e in range(num_releases)])
+        releases = releases.mean(0)
+    else:
+        releases = first
     held_out = cached_latents(
         run.vae,
         run.dataset,
@@ -138,6 +148,7 @@ def client_attacks(run: Run, index: int, server_unet, settings: PrivacySweepSett
         releases, z0[members], held_out.latents[outsiders], abar_r, clip
     )
     result = {"t_cut": t_cut, "reidentification": reid, "release_membership": release_mia}
+    result["releases_per_image"] = num_releases if client.release_policy == "fresh" else 1
     if server_unet is not None:
         m = pick(len(z0), settings.num_model_members)
         o = pick(len(held_out.latents), settings.num_model_members)
@@ -166,7 +177,7 @@ def client_attacks(run: Run, index: int, server_unet, settings: PrivacySweepSett
             server_unet,
             alphas,
             run.vae,
-            releases[sources],
+            first[sources],  # one release: the posterior mean assumes level r
             originals.float() / 127.5 - 1,
             mean_image,
             t_cut,
@@ -230,11 +241,14 @@ def evaluate_privacy_point(config: RunConfig, folder: Path, settings: PrivacySwe
     run.vae.to(settings.device)
     server = load_unet(folder / "model" / "server_unet")
     server = None if server is None else server.to(settings.device).eval()
+    state = json.loads((folder / "checkpoint" / "state.json").read_text())["extra"]["clients"]
     clients = {}
     for i in tqdm(range(len(run.clients)), desc=f"{folder.name} attacks", leave=False):
         if run.clients[i].split.is_independent:
             continue
-        clients[str(run.clients[i].client_id)] = client_attacks(run, i, server, settings)
+        cid = str(run.clients[i].client_id)
+        k = max(1, state[cid]["released_epoch"] + 1)
+        clients[cid] = client_attacks(run, i, server, settings, k)
     return {"clients": clients, "pooled": pooled(clients), "eval_seconds": time.time() - start}
 
 
