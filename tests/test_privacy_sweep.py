@@ -20,7 +20,7 @@ def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> No
 
 SETTINGS = PrivacySweepSettings(
     cuts=(0, 100),
-    epsilons=(64.0,),
+    epsilons=(0.01, 64.0),  # 0.01: no cut below T meets it, the point is ICM
     num_queries=8,
     gallery_size=4,
     num_members=6,
@@ -34,13 +34,20 @@ def test_privacy_sweep_attacks_every_point_and_resumes(tiny_world, tmp_path):
     config = tiny_config(tiny_world, "data.eval_fraction=0.25")
     summary = run_privacy_sweep(config, tmp_path / "sweep", SETTINGS)
     rows = {row["name"]: row for row in summary["rows"]}
-    assert set(rows) == {"cut-0000-base", "cut-0100-base", "cut-0100-epsilon-64"}
+    assert set(rows) == {
+        "cut-0000-base",
+        "cut-0100-base",
+        "cut-0100-epsilon-0.01",
+        "cut-0100-epsilon-64",
+    }
+    icm = rows["cut-0100-epsilon-0.01"]
+    assert icm["t_cut"] == 1000 and icm["epsilon"] == 0 and not icm["clients"]
     gm = rows["cut-0000-base"]  # clean latents: the likelihood attacker cannot miss
     assert gm["reid_gallery_all"]["rate"] == 1.0
     assert gm["epsilon"] is None and gm["epsilon_status"].startswith("not applicable")
     formal = rows["cut-0100-epsilon-64"]
     assert formal["t_cut"] > 100 and 0 < formal["epsilon"] <= 64
-    for row in rows.values():
+    for row in (gm, formal, rows["cut-0100-base"]):
         for client in row["clients"].values():
             assert {"reidentification", "release_membership", "model_membership"} <= set(client)
             assert client["reconstruction"]["mean_image_psnr"]["value"] > 0

@@ -51,7 +51,7 @@ def privacy_markdown(summary: dict, command: str = "") -> str:
     ]
     for row in summary["rows"]:
         eps = row.get("epsilon")
-        delta = row["clients"] and next(iter(row["clients"].values()))["formal"].get("delta")
+        delta = summary["settings"]["delta"]
         epsilon = f"{eps:.3g} ({delta:g})" if eps is not None else row.get("epsilon_status", "")
         lines.append(
             "| "

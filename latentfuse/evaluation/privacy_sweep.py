@@ -201,6 +201,8 @@ def client_attacks(
 def pooled(clients: dict[str, dict]) -> dict:
     """Pooled figures over clients: re-identification hits summed (one binomial), the others
     as the mean and range over clients."""
+    if not clients:  # every client at t_cut = T: nothing was released, nothing to attack
+        return {"epsilon": 0.0, "epsilon_status": "t_cut = T: nothing is released"}
     out = {}
     for gallery in ("gallery_32", "gallery_all"):
         parts = [c["reidentification"][gallery] for c in clients.values()]
@@ -307,6 +309,7 @@ def run_privacy_sweep(
         scored = point.variant != "base" or point.t_cut == settings.epsilon_base_cut
         quality = point_quality(folder, settings) if settings.quality_samples and scored else None
         cuts = sorted({c["t_cut"] for c in saved["clients"].values()})
+        cuts = cuts or [point_cfg.split.num_train_timesteps]  # ICM: no client released
         rows.append(
             {
                 "name": point.name,
