@@ -104,6 +104,51 @@ def _labels_for(run: Run, cid: int, labels: torch.Tensor) -> torch.Tensor | None
     return torch.full_like(labels, cid) if mode == "client" else None
 
 
+def _model_attacks(
+    run: Run, index: int, server_unet, settings: PrivacySweepSettings, pick, inputs: tuple
+) -> dict:
+    """The attackers that use the server's trained denoiser: membership and reconstruction.
+    `inputs`: the client's latents, labels, held-out latent set and first releases."""
+    client, split = run.clients[index], run.splits[index]
+    cid, t_cut = client.client_id, client.split.t_cut
+    alphas = run.scheduler.alphas_cumprod.double()
+    z0, labels, held_out, first = inputs
+    m = pick(len(z0), settings.num_model_members)
+    o = pick(len(held_out.latents), settings.num_model_members)
+    out = {}
+    out["model_membership"] = model_membership(
+        server_unet,
+        alphas,
+        z0[m],
+        held_out.latents[o],
+        t_cut,
+        _labels_for(run, cid, labels[m]),
+        _labels_for(run, cid, held_out.labels[o]),
+        settings.num_draws,
+        settings.seed,
+    )
+    sources = pick(len(z0), settings.num_reconstructions)
+    resolution = run.config.data.resolution
+    originals = load_real_images(run.dataset, [split.train_indices[i] for i in sources], resolution)
+    sample = pick(len(z0), settings.num_mean_images)
+    mean_image = load_real_images(run.dataset, [split.train_indices[i] for i in sample], resolution)
+    mean_image = (mean_image.float() / 127.5 - 1).mean(0, keepdim=True)
+    recon = reconstruction(
+        server_unet,
+        alphas,
+        run.vae,
+        first[sources],  # one release: the posterior mean assumes level r
+        originals.float() / 127.5 - 1,
+        mean_image,
+        t_cut,
+        _labels_for(run, cid, labels[sources]),
+        seed=settings.seed,
+    )
+    recon.pop("images")
+    out["reconstruction"] = recon
+    return out
+
+
 def client_attacks(
     run: Run, index: int, server_unet, settings: PrivacySweepSettings, num_releases: int = 1
 ) -> dict:
@@ -150,42 +195,8 @@ def client_attacks(
     result = {"t_cut": t_cut, "reidentification": reid, "release_membership": release_mia}
     result["releases_per_image"] = num_releases if client.release_policy == "fresh" else 1
     if server_unet is not None:
-        m = pick(len(z0), settings.num_model_members)
-        o = pick(len(held_out.latents), settings.num_model_members)
-        result["model_membership"] = model_membership(
-            server_unet,
-            alphas,
-            z0[m],
-            held_out.latents[o],
-            t_cut,
-            _labels_for(run, cid, labels[m]),
-            _labels_for(run, cid, held_out.labels[o]),
-            settings.num_draws,
-            settings.seed,
-        )
-        sources = pick(len(z0), settings.num_reconstructions)
-        resolution = run.config.data.resolution
-        originals = load_real_images(
-            run.dataset, [split.train_indices[i] for i in sources], resolution
-        )
-        sample = pick(len(z0), settings.num_mean_images)
-        mean_image = load_real_images(
-            run.dataset, [split.train_indices[i] for i in sample], resolution
-        )
-        mean_image = (mean_image.float() / 127.5 - 1).mean(0, keepdim=True)
-        recon = reconstruction(
-            server_unet,
-            alphas,
-            run.vae,
-            first[sources],  # one release: the posterior mean assumes level r
-            originals.float() / 127.5 - 1,
-            mean_image,
-            t_cut,
-            _labels_for(run, cid, labels[sources]),
-            seed=settings.seed,
-        )
-        recon.pop("images")
-        result["reconstruction"] = recon
+        model_inputs = (z0, labels, held_out, first)
+        result.update(_model_attacks(run, index, server_unet, settings, pick, model_inputs))
     privacy = run.config.privacy
     result["formal"] = release_guarantee(
         alphas,
