@@ -77,16 +77,19 @@ def release_membership(
     clip_norm: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Membership inference on releases. Knows: every release of the client and a candidate
-    image; asks whether the candidate is among the client's training images.
+    """Membership inference on releases. Knows: every release of the client and a set of
+    candidate images (here members and held-out non-members); asks of each candidate whether
+    it is among the client's training images.
 
-    Score: the highest likelihood of the candidate over all releases (minus the smallest
-    distance), the likelihood-ratio statistic against the nearest release. Members are
-    training images (their own release is in the set), non-members the client's held-out
-    images."""
-    member = -release_distances(releases, members, abar_r, clip_norm).min(0).values
-    non_member = -release_distances(releases, non_members, abar_r, clip_norm).min(0).values
-    return roc_summary(member, non_member, seed=seed)
+    Score: for each release, how far the candidate's likelihood stands out from the other
+    candidates' (a z-score of its distance over the candidate pool, which removes the
+    release's own noise energy, common to every candidate), maximised over releases. A member
+    stands out at its own release; a non-member only by chance."""
+    candidates = torch.cat([members, non_members])
+    distances = release_distances(releases, candidates, abar_r, clip_norm)  # (releases, cands)
+    mean, std = distances.mean(1, keepdim=True), distances.std(1, keepdim=True).clamp_min(1e-12)
+    scores = ((mean - distances) / std).max(0).values  # (candidates,)
+    return roc_summary(scores[: len(members)], scores[len(members) :], seed=seed)
 
 
 @torch.no_grad()

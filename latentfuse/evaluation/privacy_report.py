@@ -85,7 +85,8 @@ def privacy_markdown(summary: dict, command: str = "") -> str:
         "every training image of the client. "
         "Rate with Clopper-Pearson interval; p: exact one-sided binomial test against chance.",
         f"- release MIA: membership inference on releases. Is candidate x one of the client's "
-        f"training images? Score: the highest likelihood of x over all the client's releases. "
+        f"training images? Score: over all the client's releases, the most x's likelihood stands "
+        "out from the other candidates' (a z-score over the candidate pool). "
         f"{s['num_members']} members vs as many held-out non-members per client; AUC and TPR "
         "at low FPR (Carlini et al. 2022), mean (min-max) over clients; chance: AUC 0.5, TPR = "
         "FPR (bootstrap intervals per client are in the JSON).",

@@ -39,6 +39,7 @@ from .sweep import SweepPoint, _jsonable, latent_clip_norm, point_config, train_
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
+ATTACKS_VERSION = 2  # in each point's key: a changed attacker re-attacks every point
 THREAT_MODEL = (
     "honest-but-curious server: it holds every release (with image ids and epochs), the run "
     "config (cut, schedule, clip norm), collafuse.json and its own trained model, never a "
@@ -302,7 +303,9 @@ def run_privacy_sweep(
         build_run(point_config(config, SweepPoint(0))), settings.clip_percentile
     )
     points = privacy_points(settings, round(clip_norm, 4))
-    key = _jsonable({"settings": asdict(settings), "clip_norm": round(clip_norm, 4)})
+    key = _jsonable(
+        {"settings": asdict(settings), "clip_norm": round(clip_norm, 4), "attacks": ATTACKS_VERSION}
+    )
     for name in ("device", "cuts", "epsilons", "quality_samples"):  # no effect on a point
         key["settings"].pop(name)
     rows = []
