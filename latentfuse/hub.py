@@ -54,10 +54,13 @@ def metrics_from_results(results: dict[str, Any], command: str | None = None) ->
     metrics["pooled"] = scores(results["pooled"])
     settings = results.get("settings", {})
     first = next(iter(results["clients"].values()), {})
+    # Results written before the sampler was recorded ran the model folder's DDPMScheduler.
+    sampler = settings.get("scheduler", "ddpm")
+    steps = f"{sampler.upper()}-{settings.get('num_inference_steps', '?')}"
+    steps += " ancestral" if sampler == "ddpm" else ""
     metrics["note"] = (
         f"{command or 'latentfuse evaluate'}: {results['num_samples']} generated per client "
-        f"({settings.get('scheduler', 'ddpm (ancestral)')}-"
-        f"{settings.get('num_inference_steps', '?')}, seed {settings.get('seed', '?')}) vs "
+        f"({steps}, seed {settings.get('seed', '?')}) vs "
         f"its {first.get('num_real', '?')} held-out real images; FID is biased high at small "
         f"sample counts; FCD: {first.get('fcd_status', 'not measured')}"
     )

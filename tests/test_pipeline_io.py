@@ -172,7 +172,11 @@ def test_card_metrics_come_from_an_evaluate_results_file():
     assert list(metrics) == ["client_0", "client_1", "pooled", "note"]
     assert metrics["client_1"] == {"fid": 210.1235, "kid": 0.0123}  # no FCD without CLIP
     note = metrics["note"]
-    assert "--num-samples 64: 64 generated per client (DDIM-50, seed 0)" in note
+    # No sampler recorded: the model folder's DDPMScheduler ran (ancestral), so it says so.
+    assert "--num-samples 64: 64 generated per client (DDPM-50 ancestral, seed 0)" in note
+    results["settings"]["scheduler"] = "ddim"
+    ddim = metrics_from_results(results, "latentfuse evaluate")["note"]
+    assert "(DDIM-50, seed 0)" in ddim
     assert "1000 held-out" in note and "FCD: unavailable: no CLIP model given" in note
     card = model_card({"clients": {}, "metrics": metrics})
     assert "| client_0.fid | 199.5 |" in card and "| pooled.kid | 0.0123 |" in card
