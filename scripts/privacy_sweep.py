@@ -7,12 +7,14 @@ attack it with everything the server holds, and report each figure beside its ba
 Every point lives in `<out-dir>/<name>/` (checkpoint, model, its clients' keys, privacy.json);
 `--resume` continues unfinished runs and skips attacked points. The report is written as
 `<report>.json` (atomically), `<report>.md` and `<report>.png`. `key=value` overrides apply to
-every run.
+every run. `--rerender` rewrites the report from `<report>.json` alone (the run folders need
+not exist), recomputing every binomial interval and p-value from the stored hit counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -23,7 +25,11 @@ from pathlib import Path
 from latentfuse.checkpointing import atomic_write_json
 from latentfuse.config import load_config
 from latentfuse.evaluation.privacy_report import plot_privacy, privacy_markdown
-from latentfuse.evaluation.privacy_sweep import PrivacySweepSettings, run_privacy_sweep
+from latentfuse.evaluation.privacy_sweep import (
+    PrivacySweepSettings,
+    refresh_binomials,
+    run_privacy_sweep,
+)
 
 
 def _numbers(kind):
@@ -45,9 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", help="run config TOML (every run starts from it)")
-    p.add_argument("--out-dir", required=True, type=Path, help="one folder per point")
+    p.add_argument("--out-dir", type=Path, help="one folder per point (required unless --rerender)")
     p.add_argument("--report", required=True, type=Path, help="report path without suffix")
     p.add_argument("--resume", action="store_true", help="continue a sweep in --out-dir")
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="rewrite <report>.md/.png/.json from <report>.json; no training or attacks",
+    )
     defaults = PrivacySweepSettings()
     for f in fields(PrivacySweepSettings):
         value = getattr(defaults, f.name)
@@ -65,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the sweep and write the report."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.rerender:
+        source = args.report.with_suffix(".json")
+        if not source.is_file():
+            parser.error(f"--rerender: no report at {source}")
+        summary = refresh_binomials(json.loads(source.read_text()))
+        _write_report(args.report, summary, summary.get("command", ""))
+        return 0
+    if args.out_dir is None:
+        parser.error("--out-dir is required (unless --rerender)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         config = load_config(args.config, args.overrides)
@@ -77,11 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/privacy_sweep.py " + shlex.join(argv or sys.argv[1:])
     summary["command"] = command
     summary["threads"] = os.environ.get("OMP_NUM_THREADS")
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.report.with_suffix(".json"), summary)
-    args.report.with_suffix(".md").write_text(privacy_markdown(summary, command))
-    plot_privacy(summary, args.report.with_suffix(".png"))
+    _write_report(args.report, summary, command)
     return 0
+
+
+def _write_report(report: Path, summary: dict, command: str) -> None:
+    report.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(report.with_suffix(".json"), summary)
+    report.with_suffix(".md").write_text(privacy_markdown(summary, command))
+    plot_privacy(summary, report.with_suffix(".png"))
 
 
 if __name__ == "__main__":

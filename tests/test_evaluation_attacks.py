@@ -55,6 +55,13 @@ def test_binomial_summary_tests_against_chance():
     assert binomial_summary(80, 160, 1 / 32)["p_value"] < 1e-30
 
 
+def test_binomial_interval_is_two_sided():
+    """A rate of 0.07 over 2,500 trials has an upper bound near 0.08, not 1."""
+    low, high = binomial_summary(175, 2500, 1 / 32)["ci"]
+    assert 0.059 < low < 0.07 < high < 0.081
+    assert binomial_summary(0, 2500, 1e-4)["ci"] == [0.0, pytest.approx(0.00147, rel=0.01)]
+
+
 @pytest.mark.parametrize(("t_cut", "identifies"), [(100, True), (999, False)])
 @pytest.mark.parametrize("gallery_size", [8, None])
 def test_likelihood_reidentification(t_cut, identifies, gallery_size):

@@ -210,6 +210,19 @@ def client_attacks(
     return result
 
 
+def refresh_binomials(node):
+    """`node` with every binomial summary (a dict holding hits, n and chance) recomputed from
+    its counts: a report written before a fix to the interval is re-derived, not re-run."""
+    if isinstance(node, list):
+        return [refresh_binomials(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: refresh_binomials(v) for k, v in node.items()}
+    if {"hits", "n", "chance", "ci"} <= out.keys():
+        out.update(binomial_summary(out["hits"], out["n"], out["chance"]))
+    return out
+
+
 def pooled(clients: dict[str, dict]) -> dict:
     """Pooled figures over clients: re-identification hits summed (one binomial), the others
     as the mean and range over clients."""

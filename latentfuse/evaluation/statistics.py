@@ -17,12 +17,14 @@ def binomial_summary(hits: int, trials: int, chance: float) -> dict:
     p-value against `chance` (H0: the attacker does no better than guessing)."""
     if trials < 1:
         return {"rate": None, "ci": [None, None], "p_value": None, "chance": chance, "n": 0}
-    test = stats.binomtest(hits, trials, chance, alternative="greater")
-    interval = test.proportion_ci(CONFIDENCE, method="exact")
+    # The interval is two-sided; only the test is one-sided (a proportion_ci of the
+    # alternative="greater" test would be one-sided, its upper end always 1).
+    interval = stats.binomtest(hits, trials).proportion_ci(CONFIDENCE, method="exact")
+    p_value = stats.binomtest(hits, trials, chance, alternative="greater").pvalue
     return {
         "rate": hits / trials,
         "ci": [float(interval.low), float(interval.high)],
-        "p_value": float(test.pvalue),
+        "p_value": float(p_value),
         "chance": chance,
         "hits": hits,
         "n": trials,
