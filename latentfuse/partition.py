@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +154,17 @@ def _split_train_eval(
     if eval_fraction > 0 and len(indices) >= 2:
         num_eval = min(max(1, round(eval_fraction * len(indices))), len(indices) - 1)
     return tuple(sorted(shuffled[num_eval:].tolist())), tuple(sorted(shuffled[:num_eval].tolist()))
+
+
+def limit_train_images(split: ClientSplit, limit: int, seed: int) -> ClientSplit:
+    """`split` keeping `limit` of its training images, a seeded random subset (0: all). A
+    prefix of the sorted indices would keep the data set's order (one class first in an
+    ImageFolder); the held-out images are unchanged."""
+    if not limit or limit >= len(split.train_indices):
+        return split
+    rng = np.random.default_rng([seed, split.client_id, 1])
+    keep = np.sort(rng.choice(len(split.train_indices), limit, replace=False))
+    return replace(split, train_indices=tuple(split.train_indices[i] for i in keep))
 
 
 def partition(

@@ -15,7 +15,7 @@ from .config import RunConfig
 from .datasets import ImageDataset, load_cifar10, load_dataset
 from .latents import cached_latents, dataset_fingerprint
 from .models import build_unet
-from .partition import ClientSplit, partition
+from .partition import ClientSplit, limit_train_images, partition
 from .paths import REPO_ROOT, cache_dir
 from .privacy import private_t_cut
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
@@ -73,7 +73,7 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
 def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSplit]:
     """The clients' splits exactly as the run's data config deals them."""
     data = config.data
-    return partition(
+    splits = partition(
         dataset,
         data.num_clients,
         data.partition,
@@ -83,6 +83,7 @@ def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSp
         groups=[list(g) for g in data.groups] or None,
         overlap=data.overlap,
     )
+    return [limit_train_images(s, data.max_images_per_client, data.seed) for s in splits]
 
 
 def make_scheduler(config: RunConfig) -> DDPMScheduler:
@@ -146,9 +147,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     latent_size = config.data.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     for split in splits:
         cid = split.client_id
-        indices = split.train_indices
-        if config.data.max_images_per_client:
-            indices = indices[: config.data.max_images_per_client]
+        indices = split.train_indices  # data.max_images_per_client applied by the partition
         cache = cache_dir() / "latents" / f"{fingerprint}-client{cid}-{len(indices)}"
         latents = cached_latents(
             vae, dataset, indices, cache, config.data.resolution, vae_hash=vae_hash

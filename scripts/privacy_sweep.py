@@ -9,6 +9,10 @@ Every point lives in `<out-dir>/<name>/` (checkpoint, model, its clients' keys, 
 `<report>.json` (atomically), `<report>.md` and `<report>.png`. `key=value` overrides apply to
 every run. `--rerender` rewrites the report from `<report>.json` alone (the run folders need
 not exist), recomputing every binomial interval and p-value from the stored hit counts.
+`--reattack-releases` re-runs only the release attackers (re-identification, release
+membership) of every point in `<report>.json` after a change to them, without training: each
+point's clients are rebuilt in `<out-dir>/<name>/` with fresh keys (a release's distribution
+does not depend on the key or on training); the model attackers' figures are kept.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from latentfuse.config import load_config
 from latentfuse.evaluation.privacy_report import plot_privacy, privacy_markdown
 from latentfuse.evaluation.privacy_sweep import (
     PrivacySweepSettings,
+    reattack_releases,
     refresh_binomials,
     run_privacy_sweep,
 )
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerender",
         action="store_true",
         help="rewrite <report>.md/.png/.json from <report>.json; no training or attacks",
+    )
+    p.add_argument(
+        "--reattack-releases",
+        action="store_true",
+        help="re-run the release attackers of <report>.json's points (no training)",
     )
     defaults = PrivacySweepSettings()
     for f in fields(PrivacySweepSettings):
@@ -93,8 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    summary = run_privacy_sweep(config, args.out_dir, settings, resume=args.resume)
     command = "python scripts/privacy_sweep.py " + shlex.join(argv or sys.argv[1:])
+    if args.reattack_releases:
+        source = args.report.with_suffix(".json")
+        if not source.is_file():
+            parser.error(f"--reattack-releases: no report at {source}")
+        summary = reattack_releases(config, args.out_dir, settings, json.loads(source.read_text()))
+        summary["reattack_command"] = command
+        _write_report(args.report, summary, summary.get("command", ""))
+        return 0
+    summary = run_privacy_sweep(config, args.out_dir, settings, resume=args.resume)
     summary["command"] = command
     summary["threads"] = os.environ.get("OMP_NUM_THREADS")
     _write_report(args.report, summary, command)

@@ -218,3 +218,20 @@ def test_cifar10_classes_partition() -> None:
     assert [len(s.indices) for s in splits] == [10_000] * 5
     assert [len(s.eval_indices) for s in splits] == [1_000] * 5
     assert sorted(all_indices(splits)) == list(range(50_000))
+
+
+def test_limit_train_images_draws_a_seeded_subset_of_every_class():
+    """A prefix of the sorted indices would hold one class only (ImageFolder order)."""
+    from latentfuse.partition import ClientSplit, limit_train_images
+
+    labels = [i // 50 for i in range(100)]  # two classes, in data set order
+    split = ClientSplit(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))
+    small = limit_train_images(split, 20, seed=0)
+    assert len(small.train_indices) == 20 and set(small.train_indices) <= set(split.train_indices)
+    assert list(small.train_indices) == sorted(small.train_indices)
+    assert {labels[i] for i in small.train_indices} == {0, 1}
+    assert small.eval_indices == split.eval_indices
+    assert limit_train_images(split, 20, seed=0) == small
+    assert limit_train_images(split, 20, seed=1) != small
+    assert limit_train_images(split, 0, seed=0) == split
+    assert limit_train_images(split, 500, seed=0) == split

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from latentfuse.evaluation.privacy_report import plot_privacy, privacy_markdown
-from latentfuse.evaluation.privacy_sweep import PrivacySweepSettings, run_privacy_sweep
+from latentfuse.evaluation.privacy_sweep import (
+    ATTACKS_VERSION,
+    PrivacySweepSettings,
+    reattack_releases,
+    run_privacy_sweep,
+)
 from latentfuse.runner import train
 from tests.worlds import tiny_config
 
@@ -60,6 +65,23 @@ def test_privacy_sweep_attacks_every_point_and_resumes(tiny_world, tmp_path):
     assert plot_privacy(summary, tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(FileExistsError, match="--resume"):
         run_privacy_sweep(config, tmp_path / "sweep", SETTINGS)
+
+    # Re-running the release attackers alone: new keys, new figures, the model attacks kept.
+    before = json.loads(json.dumps(summary))
+    redone = reattack_releases(
+        config, tmp_path / "reattack", SETTINGS, json.loads(json.dumps(summary))
+    )
+    key = "clients/client-0/release.key"
+    assert (tmp_path / "reattack/cut-0100-base" / key).read_bytes() != (
+        tmp_path / "sweep/cut-0100-base" / key
+    ).read_bytes()
+    for old, new in zip(before["rows"], redone["rows"], strict=True):
+        assert new["release_attacks"]["version"] == ATTACKS_VERSION
+        for cid, client in new["clients"].items():
+            assert client["model_membership"] == old["clients"][cid]["model_membership"]
+            assert client["release_membership"]["score"] in ("posterior", "distance")
+    gm_again = redone["rows"][0]
+    assert gm_again["name"] == "cut-0000-base" and gm_again["reid_gallery_all"]["rate"] == 1.0
 
 
 def test_target_epsilon_raises_the_cut_and_is_recorded(tiny_world, tmp_path):

@@ -69,6 +69,18 @@ def likelihood_reidentification(
     return {**binomial_summary(int(hits.sum()), n, 1.0 / k), "gallery_size": k}
 
 
+def _posterior_logits(log_likelihoods: torch.Tensor) -> torch.Tensor:
+    """log p_ij / (1 - p_ij) for the posterior p_ij = softmax_j L_ij of each row: candidate j
+    against every other candidate as the source of release i. Stable where p_ij is near 1
+    (the row's best candidate, computed without the softmax) and where it is tiny."""
+    log_post = log_likelihoods - log_likelihoods.logsumexp(1, keepdim=True)
+    top = log_likelihoods.argmax(1, keepdim=True)
+    others = log_likelihoods.scatter(1, top, -math.inf).logsumexp(1, keepdim=True)
+    # Every candidate but the top has p <= 1/2, so log(1 - p) = log1p(-exp(log p)) is exact.
+    logits = log_post - torch.log1p(-log_post.clamp_max(math.log(0.5)).exp())
+    return logits.scatter(1, top, log_likelihoods.gather(1, top) - others)
+
+
 def release_membership(
     releases: torch.Tensor,
     members: torch.Tensor,
@@ -81,15 +93,27 @@ def release_membership(
     candidate images (here members and held-out non-members); asks of each candidate whether
     it is among the client's training images.
 
-    Score: for each release, how far the candidate's likelihood stands out from the other
-    candidates' (a z-score of its distance over the candidate pool, which removes the
-    release's own noise energy, common to every candidate), maximised over releases. A member
-    stands out at its own release; a non-member only by chance."""
+    Two scores, each maximised over the releases; the report keeps the stronger (by AUC) and
+    the other's AUC, as a server would run both:
+    - `posterior`: the log-likelihood ratio of "candidate j made release i" against "one of
+      the other candidates did" (the logit of j's posterior over the pool). It removes each
+      release's own noise energy, common to every candidate, and is the stronger at high cuts.
+    - `distance`: minus the distance to the nearest release, ||z_r - sqrt(abar_r) E(x)||^2.
+      It needs no pool and is the stronger at low cuts, where a release whose source is not
+      among the candidates makes some non-member the pool's best guess.
+    A member stands out at its own release; a non-member only by chance."""
     candidates = torch.cat([members, non_members])
     distances = release_distances(releases, candidates, abar_r, clip_norm)  # (releases, cands)
-    mean, std = distances.mean(1, keepdim=True), distances.std(1, keepdim=True).clamp_min(1e-12)
-    scores = ((mean - distances) / std).max(0).values  # (candidates,)
-    return roc_summary(scores[: len(members)], scores[len(members) :], seed=seed)
+    n = len(members)
+    scores = {
+        # At t_cut = 0 (abar_r = 1) a release is its latent: a tiny variance keeps it finite.
+        "posterior": _posterior_logits(-distances / (2 * max(1 - abar_r, 1e-12))).max(0).values,
+        "distance": -distances.min(0).values,
+    }
+    results = {k: roc_summary(v[:n], v[n:], seed=seed) for k, v in scores.items()}
+    best = max(results, key=lambda k: results[k]["auc"]["value"])
+    auc = {k: v["auc"]["value"] for k, v in results.items()}
+    return {**results[best], "score": best, "auc_by_score": auc}
 
 
 @torch.no_grad()

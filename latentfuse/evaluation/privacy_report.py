@@ -85,8 +85,10 @@ def privacy_markdown(summary: dict, command: str = "") -> str:
         "every training image of the client. "
         "Rate with Clopper-Pearson interval; p: exact one-sided binomial test against chance.",
         f"- release MIA: membership inference on releases. Is candidate x one of the client's "
-        f"training images? Score: over all the client's releases, the most x's likelihood stands "
-        "out from the other candidates' (a z-score over the candidate pool). "
+        "training images? Two scores, each maximised over all the client's releases; the "
+        "stronger by AUC is reported (a server runs both): the log-likelihood ratio of x "
+        "against every other candidate of the pool as the release's source (cancels each "
+        "release's noise energy), and minus the distance to the nearest release. "
         f"{s['num_members']} members vs as many held-out non-members per client; AUC and TPR "
         "at low FPR (Carlini et al. 2022), mean (min-max) over clients; chance: AUC 0.5, TPR = "
         "FPR (bootstrap intervals per client are in the JSON).",
@@ -105,6 +107,13 @@ def privacy_markdown(summary: dict, command: str = "") -> str:
     ]
     if command:
         lines += ["", f"Produced by: `{command}`"]
+    if summary.get("reattack_command"):
+        lines += [
+            f"Release attackers (re-id, release MIA; version "
+            f"{summary['rows'][0].get('release_attacks', {}).get('version')}) re-run without "
+            f"training on fresh release keys, by: `{summary['reattack_command']}`; the model "
+            "attackers' figures are the trained points' own."
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,7 @@ from .sweep import SweepPoint, _jsonable, latent_clip_norm, point_config, train_
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
-ATTACKS_VERSION = 2  # in each point's key: a changed attacker re-attacks every point
+ATTACKS_VERSION = 3  # in each point's key: a changed attacker re-attacks every point
 THREAT_MODEL = (
     "honest-but-curious server: it holds every release (with image ids and epochs), the run "
     "config (cut, schedule, clip norm), collafuse.json and its own trained model, never a "
@@ -150,17 +150,13 @@ def _model_attacks(
     return out
 
 
-def client_attacks(
-    run: Run, index: int, server_unet, settings: PrivacySweepSettings, num_releases: int = 1
-) -> dict:
-    """Every attacker against one client, each figure with its uncertainty and baseline.
-
-    Under `fresh` the server holds `num_releases` releases of each image (linked by image id)
-    and the likelihood attackers use their mean, whose noise is 1/sqrt(k) as strong."""
+def _release_attacks(
+    run: Run, index: int, settings: PrivacySweepSettings, num_releases: int, pick
+) -> tuple[dict, tuple]:
+    """The attackers that use only the releases (and candidates): re-identification and
+    release membership. Returns their figures and what the model attackers reuse."""
     client, split = run.clients[index], run.splits[index]
-    cid, abar_r, t_cut = client.client_id, client.split.abar_release, client.split.t_cut
-    clip, alphas = client.clip_norm, run.scheduler.alphas_cumprod.double()
-    rng = np.random.default_rng(settings.seed * 1_000_003 + cid)  # the same images every cut
+    cid, abar_r, clip = client.client_id, client.split.abar_release, client.clip_norm
     z0, labels = client._z0, client.labels  # the truth, and what E(x) gives an attacker
     first = client.make_release(0).latents
     if client.release_policy == "fresh" and num_releases > 1:
@@ -176,7 +172,6 @@ def client_attacks(
         run.config.data.resolution,
         vae_hash=run.vae_hash,
     )
-    pick = lambda n, size: torch.from_numpy(np.sort(rng.choice(n, min(size, n), replace=False)))
     queries = pick(len(z0), settings.num_queries)
     reid = {
         "gallery_32": likelihood_reidentification(
@@ -193,21 +188,78 @@ def client_attacks(
     release_mia = release_membership(
         releases, z0[members], held_out.latents[outsiders], abar_r, clip
     )
-    result = {"t_cut": t_cut, "reidentification": reid, "release_membership": release_mia}
-    result["releases_per_image"] = num_releases if client.release_policy == "fresh" else 1
+    result = {
+        "t_cut": client.split.t_cut,
+        "reidentification": reid,
+        "release_membership": release_mia,
+        "releases_per_image": num_releases if client.release_policy == "fresh" else 1,
+    }
+    return result, (z0, labels, held_out, first)
+
+
+def _picker(settings: PrivacySweepSettings, cid: int):
+    """Draws of image indices, the same images at every cut for one client."""
+    rng = np.random.default_rng(settings.seed * 1_000_003 + cid)
+    return lambda n, size: torch.from_numpy(np.sort(rng.choice(n, min(size, n), replace=False)))
+
+
+def client_attacks(
+    run: Run, index: int, server_unet, settings: PrivacySweepSettings, num_releases: int = 1
+) -> dict:
+    """Every attacker against one client, each figure with its uncertainty and baseline.
+
+    Under `fresh` the server holds `num_releases` releases of each image (linked by image id)
+    and the likelihood attackers use their mean, whose noise is 1/sqrt(k) as strong."""
+    client = run.clients[index]
+    pick = _picker(settings, client.client_id)
+    result, model_inputs = _release_attacks(run, index, settings, num_releases, pick)
     if server_unet is not None:
-        model_inputs = (z0, labels, held_out, first)
         result.update(_model_attacks(run, index, server_unet, settings, pick, model_inputs))
     privacy = run.config.privacy
     result["formal"] = release_guarantee(
-        alphas,
-        t_cut,
+        run.scheduler.alphas_cumprod.double(),
+        client.split.t_cut,
         privacy.clip_norm,
         privacy.delta,
         run.config.split.release_policy,
         privacy.max_releases,
     )
     return result
+
+
+def reattack_releases(
+    config: RunConfig, out_dir: str | Path, settings: PrivacySweepSettings, summary: dict
+) -> dict:
+    """`summary` with the release attackers of every row re-run at ATTACKS_VERSION, without
+    training: each point's clients are rebuilt in `out_dir/<name>/` with fresh release keys.
+    A release's distribution does not depend on training or on which key drew its noise, so
+    the figures answer the same question; the model attackers' figures are kept as they were
+    (they came from the trained point's own releases)."""
+    out_dir = Path(out_dir)
+    clip_norm = round(summary["clip"]["clip_norm"], 4)
+    points = {p.name: p for p in privacy_points(settings, clip_norm)}
+    for row in tqdm(summary["rows"], desc="release attacks"):
+        if row["name"] not in points:
+            raise ValueError(
+                f"row {row['name']} is not a point of these settings (--cuts, --epsilons)"
+            )
+        run = build_run(point_config(config, points[row["name"]]), out_dir / row["name"])
+        for i, client in enumerate(run.clients):
+            old = row["clients"].get(str(client.client_id))
+            if old is None:  # independent (t_cut = T): nothing released
+                continue
+            new, _ = _release_attacks(
+                run, i, settings, old["releases_per_image"], _picker(settings, client.client_id)
+            )
+            if new["t_cut"] != old["t_cut"]:
+                raise ValueError(f"{row['name']}: client {client.client_id} cut changed")
+            old.update(_jsonable(new))
+        row.update(pooled(row["clients"]))
+        row["release_attacks"] = {
+            "version": ATTACKS_VERSION,
+            "note": "re-run without training, on fresh release keys",
+        }
+    return summary
 
 
 def refresh_binomials(node):

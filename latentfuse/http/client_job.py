@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..datasets import load_dataset
 from ..latents import cached_latents
 from ..models import EMA, build_unet
+from ..partition import ClientSplit, limit_train_images
 from ..privacy import guarantee_record
 from ..release_key import KEY_FILE, load_or_create_release_key
 from ..runner import make_accelerator
@@ -60,7 +61,9 @@ class ClientJob:
         self.vae = load_vae(resolve_path(config.vae))
         self.vae_hash = vae_fingerprint(self.vae)
         dataset = load_dataset(data)
-        indices = list(range(len(dataset)))[: config.data.max_images_per_client or None]
+        everything = ClientSplit(client_id, tuple(range(len(dataset))), (), ())
+        limit, seed = config.data.max_images_per_client, config.data.seed
+        indices = list(limit_train_images(everything, limit, seed).train_indices)
         latents = cached_latents(
             self.vae,
             dataset,

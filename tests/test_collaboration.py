@@ -1,0 +1,141 @@
+"""The collaboration benchmark end to end on the tiny world, and its statistics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentfuse.evaluation.collaboration import (
+    BenchmarkSettings,
+    FeatureStats,
+    ModelSpec,
+    aggregate,
+    benchmark_points,
+    compare,
+    fid_kid_standard_errors,
+    memorisation,
+    run_benchmark,
+)
+from latentfuse.evaluation.collaboration_report import write_report
+from tests.worlds import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+
+
+def test_memorisation_flags_copies_only():
+    """A copy of a training image (plus slight noise) is memorised; a new image is not."""
+    g = torch.Generator().manual_seed(0)
+    training = torch.randint(0, 256, (20, 3, 8, 8), generator=g, dtype=torch.uint8)
+    copies = (training[:3].int() + torch.randint(-2, 3, (3, 3, 8, 8), generator=g)).clamp(0, 255)
+    fresh = torch.randint(0, 256, (5, 3, 8, 8), generator=g, dtype=torch.uint8)
+    result = memorisation(torch.cat([copies.to(torch.uint8), fresh]), training)
+    assert result["rate"]["hits"] == 3 and result["rate"]["n"] == 8
+    assert result["nearest"][:3].tolist() == [0, 1, 2]
+    assert (result["ratio"][3:] > 1 / 3).all()
+    with pytest.raises(ValueError, match=">= 2 training images"):
+        memorisation(fresh, training[:1])
+
+
+def test_standard_errors_shrink_with_more_generated_images():
+    rng = np.random.default_rng(0)
+    real = FeatureStats.from_features(rng.normal(size=(300, 16)).astype(np.float32))
+    small = fid_kid_standard_errors(rng.normal(0.3, 1, (40, 16)), real, 30)
+    large = fid_kid_standard_errors(rng.normal(0.3, 1, (400, 16)), real, 30)
+    assert 0 < large["kid_se"] < small["kid_se"] and 0 < large["fid_se"] < small["fid_se"]
+
+
+def test_compare_applies_the_two_standard_error_rule():
+    a, b = {"mean": 10.0, "se": 1.0}, {"mean": 13.0, "se": 1.0}  # diff 3, combined SE 1.41
+    assert compare(a, b)["verdict"] == "holds"
+    assert compare(b, a)["verdict"] == "reversed"
+    assert compare(a, {"mean": 12.0, "se": 1.0})["verdict"] == "not resolved"
+
+
+def test_aggregate_takes_the_larger_of_seed_spread_and_bootstrap():
+    rows = [
+        {"images_per_client": 5, "model": "ICM", "t_cut": 9, "seed": s, "fid": v, "fid_se": 0.1}
+        for s, v in ((0, 10.0), (1, 14.0))
+    ]
+    entry = aggregate(rows, "fid")[(5, "ICM")]
+    assert entry["mean"] == 12.0 and entry["se"] == pytest.approx(np.std([10, 14], ddof=1) / 2**0.5)
+    rows[1]["fid"] = 10.0
+    assert aggregate(rows, "fid")[(5, "ICM")]["se"] == pytest.approx(0.1 / 2**0.5)
+
+
+def test_settings_name_bad_input():
+    with pytest.raises(ValueError, match="models is empty"):
+        BenchmarkSettings()
+    with pytest.raises(ValueError, match="unknown \\[benchmark\\] keys"):
+        BenchmarkSettings.from_dict({"sedes": [0]})
+    with pytest.raises(ValueError, match="unique"):
+        BenchmarkSettings(models=(ModelSpec("GM", 0), ModelSpec("GM", 100)))
+
+
+def test_the_shipped_config_holds_the_core_grid():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_collaboration import load
+
+    config, settings = load(ROOT / "configs/collaboration-cifar10-cpu.toml", [])
+    names = {m.name for m in settings.models}
+    assert {"GM", "split-100", "split-200", "ICM", "ICM-big"} <= names
+    assert settings.images_per_client == (250, 2000) and len(settings.seeds) >= 2
+    assert config.train.max_steps * config.train.client_batch_size / 250 >= 100  # epochs
+    big = next(m for m in settings.models if m.name == "ICM-big")
+    assert "client_unet.block_out_channels=[32,64,64]" in big.overrides
+    assert list(config.server_unet.block_out_channels) == [32, 64, 64]
+    points = benchmark_points(settings)
+    assert points[0].images_per_client == 250 and len(points) == 2 * len(settings.seeds) * len(
+        settings.models
+    )
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
+    config = tiny_config(tiny_world, "data.eval_fraction=0.25")
+    settings = BenchmarkSettings(
+        images_per_client=(6,),
+        models=(ModelSpec("GM", 0), ModelSpec("split-100", 100), ModelSpec("ICM", 1000)),
+        seeds=(0,),
+        num_samples=6,
+        num_inference_steps=3,
+        num_bootstrap=3,
+        worst_cases=2,
+    )
+    out = tmp_path / "bench"
+    rows = run_benchmark(config, out, settings)
+    assert [r["model"] for r in rows] == ["GM", "split-100", "ICM"]
+    for row in rows:
+        assert {"images_per_client", "model", "t_cut", "seed", "steps", "fid", "kid"} <= set(row)
+        assert row["kid_se"] > 0 and 0 <= row["memorization"] <= 1
+        assert set(row["clients"]) == {"0", "1"}
+    by = {r["model"]: r for r in rows}
+    assert (
+        "server" in by["GM"]["sample_gradients"] and "client_0" not in by["GM"]["sample_gradients"]
+    )
+    assert set(by["ICM"]["sample_gradients"]) == {"client_0", "client_1"}
+    assert by["split-100"]["privacy"]["reid_gallery_32"]["n"] > 0
+    # each client trained on 6 of its images, a seeded subset
+    described = json.loads((out / rows[0]["name"] / "model" / "collafuse.json").read_text())
+    assert all(c["num_train_images"] == 6 for c in described["clients"].values())
+    stamp = (out / rows[1]["name"] / "benchmark.json").stat().st_mtime_ns
+    again = run_benchmark(config, out, settings, resume=True)
+    assert (out / rows[1]["name"] / "benchmark.json").stat().st_mtime_ns == stamp
+    assert again == rows
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_benchmark(config, out, settings)
+    meta = {"command": "python scripts/benchmark_collaboration.py ...", "config": "x"}
+    summary = write_report(tmp_path / "report", config, settings, rows, meta, out)
+    assert summary["verdicts"] and (tmp_path / "report.png").stat().st_size > 0
+    assert (tmp_path / "report-worst-cases.png").is_file()
+    text = (tmp_path / "report.md").read_text()
+    assert "split-100 beats ICM at 6 images (FID)" in text and "Produced by" in text
