@@ -105,6 +105,7 @@ class SplitConfig:
     release_policy: str = "once"
     objective: str = "exact"
     weighting: str = "inverse_lambda"  # measured: bench/weighting_experiment.py, README
+    max_target_variance: float = 0.0  # > 1: the server's buffer (split.buffered_cut); 0: none
 
     def __post_init__(self) -> None:
         _check(
@@ -127,6 +128,18 @@ class SplitConfig:
         )
         _check(self.objective in OBJECTIVES, "split.objective", self.objective, f"in {OBJECTIVES}")
         _check(self.weighting in WEIGHTINGS, "split.weighting", self.weighting, f"in {WEIGHTINGS}")
+        _check(
+            self.max_target_variance == 0 or self.max_target_variance > 1,
+            "split.max_target_variance",
+            self.max_target_variance,
+            "0 (no buffer) or > 1 (lam_s^2 is at least 1)",
+        )
+        _check(
+            self.max_target_variance == 0 or self.objective == "exact",
+            "split.max_target_variance",
+            self.max_target_variance,
+            "0 with objective 'original' (the buffer bounds the exact objective's target)",
+        )
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def release_guarantee(
 
 def guarantee_record(config, alphas_cumprod: torch.Tensor, cuts: dict[int, int]) -> dict:
     """collafuse.json's "privacy": the threat model and each client's guarantee at its cut
-    (`config` is the RunConfig; `cuts` maps client id to t_cut)."""
+    (`config` is the RunConfig; `cuts` maps client id to its release cut)."""
     p = config.privacy
     return {
         "threat_model": "honest-but-curious server holding every release, the run config and "

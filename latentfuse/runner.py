@@ -45,6 +45,7 @@ def collafuse_description(run: Run) -> dict:
     for split, client in zip(run.splits, run.clients, strict=True):
         clients[str(split.client_id)] = {
             "t_cut": client.split.t_cut,
+            "release_cut": client.split.release_cut,
             "classes": list(split.classes),
             "class_names": [run.dataset.class_names[c] for c in split.classes],
             "num_train_images": client.num_images,
@@ -66,7 +67,9 @@ def collafuse_description(run: Run) -> dict:
         },
         "vae_sha256": run.vae_hash,
         "privacy": guarantee_record(
-            cfg, run.scheduler.alphas_cumprod, {c.client_id: c.split.t_cut for c in run.clients}
+            cfg,
+            run.scheduler.alphas_cumprod,
+            {c.client_id: c.split.release_cut for c in run.clients},
         ),
         "run_config": cfg.to_dict(),
     }

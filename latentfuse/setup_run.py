@@ -20,7 +20,7 @@ from .paths import REPO_ROOT, cache_dir
 from .privacy import private_t_cut
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
 from .server import Server
-from .split import DiffusionSplit
+from .split import DiffusionSplit, buffered_cut
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,9 @@ def client_split(config: RunConfig, scheduler: DDPMScheduler, client_id: int) ->
                 privacy.clip_norm,
             )
             t_cut = needed
-    return DiffusionSplit.from_scheduler(scheduler, t_cut)
+    alphas = scheduler.alphas_cumprod.detach().to(torch.float64).clone()
+    handoff = buffered_cut(alphas, t_cut, config.split.max_target_variance)
+    return DiffusionSplit(alphas, handoff, release_cut=t_cut)
 
 
 def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:

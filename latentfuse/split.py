@@ -4,6 +4,9 @@ noising and target (../shared/DESIGN.md section 2), and how a sampling chain is 
 Notation as in diffusers' DDPMScheduler: timesteps t = 0..T-1,
 z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. Client timesteps are 0..t_cut-1, server
 timesteps t_cut..T-1, and the release level is r = t_cut - 1 (abar_r := 1 when t_cut = 0).
+With a buffer (`split.max_target_variance`, `buffered_cut`) the release stays at the
+configured cut (`release_cut`) while the hand-off `t_cut` moves up to where the server's
+target variance lam_s^2 is bounded; the client covers the gap.
 """
 
 from __future__ import annotations
@@ -24,13 +27,22 @@ class DiffusionSplit:
     """A cut `t_cut` of a T-step forward process with cumulative products `alphas_cumprod`."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64
-    t_cut: int
+    t_cut: int  # the hand-off: client timesteps 0..t_cut-1, server t_cut..T-1
+    release_cut: int | None = None  # releases at level release_cut - 1; None: t_cut (no buffer)
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod.ndim != 1 or len(self.alphas_cumprod) < 2:
             raise ValueError("alphas_cumprod must be a 1-D tensor of at least 2 timesteps")
         if not 0 <= self.t_cut <= self.num_train_timesteps:
             raise ValueError(f"t_cut must lie in [0, {self.num_train_timesteps}], got {self.t_cut}")
+        if self.release_cut is None:
+            object.__setattr__(self, "release_cut", self.t_cut)
+        if not 0 <= self.release_cut <= self.t_cut:
+            raise ValueError(
+                f"release_cut must lie in [0, t_cut={self.t_cut}], got {self.release_cut}"
+            )
+        if self.release_cut == 0 and self.t_cut > 0:
+            raise ValueError("a buffer needs release_cut > 0: clean releases (GM) need none")
 
     @classmethod
     def from_scheduler(cls, scheduler, t_cut: int) -> DiffusionSplit:
@@ -54,13 +66,13 @@ class DiffusionSplit:
 
     @property
     def release_level(self) -> int:
-        """r = t_cut - 1; -1 stands for the clean latent (t_cut = 0)."""
-        return self.t_cut - 1
+        """r = release_cut - 1 (t_cut - 1 without a buffer); -1 stands for the clean latent."""
+        return self.release_cut - 1
 
     @property
     def abar_release(self) -> float:
         """abar_r, with abar_{-1} := 1."""
-        return 1.0 if self.t_cut == 0 else float(self.alphas_cumprod[self.t_cut - 1])
+        return 1.0 if self.release_cut == 0 else float(self.alphas_cumprod[self.release_cut - 1])
 
     def owner(self, t: int) -> Literal["client", "server"]:
         """Which side denoises timestep `t`."""
@@ -111,6 +123,24 @@ class DiffusionSplit:
             raise ValueError("timesteps must be in descending order")
         k = int((timesteps >= self.t_cut).sum())
         return timesteps[:k], timesteps[k:]
+
+
+def buffered_cut(alphas_cumprod: torch.Tensor, release_cut: int, max_target_variance: float) -> int:
+    """The hand-off above a release at `release_cut` - 1 where the exact objective's target
+    variance is bounded: the smallest s >= release_cut with lam_s^2 <= max_target_variance
+    (Daras et al.'s buffer, s_max about 4). lam_s^2 = (1 - abar_s) / (1 - abar_s / abar_r)
+    falls from infinity at the release level towards 1 at T, so every bound > 1 is met."""
+    T = len(alphas_cumprod)
+    if not max_target_variance or release_cut in (0, T):
+        return release_cut  # no buffer; GM's clean releases have lam = 1; ICM releases nothing
+    if max_target_variance <= 1:
+        raise ValueError(f"max_target_variance must be > 1 (or 0: none), got {max_target_variance}")
+    abar = alphas_cumprod.double()
+    abar_r = float(abar[release_cut - 1])
+    s = torch.arange(release_cut, T)
+    lam2 = (1 - abar[s]) / (1 - abar[s] / abar_r)
+    ok = torch.nonzero(lam2 <= max_target_variance)
+    return int(s[ok[0, 0]]) if len(ok) else T - 1
 
 
 def loss_weights(lam: torch.Tensor, weighting: Weighting) -> torch.Tensor:

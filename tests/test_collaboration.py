@@ -139,3 +139,35 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     assert (tmp_path / "report-worst-cases.png").is_file()
     text = (tmp_path / "report.md").read_text()
     assert "split-100 beats ICM at 6 images (FID)" in text and "Produced by" in text
+
+
+def test_claim_skips_a_live_holder_and_takes_a_stale_lock(tmp_path):
+    import os
+    import subprocess
+
+    from latentfuse.evaluation.collaboration import LOCK, claim
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / LOCK).write_text(str(os.getppid()))  # a live process (this test's parent)
+    assert not claim(held)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / LOCK).write_text(dead.stdout.decode().strip())
+    assert claim(stale) and (stale / LOCK).read_text() == str(os.getpid())
+    assert claim(stale)  # this process already holds it
+    assert claim(tmp_path / "fresh")
+
+
+def test_core_models_run_before_the_others():
+    settings = BenchmarkSettings(
+        images_per_client=(250, 2000),
+        models=(ModelSpec("GM", 0), ModelSpec("buffer", 100, core=False), ModelSpec("ICM", 1000)),
+        seeds=(0, 1),
+    )
+    names = [(p.model.name, p.images_per_client, p.seed) for p in benchmark_points(settings)]
+    assert names[:8] == [(m, n, s) for n in (250, 2000) for s in (0, 1) for m in ("GM", "ICM")]
+    assert {m for m, _, _ in names[8:]} == {"buffer"}

@@ -337,3 +337,56 @@ def test_client_timesteps_reject_global_model():
     """A client with t_cut = 0 has no timesteps of its own."""
     with pytest.raises(ValueError, match="t_cut = 0"):
         sample_client_timesteps(4, 0)
+
+
+# ---- the buffer (split.max_target_variance) ------------------------------------------------
+
+
+def _lam2(abar, release_cut, s):
+    return float((1 - abar[s]) / (1 - abar[s] / abar[release_cut - 1]))
+
+
+@pytest.mark.parametrize("release_cut", [20, 100, 500])
+def test_buffered_cut_is_the_first_timestep_with_bounded_target_variance(release_cut):
+    from latentfuse.split import buffered_cut
+
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
+    handoff = buffered_cut(abar, release_cut, 4.0)
+    assert handoff > release_cut
+    assert _lam2(abar, release_cut, handoff) <= 4.0 < _lam2(abar, release_cut, handoff - 1)
+    assert buffered_cut(abar, release_cut, 0.0) == release_cut
+    assert buffered_cut(abar, 0, 4.0) == 0 and buffered_cut(abar, 1000, 4.0) == 1000
+    with pytest.raises(ValueError, match="must be > 1"):
+        buffered_cut(abar, release_cut, 0.5)
+
+
+def test_a_buffered_split_releases_at_its_release_cut_and_stays_exact():
+    """The release keeps the configured level; the server's z_s at s >= hand-off has the
+    forward process's marginal given z0, and its target is lam_s eps_s with lam from r."""
+    from latentfuse.split import buffered_cut
+
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
+    handoff = buffered_cut(abar, 100, 4.0)
+    split = DiffusionSplit(abar, handoff, release_cut=100)
+    assert split.release_level == 99 and split.abar_release == pytest.approx(float(abar[99]))
+    assert split.owner(handoff - 1) == "client" and split.owner(handoff) == "server"
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.full((20000, 1), 0.7)
+    z_r = split.release(z0, torch.randn(z0.shape, generator=g))
+    s = torch.full((20000,), handoff)
+    z_s, target, lam = split.server_inputs(z_r, s, torch.randn(z0.shape, generator=g), "exact")
+    abar_s = float(abar[handoff])
+    assert z_s.mean().item() == pytest.approx(abar_s**0.5 * 0.7, abs=0.02)
+    assert z_s.var().item() == pytest.approx(1 - abar_s, rel=0.05)
+    assert lam[0].item() ** 2 == pytest.approx(_lam2(abar, 100, handoff), rel=1e-5)
+    with pytest.raises(ValueError, match="release_cut must lie"):
+        DiffusionSplit(abar, 100, release_cut=150)
+
+
+def test_config_checks_max_target_variance():
+    from latentfuse.config import load_config
+
+    with pytest.raises(ValueError, match="split.max_target_variance"):
+        load_config(None, ["split.max_target_variance=1.0"])
+    with pytest.raises(ValueError, match="objective 'original'"):
+        load_config(None, ["split.max_target_variance=4.0", 'split.objective="original"'])

@@ -241,3 +241,23 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_buffered_run_releases_at_the_cut_and_hands_off_above_it(tiny_world, tmp_path):
+    """split.max_target_variance: the release level and the privacy record stay at the
+    configured cut; the server trains and samples only from the hand-off up."""
+    from latentfuse.privacy import release_guarantee
+    from latentfuse.split import buffered_cut
+
+    config = tiny_config(tiny_world, "split.max_target_variance=4.0", "privacy.clip_norm=20")
+    run = build_run(config, tmp_path / "run")
+    alphas = run.scheduler.alphas_cumprod.double()
+    handoff = buffered_cut(alphas, 100, 4.0)
+    for client in run.clients:
+        assert client.split.t_cut == handoff > 100 and client.split.release_cut == 100
+    model = train(config, tmp_path / "run", resume=True)
+    described = json.loads((model / "collafuse.json").read_text())
+    for cid, entry in described["clients"].items():
+        assert entry["t_cut"] == handoff and entry["release_cut"] == 100
+        expected = release_guarantee(alphas, 100, 20, config.privacy.delta, "once", 0)
+        assert described["privacy"]["clients"][cid]["epsilon"] == pytest.approx(expected["epsilon"])

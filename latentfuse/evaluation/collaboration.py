@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class ModelSpec:
     name: str
     t_cut: int
     overrides: tuple[str, ...] = ()
+    core: bool = True  # the core grid runs first; the others (ablations) after all of it
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -99,11 +101,12 @@ class BenchmarkSettings:
             raise ValueError(f"unknown [benchmark] keys {sorted(unknown)}; known: {sorted(known)}")
         models = []
         for entry in values.pop("models", []):
-            extra = set(entry) - {"name", "t_cut", "overrides"}
+            extra = set(entry) - {"name", "t_cut", "overrides", "core"}
             if extra:
                 raise ValueError(f"[[benchmark.models]] {entry.get('name')}: unknown {extra}")
+            overrides = tuple(entry.get("overrides", ()))
             models.append(
-                ModelSpec(entry["name"], entry["t_cut"], tuple(entry.get("overrides", ())))
+                ModelSpec(entry["name"], entry["t_cut"], overrides, entry.get("core", True))
             )
         for name in ("images_per_client", "seeds"):
             if name in values:
@@ -127,14 +130,55 @@ class BenchmarkPoint:
 
 
 def benchmark_points(settings: BenchmarkSettings) -> list[BenchmarkPoint]:
-    """Smallest data size first, then seed, then model: partial results answer the main
-    question (250 images, every model, one seed) first."""
+    """The core grid first, then the other models; within each, smallest data size first,
+    then seed, then model: partial results answer the main question (250 images, every model,
+    one seed) first."""
     return [
         BenchmarkPoint(n, model, seed)
+        for core in (True, False)
         for n in sorted(settings.images_per_client)
         for seed in settings.seeds
         for model in settings.models
+        if model.core == core
     ]
+
+
+LOCK = "worker.lock"
+
+
+def claim(folder: Path) -> bool:
+    """Take `folder` for this process: False while another live process holds it. A lock
+    left by a dead process (a killed job) is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            if pid and _alive(pid):
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def point_config(config: RunConfig, point: BenchmarkPoint) -> RunConfig:
@@ -345,13 +389,24 @@ PRIVACY_SETTINGS = PrivacySweepSettings(
 )
 
 
+def _done(folder: Path, settings: BenchmarkSettings) -> bool:
+    """Whether `folder` holds a row scored with these settings."""
+    path = folder / "row.json"
+    return path.is_file() and json.loads(path.read_text()).get("key") == _score_key(settings)
+
+
+def _score_key(settings: BenchmarkSettings) -> dict:
+    """What a point's scores depend on beyond its own config."""
+    return _jsonable({k: v for k, v in asdict(settings).items() if k not in POINTLESS_SETTINGS})
+
+
 def evaluate_point(
     config: RunConfig, folder: Path, settings: BenchmarkSettings, shared: _Shared
 ) -> dict:
     """Quality, memorisation and (optionally) privacy of one trained point, kept in
     `benchmark.json` beside it and reused while the scoring settings are unchanged."""
     path = folder / "benchmark.json"
-    key = _jsonable({k: v for k, v in asdict(settings).items() if k not in POINTLESS_SETTINGS})
+    key = _score_key(settings)
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("key") == key:
         return saved["result"]
@@ -371,8 +426,9 @@ def run_benchmark(
     shard: tuple[int, int] = (0, 1),
     on_point=None,
 ) -> list[dict]:
-    """Train and score every point of this shard (points i with i % n == k), skipping
-    finished ones; returns the rows of the points done so far (any shard's)."""
+    """Train and score every point of this shard (points i with i % n == k; (0, 1): all),
+    skipping finished ones and points another live job holds (`claim`): several jobs started
+    with the same command share the grid. Returns the rows of every point done so far."""
     out_dir = Path(out_dir)
     if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already holds a benchmark: pass --resume to continue it")
@@ -382,10 +438,16 @@ def run_benchmark(
     for point in tqdm(points, desc=f"collaboration benchmark (shard {k}/{n})"):
         cfg = point_config(config, point)
         folder = out_dir / point.name
+        if _done(folder, settings):
+            continue
+        if not claim(folder):
+            logger.info("%s: another job holds it, skipped", point.name)
+            continue
         _, train_seconds = train_point(cfg, folder)
         result = evaluate_point(cfg, folder, settings, shared)
         row = point_row(cfg, point, folder, result, train_seconds)
-        atomic_write_json(folder / "row.json", row)
+        atomic_write_json(folder / "row.json", {**row, "key": _score_key(settings)})
+        (folder / LOCK).unlink(missing_ok=True)
         if on_point is not None:
             on_point()
     return collect_rows(out_dir, settings)

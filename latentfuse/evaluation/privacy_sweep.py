@@ -218,7 +218,7 @@ def client_attacks(
     privacy = run.config.privacy
     result["formal"] = release_guarantee(
         run.scheduler.alphas_cumprod.double(),
-        client.split.t_cut,
+        client.split.release_cut,
         privacy.clip_norm,
         privacy.delta,
         run.config.split.release_policy,

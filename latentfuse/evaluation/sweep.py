@@ -242,7 +242,7 @@ def point_privacy(run: Run, folder: Path) -> dict:
         k = 1 if cfg.split.release_policy == "once" else k
         report = release_guarantee(
             alphas,
-            client.split.t_cut,
+            client.split.release_cut,
             cfg.privacy.clip_norm,
             cfg.privacy.delta,
             cfg.split.release_policy,

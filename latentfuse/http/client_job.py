@@ -195,6 +195,7 @@ class ClientJob:
         classes = sorted(set(self.client.labels.tolist()))
         entry = {
             "t_cut": self.client.split.t_cut,
+            "release_cut": self.client.split.release_cut,
             "classes": classes,
             "class_names": [self.deploy.class_names[c] for c in classes],
             "num_train_images": self.client.num_images,
@@ -211,7 +212,7 @@ class ClientJob:
             "weighting": cfg.split.weighting,
             "vae_sha256": self.vae_hash,
             "privacy": guarantee_record(
-                cfg, self.scheduler.alphas_cumprod, {self.client_id: self.client.split.t_cut}
+                cfg, self.scheduler.alphas_cumprod, {self.client_id: self.client.split.release_cut}
             ),
         }
 
