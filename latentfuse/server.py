@@ -146,8 +146,28 @@ class Server:
             "timestep": s,
             "class_labels": labels,
             "target": target,
-            "weight": loss_weights(lam, self.weighting),
+            "weight": loss_weights(self.common_lam(s, lam, client_ids), self.weighting),
         }
+
+    def common_lam(
+        self, s: torch.Tensor, lam: torch.Tensor, client_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The lam that sets each row's weight: at timestep s, the largest lam_s of the clients
+        whose server range holds s. A weight w(lam_c(s)) that differed between clients at one
+        s would reweight the clients' data in the server's minimiser (at s it fits the mixture
+        of the clients' posteriors weighted by w_c(s) times their share of releases); one
+        weight per timestep leaves the mixture as the releases give it. With one cut for every
+        client this is each row's own lam (the weighting unchanged). Under `original` lam is 1."""
+        cuts = {cid: split for cid, split in self.splits.items() if not split.is_independent}
+        if self.objective != "exact" or len({sp.release_cut for sp in cuts.values()}) <= 1:
+            return lam
+        common = lam.clone()
+        abar = next(iter(cuts.values())).alphas_cumprod.to(s.device)[s]
+        for split in cuts.values():
+            present = s >= split.t_cut
+            lam_c = ((1 - abar) / (1 - abar / split.abar_release)).sqrt().to(lam.dtype)
+            common = torch.where(present, torch.maximum(common, lam_c), common)
+        return common
 
     def _labels(self, class_labels: torch.Tensor, client_ids: torch.Tensor) -> torch.Tensor | None:
         if self.label_mode == "class":

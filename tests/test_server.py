@@ -146,7 +146,14 @@ def test_each_sample_is_noised_at_its_own_clients_cut(objective):
     abar_r = torch.tensor([clients[cid].split.abar_release for cid in client_ids.tolist()])
     a = abar_s / abar_r if objective == "exact" else abar_s
     lam = ((1 - abar_s) / (1 - a)).sqrt() if objective == "exact" else torch.ones_like(a)
-    torch.testing.assert_close(batch["weight"], (1 / lam**2).float())
+    # The weight is one per timestep: the largest lam_s of the clients whose range holds s.
+    common = lam.clone()
+    if objective == "exact":
+        for client in clients.values():
+            split = client.split
+            lam_c = ((1 - abar_s) / (1 - abar_s / split.abar_release)).sqrt()
+            common = torch.where(s >= split.t_cut, torch.maximum(common, lam_c), common)
+    torch.testing.assert_close(batch["weight"], (1 / common**2).float())
     eps_s = batch["target"].double() / lam.view(-1, 1, 1, 1)
     expected = a.sqrt().view(-1, 1, 1, 1) * z_r.double() + (1 - a).sqrt().view(-1, 1, 1, 1) * eps_s
     torch.testing.assert_close(batch["sample"].double(), expected, atol=1e-5, rtol=1e-5)
@@ -206,3 +213,25 @@ def test_draw_batch_is_deterministic_for_a_seed():
     ]
     assert all(torch.equal(draws[0][key], draws[1][key]) for key in draws[0])
     assert not torch.equal(draws[0]["target"], draws[2]["target"])
+
+
+def test_weighting_is_one_per_timestep_so_it_does_not_reweight_clients():
+    """With per-client cuts, rows of different clients at the same s get the same weight (a
+    weight that differed would tilt the server's fit towards one client's data); with one cut
+    for every client each row keeps its own lam's weight."""
+    _, server = federation({0: 100, 1: 500}, weighting="inverse_lambda", label_mode="client")
+    batch = server.draw_batch(4_000, label_dropout=0.0, null_label=-1)
+    s, cid, w = batch["timestep"], batch["class_labels"], batch["weight"]
+    shared = 0
+    for t in s[(s >= 500)].unique().tolist():
+        rows = s == t
+        if len(set(cid[rows].tolist())) == 2:
+            shared += 1
+            assert torch.allclose(w[rows], w[rows][0].expand(int(rows.sum())))
+    assert shared > 100  # timesteps that both clients' rows reached
+    _, same = federation({0: 100, 1: 100}, weighting="inverse_lambda", label_mode="client")
+    batch = same.draw_batch(500, label_dropout=0.0, null_label=-1)
+    abar_s = make_split(0).alphas_cumprod[batch["timestep"]]
+    abar_r = make_split(100).abar_release
+    lam = ((1 - abar_s) / (1 - abar_s / abar_r)).sqrt()
+    torch.testing.assert_close(batch["weight"], (1 / lam).float())
