@@ -20,6 +20,7 @@ from .config import RunConfig
 from .imaging import make_grid, save_image
 from .privacy import guarantee_record
 from .setup_run import Run, build_run
+from .split import compensated_start
 from .training import Trainer
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ def make_accelerator(config: RunConfig, output_dir: Path, log: bool = True) -> A
     )
 
 
+def _client_start(cfg: RunConfig, split) -> dict:
+    """Under the original objective, where sampling starts the client (the authors'
+    compensation, `compensated_start`); nothing under the exact objective."""
+    if cfg.split.objective != "original" or split.is_global_model or split.is_independent:
+        return {}
+    return {"client_start": compensated_start(split.t_cut, split.num_train_timesteps)}
+
+
 def collafuse_description(run: Run) -> dict:
     """What `collafuse.json` records: the split, the clients and their label sets, the data."""
     cfg = run.config
@@ -46,6 +55,7 @@ def collafuse_description(run: Run) -> dict:
         clients[str(split.client_id)] = {
             "t_cut": client.split.t_cut,
             "release_cut": client.split.release_cut,
+            **_client_start(cfg, client.split),
             "classes": list(split.classes),
             "class_names": [run.dataset.class_names[c] for c in split.classes],
             "num_train_images": client.num_images,

@@ -112,17 +112,37 @@ class DiffusionSplit:
         target = lam.view(shape) * eps_s.double()
         return z_s.to(z_r.dtype), target.to(z_r.dtype), lam.to(z_r.dtype)
 
-    def split_timesteps(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_timesteps(
+        self, timesteps: torch.Tensor, client_start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Split one sampling chain (descending timesteps) into the server's and client's parts.
 
         The list is cut, never re-scheduled: `set_timesteps(timesteps=full[:k])` would send
-        the last server step to t = -1 (DESIGN 2, Sampling).
+        the last server step to t = -1 (DESIGN 2, Sampling). With `client_start` t' (the
+        original objective's compensation, `compensated_start`) the client's part is the
+        chain's entries below t' instead: it takes the server's output for a sample at its
+        first entry and re-runs the levels between the cut and t'.
         """
         # Non-increasing (repeats allowed, as in Heun); this also makes the cut contiguous.
         if torch.any(timesteps[1:] > timesteps[:-1]):
             raise ValueError("timesteps must be in descending order")
         k = int((timesteps >= self.t_cut).sum())
-        return timesteps[:k], timesteps[k:]
+        if client_start is None or self.is_global_model or self.is_independent:
+            return timesteps[:k], timesteps[k:]
+        if client_start < self.t_cut:
+            raise ValueError(f"client_start must be >= t_cut={self.t_cut}, got {client_start}")
+        return timesteps[:k], timesteps[timesteps < client_start]
+
+
+def compensated_start(t_cut: int, num_train_timesteps: int) -> int:
+    """Where the authors' code starts the client under the original objective: the server's
+    output at the cut is taken for a sample at t' = floor(t_cut (2 - t_cut / T)), the
+    client denoising t' - 1 .. 0 (SimeonAllmendinger/collafuse_imagen, diffusion.py
+    generate_images: t_max = t_cut + t_cut (1 - t_cut_ratio)). It compensates the double
+    noising of their server objective; a heuristic, not derived from abar."""
+    if not 0 <= t_cut <= num_train_timesteps:
+        raise ValueError(f"t_cut must lie in [0, {num_train_timesteps}], got {t_cut}")
+    return min(int(t_cut * (2 - t_cut / num_train_timesteps)), num_train_timesteps)
 
 
 def buffered_cut(alphas_cumprod: torch.Tensor, release_cut: int, max_target_variance: float) -> int:

@@ -54,8 +54,9 @@ def split_schedule(
     scheduler, description: dict[str, Any], client_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(server timesteps, client timesteps) of the scheduler's current `timesteps`."""
-    t_cut = int(client_entry(description, client_id)["t_cut"])
-    return DiffusionSplit.from_scheduler(scheduler, t_cut).split_timesteps(scheduler.timesteps)
+    entry = client_entry(description, client_id)
+    split = DiffusionSplit.from_scheduler(scheduler, int(entry["t_cut"]))
+    return split.split_timesteps(scheduler.timesteps, entry.get("client_start"))
 
 
 def client_conditioning(

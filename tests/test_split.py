@@ -390,3 +390,24 @@ def test_config_checks_max_target_variance():
         load_config(None, ["split.max_target_variance=1.0"])
     with pytest.raises(ValueError, match="objective 'original'"):
         load_config(None, ["split.max_target_variance=4.0", 'split.objective="original"'])
+
+
+def test_compensated_start_follows_the_authors_rule():
+    """t' = floor(t_c (2 - t_c / T)): T = 100, t_c = 20 gives 36 (collafuse_imagen)."""
+    from latentfuse.split import compensated_start
+
+    assert compensated_start(20, 100) == 36
+    assert compensated_start(100, 1000) == 190 and compensated_start(500, 1000) == 750
+    assert compensated_start(0, 1000) == 0 and compensated_start(1000, 1000) == 1000
+
+
+def test_split_timesteps_with_client_start_reruns_the_levels_below_it():
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
+    chain = torch.arange(960, -1, -40)
+    server, client = DiffusionSplit(abar, 100).split_timesteps(chain, client_start=190)
+    assert server.min() >= 100 and server[-1] == 120
+    assert client.tolist() == [160, 120, 80, 40, 0]
+    plain = DiffusionSplit(abar, 100).split_timesteps(chain)[1]
+    assert plain.tolist() == [80, 40, 0]
+    with pytest.raises(ValueError, match="client_start must be"):
+        DiffusionSplit(abar, 100).split_timesteps(chain, client_start=50)

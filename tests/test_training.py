@@ -261,3 +261,24 @@ def test_a_buffered_run_releases_at_the_cut_and_hands_off_above_it(tiny_world, t
         assert entry["t_cut"] == handoff and entry["release_cut"] == 100
         expected = release_guarantee(alphas, 100, 20, config.privacy.delta, "once", 0)
         assert described["privacy"]["clients"][cid]["epsilon"] == pytest.approx(expected["epsilon"])
+
+
+def test_original_objective_records_the_authors_compensation(tiny_world, tmp_path):
+    """collafuse.json holds client_start under the original objective (none under exact), and
+    the pipeline's chain gives the client the entries below it."""
+    from diffusers import DDIMScheduler
+
+    from pipelines.sampling import split_schedule
+
+    model = train(tiny_config(tiny_world, 'split.objective="original"'), tmp_path / "run")
+    described = json.loads((model / "collafuse.json").read_text())
+    assert {c["client_start"] for c in described["clients"].values()} == {190}
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(25)
+    server, client = split_schedule(scheduler, described, 0)
+    assert server.min() >= 100 and client.max() < 190 and client.max() > server.min() - 40
+    exact = train(tiny_config(tiny_world), tmp_path / "exact")
+    assert all(
+        "client_start" not in c
+        for c in json.loads((exact / "collafuse.json").read_text())["clients"].values()
+    )

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -536,7 +537,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for metric in ("fid", "kid"):
         agg = aggregate(rows, metric)
         sizes = sorted({n for n, _ in agg})
-        splits = sorted({m for _, m in agg if m.startswith("split")})
+        splits = sorted({m for _, m in agg if re.fullmatch(r"split-\d+", m)})  # no ablations
         for n in sizes:
             for split in splits:
                 for baseline in ("ICM", "ICM-big", "GM"):
@@ -567,6 +568,16 @@ def verdicts(rows: list[dict]) -> list[dict]:
                             **result,
                         }
                     )
+    for metric in ("fid", "kid"):  # each ablation against the model it varies
+        agg = aggregate(rows, metric)
+        for n, model in sorted(agg):
+            for suffix, label in (("-original", "the exact objective"), ("-buffer4", "no buffer")):
+                if model.endswith(suffix):
+                    base = model[: -len(suffix)]
+                    result = compare(agg.get((n, base)), agg[(n, model)])
+                    if result:
+                        claim = f"{base} ({label}) beats {model} at {n} images ({metric.upper()})"
+                        out.append({"claim": claim, **result})
     memo = aggregate(rows, "memorization")
     for n in sorted({n for n, _ in memo}):
         for a, b in (("ICM", "GM"), ("ICM", "split-100"), ("split-100", "GM")):

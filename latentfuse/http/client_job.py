@@ -25,7 +25,7 @@ from ..models import EMA, build_unet
 from ..partition import ClientSplit, limit_train_images
 from ..privacy import guarantee_record
 from ..release_key import KEY_FILE, load_or_create_release_key
-from ..runner import make_accelerator
+from ..runner import _client_start, make_accelerator
 from ..setup_run import client_split, make_scheduler, resolve_path
 from ..training import denoising_loss, lr_at, shard
 from .deploy import DeployConfig
@@ -196,6 +196,7 @@ class ClientJob:
         entry = {
             "t_cut": self.client.split.t_cut,
             "release_cut": self.client.split.release_cut,
+            **_client_start(self.config, self.client.split),
             "classes": classes,
             "class_names": [self.deploy.class_names[c] for c in classes],
             "num_train_images": self.client.num_images,
