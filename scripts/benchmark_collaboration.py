@@ -11,12 +11,15 @@ Every point lives in `<out-dir>/<name>/` (checkpoint, model, benchmark.json, row
 worst-cases.png); `--resume` continues unfinished runs and skips scored points. After each
 point the report is rewritten from every finished point in `<out-dir>` (either shard's):
 `<report>.json` (atomically), `<report>.md`, `<report>.png` and `<report>-worst-cases.png`.
-`--report-only` rewrites the report without training. `key=value` overrides apply to every run.
+`--report-only` rewrites the report without training. Rows already in `<report>.json` (with
+the same config and scoring) count as finished: a fresh machine resumes from the commit.
+`key=value` overrides apply to every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -26,7 +29,12 @@ from pathlib import Path
 import tomllib
 
 from latentfuse.config import apply_overrides, config_from_dict
-from latentfuse.evaluation.collaboration import BenchmarkSettings, collect_rows, run_benchmark
+from latentfuse.evaluation.collaboration import (
+    BenchmarkSettings,
+    backfill_keys,
+    collect_rows,
+    run_benchmark,
+)
 from latentfuse.evaluation.collaboration_report import write_report
 
 
@@ -77,13 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/benchmark_collaboration.py " + shlex.join(argv or sys.argv[1:])
     meta = {"config": str(args.config), "threads": os.environ.get("OMP_NUM_THREADS")}
 
+    source = args.report.with_suffix(".json")
+    committed = json.loads(source.read_text()).get("rows", []) if source.is_file() else []
+    known = {row["name"]: row for row in committed if "key" in row}  # survives a fresh machine
+
     def report() -> None:
-        rows = collect_rows(args.out_dir, settings)
+        rows = backfill_keys(
+            config, args.out_dir, settings, collect_rows(args.out_dir, settings, known)
+        )
         write_report(args.report, config, settings, rows, meta, args.out_dir)
 
     if not args.report_only:
         meta["command"] = command
-        run_benchmark(config, args.out_dir, settings, args.resume, args.shard, on_point=report)
+        run_benchmark(
+            config, args.out_dir, settings, args.resume, args.shard, on_point=report, known=known
+        )
     report()
     return 0
 

@@ -137,6 +137,16 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     summary = write_report(tmp_path / "report", config, settings, rows, meta, out)
     assert summary["verdicts"] and (tmp_path / "report.png").stat().st_size > 0
     assert (tmp_path / "report-worst-cases.png").is_file()
+    assert len(list((tmp_path / "report-worst-cases").glob("*.png"))) == 3
+    # A fresh machine with the committed rows retrains nothing; a changed config does.
+    known = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    assert run_benchmark(config, tmp_path / "fresh", settings, known=known) == rows
+    assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
+    from latentfuse.evaluation.collaboration import point_config, point_key
+
+    point = benchmark_points(settings)[0]
+    changed = tiny_config(tiny_world, "data.eval_fraction=0.25", "train.learning_rate=1e-3")
+    assert point_key(point_config(changed, point), settings) != known[point.name]["key"]
     text = (tmp_path / "report.md").read_text()
     assert "split-100 beats ICM at 6 images (FID)" in text and "Produced by" in text
 

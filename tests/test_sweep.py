@@ -266,3 +266,16 @@ def test_choosing_fewer_ablations_on_resume_evaluates_nothing_again(swept, sweep
     out_dir = Path(sweep_args[1])
     again = strict_json(out_dir.with_name(f"{out_dir.name}.json"))
     assert [r["variant"] for r in again["ablations"]] == ["base", "release-fresh"]
+
+
+def test_same_config_reads_old_runs_through_current_defaults():
+    from latentfuse.config import load_config
+    from latentfuse.evaluation.sweep import same_config
+
+    config = load_config(None, ["split.t_cut=200"])
+    saved = config.to_dict()
+    del saved["split"]["max_target_variance"]  # a field added after the run was trained
+    assert same_config(saved, config)
+    saved["split"]["t_cut"] = 100
+    assert not same_config(saved, config)
+    assert not same_config({"split": {"no_such_field": 1}}, config)

@@ -16,6 +16,7 @@ the combined standard error).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from .generate import generate_images, sample_labels
 from .metrics import FeatureStats, distribution_scores, frechet_distance
 from .privacy_sweep import PrivacySweepSettings, evaluate_privacy_point
 from .reference import cached_reference_stats, load_real_images
-from .sweep import _jsonable, train_point
+from .sweep import _jsonable, same_config, train_point
 
 logger = logging.getLogger(__name__)
 
@@ -390,10 +391,16 @@ PRIVACY_SETTINGS = PrivacySweepSettings(
 )
 
 
-def _done(folder: Path, settings: BenchmarkSettings) -> bool:
-    """Whether `folder` holds a row scored with these settings."""
+def point_key(config: RunConfig, settings: BenchmarkSettings) -> dict:
+    """What a point's row depends on: its run config (hashed) and the scoring settings."""
+    text = json.dumps(_jsonable(config.to_dict()), sort_keys=True)
+    return {"config": hashlib.sha256(text.encode()).hexdigest()[:16], "score": _score_key(settings)}
+
+
+def _done(folder: Path, key: dict) -> bool:
+    """Whether `folder` holds a row made under `key`."""
     path = folder / "row.json"
-    return path.is_file() and json.loads(path.read_text()).get("key") == _score_key(settings)
+    return path.is_file() and json.loads(path.read_text()).get("key") == key
 
 
 def _score_key(settings: BenchmarkSettings) -> dict:
@@ -426,10 +433,14 @@ def run_benchmark(
     resume: bool = False,
     shard: tuple[int, int] = (0, 1),
     on_point=None,
+    known: dict[str, dict] | None = None,
 ) -> list[dict]:
     """Train and score every point of this shard (points i with i % n == k; (0, 1): all),
     skipping finished ones and points another live job holds (`claim`): several jobs started
-    with the same command share the grid. Returns the rows of every point done so far."""
+    with the same command share the grid. `known` (name -> row, e.g. the committed report's
+    rows) counts as finished where its key matches the point's config and scoring, so a
+    fresh machine does not retrain what was committed. Returns every finished point's row."""
+    known = known or {}
     out_dir = Path(out_dir)
     if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already holds a benchmark: pass --resume to continue it")
@@ -439,7 +450,8 @@ def run_benchmark(
     for point in tqdm(points, desc=f"collaboration benchmark (shard {k}/{n})"):
         cfg = point_config(config, point)
         folder = out_dir / point.name
-        if _done(folder, settings):
+        key = point_key(cfg, settings)
+        if _done(folder, key) or known.get(point.name, {}).get("key") == key:
             continue
         if not claim(folder):
             logger.info("%s: another job holds it, skipped", point.name)
@@ -447,11 +459,11 @@ def run_benchmark(
         _, train_seconds = train_point(cfg, folder)
         result = evaluate_point(cfg, folder, settings, shared)
         row = point_row(cfg, point, folder, result, train_seconds)
-        atomic_write_json(folder / "row.json", {**row, "key": _score_key(settings)})
+        atomic_write_json(folder / "row.json", {**row, "key": key})
         (folder / LOCK).unlink(missing_ok=True)
         if on_point is not None:
             on_point()
-    return collect_rows(out_dir, settings)
+    return collect_rows(out_dir, settings, known)
 
 
 def point_row(
@@ -484,13 +496,36 @@ def point_row(
     }
 
 
-def collect_rows(out_dir: Path, settings: BenchmarkSettings) -> list[dict]:
-    """Every finished point's row, in grid order."""
-    rows = []
+def collect_rows(
+    out_dir: Path, settings: BenchmarkSettings, known: dict[str, dict] | None = None
+) -> list[dict]:
+    """Every finished point's row, in grid order: from its folder, else from `known`."""
+    rows, known = [], known or {}
     for point in benchmark_points(settings):
         path = Path(out_dir) / point.name / "row.json"
         if path.is_file():
             rows.append(json.loads(path.read_text()))
+        elif point.name in known:
+            rows.append(known[point.name])
+    return rows
+
+
+def backfill_keys(
+    config: RunConfig, out_dir: Path, settings: BenchmarkSettings, rows: list[dict]
+) -> list[dict]:
+    """Rows written before rows carried a key get theirs, where the folder's config.json is
+    the point's config and its benchmark.json was scored with these settings."""
+    points = {p.name: p for p in benchmark_points(settings)}
+    for row in rows:
+        folder = Path(out_dir) / row["name"]
+        if "key" in row or row["name"] not in points or not (folder / "config.json").is_file():
+            continue
+        cfg = point_config(config, points[row["name"]])
+        scored = json.loads((folder / "benchmark.json").read_text()).get("key")
+        trained = json.loads((folder / "config.json").read_text())
+        if same_config(trained, cfg) and scored == _score_key(settings):
+            row["key"] = point_key(cfg, settings)
+            atomic_write_json(folder / "row.json", row)
     return rows
 
 

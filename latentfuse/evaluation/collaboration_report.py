@@ -149,9 +149,22 @@ def plot_benchmark(summary: dict, path: Path) -> Path:
     return path
 
 
-def worst_case_montage(out_dir: Path, rows: list[dict], path: Path) -> Path | None:
+def keep_worst_cases(out_dir: Path, rows: list[dict], folder: Path) -> Path:
+    """Copy each point's worst-cases.png into `folder` (committed with the report, so the
+    montage survives a fresh machine)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        source = Path(out_dir) / row["name"] / "worst-cases.png"
+        if source.is_file():
+            shutil.copyfile(source, folder / f"{row['name']}.png")
+    return folder
+
+
+def worst_case_montage(folder: Path, rows: list[dict], path: Path) -> Path | None:
     """Every scored point's worst cases (generated over nearest training image), one strip per
-    point of seed 0, labelled."""
+    point of the first seed, labelled; from the strips kept in `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +172,7 @@ def worst_case_montage(out_dir: Path, rows: list[dict], path: Path) -> Path | No
     from PIL import Image
 
     strips = [
-        (r["name"], Path(out_dir) / r["name"] / "worst-cases.png")
+        (r["name"], Path(folder) / f"{r['name']}.png")
         for r in rows
         if r["seed"] == min(x["seed"] for x in rows)
     ]
@@ -215,6 +228,8 @@ def write_report(
     report.with_suffix(".md").write_text(benchmark_markdown(summary))
     if rows:
         plot_benchmark(summary, report.with_suffix(".png"))
+        strips = report.parent / f"{report.name}-worst-cases"
         if out_dir is not None:
-            worst_case_montage(out_dir, rows, report.parent / f"{report.name}-worst-cases.png")
+            keep_worst_cases(out_dir, rows, strips)
+        worst_case_montage(strips, rows, report.parent / f"{report.name}-worst-cases.png")
     return summary

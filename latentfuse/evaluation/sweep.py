@@ -152,11 +152,20 @@ def point_config(config: RunConfig, point: SweepPoint) -> RunConfig:
     return config_from_dict(values)
 
 
+def same_config(saved: dict, config: RunConfig) -> bool:
+    """Whether a saved config.json describes `config`: read through the current defaults, so
+    a field added since (at its default) does not make an old run look different."""
+    try:
+        return _jsonable(config_from_dict(saved).to_dict()) == _jsonable(config.to_dict())
+    except ValueError:  # a field that no longer exists, or a value no longer valid
+        return False
+
+
 def train_point(config: RunConfig, folder: Path) -> tuple[Path, float]:
     """Train (or finish training) one point; returns its model folder and training seconds."""
     timing = folder / "timing.json"
     saved = folder / "config.json"
-    if saved.is_file() and json.loads(saved.read_text()) != _jsonable(config.to_dict()):
+    if saved.is_file() and not same_config(json.loads(saved.read_text()), config):
         raise ValueError(f"{folder} was trained with another config: choose another --out-dir")
     if timing.is_file() and (folder / "model" / "collafuse.json").is_file():
         return folder / "model", json.loads(timing.read_text())["train_seconds"]
