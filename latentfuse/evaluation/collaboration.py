@@ -563,7 +563,10 @@ def compare(a: dict | None, b: dict | None, lower_is_better: bool = True) -> dic
     diff = b["mean"] - a["mean"] if lower_is_better else a["mean"] - b["mean"]
     se = float(np.hypot(a["se"], b["se"]))
     verdict = "holds" if diff > 2 * se else "reversed" if -diff > 2 * se else "not resolved"
-    return {"difference": float(diff), "se": se, "verdict": verdict}
+    seeds = min(len(a.get("seeds", ())), len(b.get("seeds", ()))) if "seeds" in a else None
+    if seeds == 1:
+        verdict += " (1 seed: bootstrap error only, seed spread not yet known)"
+    return {"difference": float(diff), "se": se, "verdict": verdict, "seeds": seeds}
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
