@@ -24,6 +24,7 @@ from .sampling import (
     client_entry,
     denoise,
     initial_latents,
+    restart_client_chain,
     server_conditioning,
     start_chain,
     to_output,
@@ -119,6 +120,7 @@ class CollaFusePipeline(DiffusionPipeline):
             latents = self._denoise(unet, latents, server_steps, cond, guidance_scale, generator)
         handoff = latents
         if len(client_steps):
+            restart_client_chain(self.scheduler, server_steps, client_steps)
             unet = self.denoiser(client_id, "client")
             cond = client_conditioning(unet, config, labels)
             latents = self._denoise(unet, latents, client_steps, cond, guidance_scale, generator)

@@ -35,6 +35,7 @@ from .sampling import (
     client_labels,
     denoise,
     initial_latents,
+    restart_client_chain,
     split_schedule,
     start_chain,
     to_output,
@@ -188,5 +189,6 @@ class CollaFuseClientPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(handoff.step_index)
         if handoff.solver_state is not None:
             handoff.solver_state.restore(self.scheduler)
+        restart_client_chain(self.scheduler, server_steps, client_steps)
         dtype = (self.unet or self.vae).dtype
         return handoff.latents.to(device=device, dtype=dtype), labels.to(device), client_steps

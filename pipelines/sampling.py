@@ -209,6 +209,25 @@ def guided_noise(
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def restart_client_chain(scheduler, server_steps: torch.Tensor, client_steps: torch.Tensor) -> None:
+    """Under the original objective's compensation the client's part re-runs levels the
+    server already ran (`DiffusionSplit.split_timesteps(client_start=...)`): point the
+    scheduler's step index at the client's first entry. A multistep solver's history belongs
+    to the server's chain, so those schedulers are refused."""
+    if not len(server_steps) or not len(client_steps) or client_steps[0] < server_steps[-1]:
+        return  # the ordinary hand-off: the chain simply continues
+    if getattr(scheduler.config, "solver_order", 1) > 1:
+        raise ValueError(
+            f"{type(scheduler).__name__} keeps a multistep history and cannot restart the "
+            "client's chain above the cut (the original objective's compensation): use ddim, "
+            "ddpm or euler"
+        )
+    if hasattr(scheduler, "set_begin_index"):
+        index = int((scheduler.timesteps > client_steps[0]).sum())
+        scheduler._step_index = None  # diffusers: the next step starts at begin_index
+        scheduler.set_begin_index(index)
+
+
 def denoise(
     scheduler,
     unet: UNet2DModel,

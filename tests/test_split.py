@@ -411,3 +411,23 @@ def test_split_timesteps_with_client_start_reruns_the_levels_below_it():
     assert plain.tolist() == [80, 40, 0]
     with pytest.raises(ValueError, match="client_start must be"):
         DiffusionSplit(abar, 100).split_timesteps(chain, client_start=50)
+
+
+def test_restart_client_chain_points_a_stateful_scheduler_at_the_clients_entry():
+    from diffusers import EulerDiscreteScheduler
+
+    from pipelines.sampling import restart_client_chain
+
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    abar = scheduler.alphas_cumprod.double()
+    server, client = DiffusionSplit(abar, 300).split_timesteps(
+        scheduler.timesteps, client_start=510
+    )
+    latents = torch.zeros(1, 1, 2, 2)
+    for t in server:  # the server's part advances the step index past the cut
+        latents = scheduler.step(torch.zeros_like(latents), t, latents).prev_sample
+    restart_client_chain(scheduler, server, client)
+    scheduler.step(torch.zeros_like(latents), client[0], latents)
+    first = int((scheduler.timesteps > client[0]).sum())
+    assert client[0] > server[-1] and scheduler.step_index == first + 1

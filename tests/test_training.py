@@ -277,6 +277,19 @@ def test_original_objective_records_the_authors_compensation(tiny_world, tmp_pat
     scheduler.set_timesteps(25)
     server, client = split_schedule(scheduler, described, 0)
     assert server.min() >= 100 and client.max() < 190 and client.max() > server.min() - 40
+    from latentfuse.http.deploy import sampling_scheduler
+    from pipelines import CollaFusePipeline
+
+    pipe = CollaFusePipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    base = pipe.scheduler.config
+    for name in ("ddim", "euler"):  # euler keeps a step index: restarted at the client's entry
+        pipe.scheduler = sampling_scheduler(name, base)
+        out = pipe(client_id=0, batch_size=1, num_inference_steps=10, output_type="pt")
+        assert torch.isfinite(out.images).all()
+    pipe.scheduler = sampling_scheduler("dpm", base)
+    with pytest.raises(ValueError, match="multistep history"):
+        pipe(client_id=0, batch_size=1, num_inference_steps=10, output_type="pt")
     exact = train(tiny_config(tiny_world), tmp_path / "exact")
     assert all(
         "client_start" not in c
