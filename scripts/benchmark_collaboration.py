@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report() -> None:
         rows = backfill_keys(
-            config, args.out_dir, settings, collect_rows(args.out_dir, settings, known)
+            config, args.out_dir, settings, collect_rows(args.out_dir, settings, known, config)
         )
         write_report(args.report, config, settings, rows, meta, args.out_dir)
 

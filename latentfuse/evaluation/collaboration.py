@@ -497,16 +497,24 @@ def point_row(
 
 
 def collect_rows(
-    out_dir: Path, settings: BenchmarkSettings, known: dict[str, dict] | None = None
+    out_dir: Path,
+    settings: BenchmarkSettings,
+    known: dict[str, dict] | None = None,
+    config: RunConfig | None = None,
 ) -> list[dict]:
-    """Every finished point's row, in grid order: from its folder, else from `known`."""
+    """Every finished point's row, in grid order: from its folder, else from `known`. With
+    `config`, a row made under another config or scoring (its key) is left out; a row with
+    no key yet (written before rows carried one) is kept for `backfill_keys`."""
     rows, known = [], known or {}
     for point in benchmark_points(settings):
         path = Path(out_dir) / point.name / "row.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
-        elif point.name in known:
-            rows.append(known[point.name])
+        row = json.loads(path.read_text()) if path.is_file() else known.get(point.name)
+        if row is None:
+            continue
+        stale = config is not None and "key" in row
+        if stale and row["key"] != point_key(point_config(config, point), settings):
+            continue
+        rows.append(row)
     return rows
 
 
@@ -597,11 +605,12 @@ def verdicts(rows: list[dict]) -> list[dict]:
                         gaps.append(
                             {"mean": b["mean"] - a["mean"], "se": float(np.hypot(a["se"], b["se"]))}
                         )
-                if len(gaps) == 2:
+                if len(gaps) == 2:  # the size of the gap, whichever side is ahead
+                    gaps = [{**g, "mean": abs(g["mean"])} for g in gaps]
                     result = compare(gaps[1], gaps[0])  # the gap at the large size is smaller
                     out.append(
                         {
-                            "claim": f"the {split} - ICM gap shrinks from {small} to {large} "
+                            "claim": f"the |{split} - ICM| gap shrinks from {small} to {large} "
                             f"images ({metric.upper()})",
                             **result,
                         }
@@ -609,7 +618,10 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for metric in ("fid", "kid"):  # each ablation against the model it varies
         agg = aggregate(rows, metric)
         for n, model in sorted(agg):
-            for suffix, label in (("-original", "the exact objective"), ("-buffer4", "no buffer")):
+            for suffix, label in (
+                ("-original", "exact objective, inverse_lambda weighting"),
+                ("-buffer4", "no buffer"),
+            ):
                 if model.endswith(suffix):
                     base = model[: -len(suffix)]
                     result = compare(agg.get((n, base)), agg[(n, model)])

@@ -5,6 +5,7 @@ memorisation worst cases."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def benchmark_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _on_line(model: str) -> bool:
+    """GM and the plain splits form the line; ICM, ICM-big and ablations do not."""
+    return model == "GM" or re.fullmatch(r"split-\d+", model) is not None
+
+
 def plot_benchmark(summary: dict, path: Path) -> Path:
     """FID and KID against t_cut, one line per data size (GM at 0, the splits), ICM and
     ICM-big as dashed reference lines, error bars of one standard error."""
@@ -118,7 +124,8 @@ def plot_benchmark(summary: dict, path: Path) -> Path:
         for i, n in enumerate(sorted({n for n, _ in agg})):
             color = f"C{i}"
             line = sorted(
-                (v["t_cut"], v) for (size, m), v in agg.items() if size == n and "ICM" not in m
+                ((v["t_cut"], v) for (size, m), v in agg.items() if size == n and _on_line(m)),
+                key=lambda item: item[0],
             )
             if line:
                 ax.errorbar(
