@@ -71,14 +71,17 @@ def sampling_bench(config_path: Path, batch: int, steps: int, scheduler: str, re
     from latentfuse.http.service import build_server_unet, server_description
     from latentfuse.http.wire import SampleRequest
     from latentfuse.models import build_unet
-    from latentfuse.setup_run import make_scheduler, resolve_path
+    from latentfuse.paths import resolve_path
+    from latentfuse.schedule import client_split, make_scheduler
 
     config, deploy = load_deploy_config(config_path)
     client_id, (channels, size, _) = 0, latent_shape(config)
-    description = server_description(config, deploy)
+    scheduler_ = make_scheduler(config)
+    splits = {c: client_split(config, scheduler_, c) for c in range(config.data.num_clients)}
+    description = server_description(config, deploy, splits)
     torch.manual_seed(0)
     client_unet = build_unet(config.client_unet_config(0), size, channels, deploy.num_classes + 1)
-    base = make_scheduler(config).config
+    base = scheduler_.config
     server = CollaFuseServerPipeline(
         sampling_scheduler(scheduler, base), build_server_unet(config, deploy).eval(), description
     )

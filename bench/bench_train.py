@@ -20,11 +20,12 @@ from diffusers.training_utils import EMAModel
 from latentfuse.client import Client
 from latentfuse.config import load_config
 from latentfuse.datasets import ImageDataset
+from latentfuse.engine import make_accelerator
 from latentfuse.models import build_unet, count_parameters
 from latentfuse.release_key import new_release_key
-from latentfuse.runner import make_accelerator
+from latentfuse.schedule import make_scheduler
 from latentfuse.server import Server
-from latentfuse.setup_run import Run, make_scheduler
+from latentfuse.setup_run import Run
 from latentfuse.split import DiffusionSplit
 from latentfuse.training import Trainer
 
@@ -86,7 +87,7 @@ def main() -> None:
     run = Run(config, dataset, [], None, "", scheduler, [client], server, unet, {})
     trainer = Trainer(
         run,
-        make_accelerator(config, Path("/tmp/latentfuse-bench"), log=False),
+        make_accelerator(config.train),
         Path("/tmp/latentfuse-bench"),
     )
     baseline = plain_loop(

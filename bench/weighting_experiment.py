@@ -22,14 +22,14 @@ from latentfuse.autoencoder import load_vae, vae_fingerprint
 from latentfuse.client import Client
 from latentfuse.config import UNetConfig, load_config
 from latentfuse.datasets import load_cifar10
+from latentfuse.engine import denoising_loss
 from latentfuse.latents import cached_latents
 from latentfuse.models import build_unet
 from latentfuse.paths import DEFAULT_VAE_DIR, cache_dir
 from latentfuse.release_key import new_release_key
+from latentfuse.schedule import make_scheduler
 from latentfuse.server import Server
-from latentfuse.setup_run import make_scheduler
 from latentfuse.split import DiffusionSplit
-from latentfuse.training import denoising_loss
 
 VARIANTS = [
     ("exact", "none"),

@@ -19,3 +19,9 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resolve_path(path: str) -> str:
+    """A relative path that exists under the repository root, else the path unchanged."""
+    candidate = REPO_ROOT / path
+    return str(candidate) if not Path(path).exists() and candidate.exists() else path

@@ -13,76 +13,40 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 
 from .checkpointing import atomic_write_dir, atomic_write_json
 from .config import RunConfig
+from .description import client_entry, model_description
+from .engine import config_differences, make_accelerator
 from .imaging import make_grid, save_image
-from .privacy import guarantee_record
 from .setup_run import Run, build_run
-from .split import compensated_start
 from .training import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(config: RunConfig, output_dir: Path, log: bool = True) -> Accelerator:
-    """An Accelerator with the run's precision, accumulation and TensorBoard tracker."""
-    project = ProjectConfiguration(
-        project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-    )
-    return Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-        log_with="tensorboard" if log else None,
-        project_config=project,
-    )
-
-
-def _client_start(cfg: RunConfig, split) -> dict:
-    """Under the original objective, where sampling starts the client (the authors'
-    compensation, `compensated_start`); nothing under the exact objective."""
-    if cfg.split.objective != "original" or split.is_global_model or split.is_independent:
-        return {}
-    return {"client_start": compensated_start(split.t_cut, split.num_train_timesteps)}
-
-
 def collafuse_description(run: Run) -> dict:
     """What `collafuse.json` records: the split, the clients and their label sets, the data."""
-    cfg = run.config
-    clients = {}
-    for split, client in zip(run.splits, run.clients, strict=True):
-        clients[str(split.client_id)] = {
-            "t_cut": client.split.t_cut,
-            "release_cut": client.split.release_cut,
-            **_client_start(cfg, client.split),
-            "classes": list(split.classes),
-            "class_names": [run.dataset.class_names[c] for c in split.classes],
-            "num_train_images": client.num_images,
-            "num_eval_images": len(split.eval_indices),
-        }
-    return {
-        "format": 1,
-        "class_names": list(run.dataset.class_names),
-        "clients": clients,
-        "server_labels": cfg.server_labels,
-        "num_train_timesteps": cfg.split.num_train_timesteps,
-        "release_policy": cfg.split.release_policy,
-        "objective": cfg.split.objective,
-        "weighting": cfg.split.weighting,
-        "data": {
-            "source": cfg.data.source,
-            "partition": cfg.data.partition,
-            "num_clients": cfg.data.num_clients,
-        },
-        "vae_sha256": run.vae_hash,
-        "privacy": guarantee_record(
+    cfg, names = run.config, run.dataset.class_names
+    entries = {
+        client.client_id: client_entry(
             cfg,
-            run.scheduler.alphas_cumprod,
-            {c.client_id: c.split.release_cut for c in run.clients},
-        ),
-        "run_config": cfg.to_dict(),
+            client.split,
+            share.classes,
+            names,
+            num_train_images=client.num_images,
+            num_eval_images=len(share.eval_indices),
+        )
+        for share, client in zip(run.splits, run.clients, strict=True)
     }
+    data = {
+        "source": cfg.data.source,
+        "partition": cfg.data.partition,
+        "num_clients": cfg.data.num_clients,
+    }
+    return model_description(
+        cfg, names, entries, run.scheduler.alphas_cumprod, vae_sha256=run.vae_hash, data=data
+    )
 
 
 def build_pipeline(run: Run, trainer: Trainer):
@@ -124,30 +88,38 @@ def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
     return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
-    """Train every client and the server; returns the exported model folder."""
-    output_dir = Path(output_dir)
-    if not resume and (output_dir / "checkpoint" / "state.json").exists():
+def check_run_folder(config: RunConfig, output_dir: Path, resume: bool) -> None:
+    """Refuse to start over a checkpoint without `resume`, or to resume under another config
+    than the run folder's config.json records (ValueError naming the differing keys)."""
+    held = (output_dir / "checkpoint" / "state.json").exists()
+    if held and not resume:
         raise FileExistsError(
             f"{output_dir} already holds a checkpoint: pass --resume to continue "
             "it, or choose another --output-dir"
         )
-    accelerator = make_accelerator(config, output_dir)
+    recorded = output_dir / "config.json"
+    if resume and held and recorded.is_file():
+        differences = config_differences(json.loads(recorded.read_text()), config.to_dict())
+        if differences:
+            raise ValueError(
+                f"--resume: {output_dir} was trained under another configuration "
+                f"({recorded}); differences: " + "; ".join(differences)
+            )
+
+
+def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
+    """Train every client and the server; returns the exported model folder."""
+    output_dir = Path(output_dir)
+    check_run_folder(config, output_dir, resume)
+    accelerator = make_accelerator(config.train, output_dir, log=True)
     with accelerator.main_process_first():  # one process encodes, the others read the cache
-        run = build_run(
-            config, output_dir
-        )  # data, autoencoder and partition are checked before any output
+        run = build_run(config, output_dir)  # data, autoencoder, partition: checked before output
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "config.json", config.to_dict())
     trainer = Trainer(run, accelerator, output_dir)
     if resume and trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.checkpoint_dir(), trainer.step)
-    elif not resume and (trainer.checkpoint_dir() / "state.json").exists():
-        raise FileExistsError(
-            f"{output_dir} already holds a checkpoint: pass --resume to continue "
-            "it, or choose another --output-dir"
-        )
     accelerator.init_trackers("latentfuse", config={"t_cut": config.split.t_cut})
     _loop(run, trainer, output_dir)
     accelerator.end_training()

@@ -13,76 +13,107 @@ logger = logging.getLogger(__name__)
 
 
 class ReleaseStore:
-    """The latest release of every (client, image); a repeated key replaces, never duplicates."""
+    """The latest release of every (client, image), packed into rows: memory grows with the
+    releases held, never with the largest image id. A repeated key replaces, never duplicates.
+
+    `flat()` gives the held releases in one canonical order, (client, image id), so two stores
+    holding the same releases draw the same batches whatever order they arrived in.
+    """
 
     def __init__(self) -> None:
-        self._by_client: dict[int, dict[str, torch.Tensor | int]] = {}
+        self._rows: dict[tuple[int, int], int] = {}
+        self._keys: list[tuple[int, int]] = []  # row -> (client, image)
+        self._latents = torch.zeros(0)
+        self._labels = torch.zeros(0, dtype=torch.long)
+        self._t_cut: dict[int, int] = {}
         self._flat: dict[str, torch.Tensor] | None = None
+        self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _grow(self, needed: int, shape: tuple[int, ...]) -> None:
+        """Room for `needed` rows (capacity doubles, so appends cost O(1) amortised)."""
+        if self._latents.ndim == 1:
+            self._latents = torch.zeros((0, *shape))
+        elif tuple(self._latents.shape[1:]) != shape:
+            raise ValueError(
+                f"release latents must be (n, {', '.join(map(str, self._latents.shape[1:]))}), "
+                f"got (n, {', '.join(map(str, shape))})"
+            )
+        capacity = len(self._latents)
+        if needed <= capacity:
+            return
+        size = max(needed, 2 * capacity, 64)
+        latents, labels = torch.zeros((size, *shape)), torch.full((size,), -1, dtype=torch.long)
+        latents[:capacity], labels[:capacity] = self._latents, self._labels
+        self._latents, self._labels = latents, labels
 
     def add(self, batch: ReleaseBatch) -> None:
         """Store a batch's releases (replacing earlier copies of the same images)."""
-        entry = self._by_client.get(batch.client_id)
-        ids = torch.tensor(batch.image_ids, dtype=torch.long)
-        labels = batch.labels if batch.labels is not None else torch.full_like(ids, -1)
-        if entry is None:
-            size = int(ids.max()) + 1
-            entry = {
-                "latents": torch.zeros((size, *batch.latents.shape[1:])),
-                "labels": torch.full((size,), -1, dtype=torch.long),
-                "held": torch.zeros(size, dtype=torch.bool),
-                "t_cut": batch.t_cut,
-            }
-            self._by_client[batch.client_id] = entry
-        if int(ids.max()) >= len(entry["held"]):
-            grow = int(ids.max()) + 1 - len(entry["held"])
-            entry["latents"] = torch.cat(
-                [entry["latents"], torch.zeros((grow, *batch.latents.shape[1:]))]
-            )
-            entry["labels"] = torch.cat([entry["labels"], torch.full((grow,), -1)])
-            entry["held"] = torch.cat([entry["held"], torch.zeros(grow, dtype=torch.bool)])
-        entry["latents"][ids] = batch.latents.float()
-        entry["labels"][ids] = labels.long()
-        entry["held"][ids] = True
-        entry["t_cut"] = batch.t_cut
-        self._flat = None
+        rows = []
+        for image_id in batch.image_ids:
+            key = (batch.client_id, int(image_id))
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = len(self._keys)
+                self._keys.append(key)
+            rows.append(row)
+        self._grow(len(self._keys), tuple(batch.latents.shape[1:]))
+        index = torch.tensor(rows, dtype=torch.long)
+        self._latents[index] = batch.latents.float()
+        if batch.labels is not None:
+            self._labels[index] = batch.labels.long()
+        else:
+            self._labels[index] = -1
+        self._t_cut[batch.client_id] = batch.t_cut
+        self._flat, self._on_device = None, {}
 
     def counts(self) -> dict[int, int]:
         """Releases held per client."""
-        return {cid: int(e["held"].sum()) for cid, e in sorted(self._by_client.items())}
+        out: dict[int, int] = {}
+        for client_id, _ in self._keys:
+            out[client_id] = out.get(client_id, 0) + 1
+        return dict(sorted(out.items()))
 
     def __len__(self) -> int:
-        return sum(self.counts().values())
+        return len(self._keys)
 
-    def flat(self) -> dict[str, torch.Tensor]:
-        """All held releases as one set of tensors: latents, labels, client ids, cuts."""
+    def flat(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """All held releases as one set of tensors (latents, labels, client ids, image ids,
+        cuts) in (client, image) order; on `device` (kept there until the store changes)."""
         if self._flat is None:
-            parts = {"latents": [], "labels": [], "client_ids": [], "t_cut": []}
-            for cid, e in sorted(self._by_client.items()):
-                held = e["held"]
-                parts["latents"].append(e["latents"][held])
-                parts["labels"].append(e["labels"][held])
-                parts["client_ids"].append(torch.full((int(held.sum()),), cid))
-                parts["t_cut"].append(torch.full((int(held.sum()),), e["t_cut"]))
-            self._flat = {k: torch.cat(v) for k, v in parts.items()}
-        return self._flat
+            order = sorted(range(len(self._keys)), key=self._keys.__getitem__)
+            index = torch.tensor(order, dtype=torch.long)
+            keys = torch.tensor(self._keys, dtype=torch.long).reshape(-1, 2)[index]
+            cuts = torch.tensor([self._t_cut[c] for c in keys[:, 0].tolist()], dtype=torch.long)
+            self._flat = {
+                "latents": self._latents[index],
+                "labels": self._labels[index],
+                "client_ids": keys[:, 0].contiguous(),
+                "image_ids": keys[:, 1].contiguous(),
+                "t_cut": cuts,
+            }
+        if device is None or torch.device(device).type == "cpu":
+            return self._flat
+        name = str(device)
+        if name not in self._on_device:
+            self._on_device[name] = {k: v.to(device) for k, v in self._flat.items()}
+        return self._on_device[name]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The store as named tensors (for a checkpoint)."""
-        out = {}
-        for cid, e in self._by_client.items():
-            for key in ("latents", "labels", "held"):
-                out[f"{cid}.{key}"] = e[key]
-            out[f"{cid}.t_cut"] = torch.tensor(e["t_cut"])
-        return out
+        flat = self.flat()
+        cuts = torch.tensor(sorted(self._t_cut.items()), dtype=torch.long).reshape(-1, 2)
+        return {**{k: v.contiguous() for k, v in flat.items() if k != "t_cut"}, "cuts": cuts}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `state_tensors`."""
-        self._by_client = {}
-        for name, value in tensors.items():
-            cid, key = name.split(".", 1)
-            entry = self._by_client.setdefault(int(cid), {})
-            entry[key] = int(value) if key == "t_cut" else value
-        self._flat = None
+        self.__init__()
+        self._t_cut = {int(c): int(t) for c, t in tensors["cuts"].tolist()}
+        self._keys = list(
+            zip(tensors["client_ids"].tolist(), tensors["image_ids"].tolist(), strict=True)
+        )
+        self._rows = {key: row for row, key in enumerate(self._keys)}
+        self._latents = tensors["latents"].float().clone()
+        self._labels = tensors["labels"].long().clone()
 
 
 class Server:
@@ -113,27 +144,32 @@ class Server:
         self.store.add(batch)
 
     def draw_batch(
-        self, batch_size: int, label_dropout: float, null_label: int
+        self,
+        batch_size: int,
+        label_dropout: float,
+        null_label: int,
+        device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch of (z_s, s, labels, target, weight) drawn uniformly over held releases."""
-        if len(self.store) == 0:  # checked first: flat() of an empty store cannot concatenate
+        """A batch of (z_s, s, labels, target, weight) drawn uniformly over held releases, in
+        float32 on `device` (the random numbers come from the server's CPU generator, so every
+        process and device draws the same batch)."""
+        if len(self.store) == 0:
             raise RuntimeError("the server holds no releases yet")
         flat = self.store.flat()
         g = self.generator
         index = torch.randint(len(flat["latents"]), (batch_size,), generator=g)
-        z_r, client_ids, t_cut = (
-            flat["latents"][index],
-            flat["client_ids"][index],
-            flat["t_cut"][index],
-        )
+        client_ids, t_cut = flat["client_ids"][index], flat["t_cut"][index]
         any_split = next(iter(self.splits.values()))
         s = sample_server_timesteps(t_cut, any_split.num_train_timesteps, g)
-        eps_s = torch.randn(z_r.shape, generator=g)
+        eps_s = torch.randn((batch_size, *flat["latents"].shape[1:]), generator=g)
+        device = torch.device(device or "cpu")
+        z_r = self.store.flat(device)["latents"][index.to(device)]
+        eps_s, s_cpu, s = eps_s.to(device), s, s.to(device)
         z_s = torch.empty_like(z_r)
         target = torch.empty_like(z_r)
-        lam = torch.empty(batch_size)
+        lam = torch.empty(batch_size, device=device)
         for cid in client_ids.unique().tolist():  # each client's own cut sets its a and lam
-            rows = client_ids == cid
+            rows = (client_ids == cid).to(device)
             z_s[rows], target[rows], lam[rows] = self.splits[cid].server_inputs(
                 z_r[rows], s[rows], eps_s[rows], self.objective
             )
@@ -141,12 +177,14 @@ class Server:
         drop = torch.rand(batch_size, generator=g) < label_dropout
         if labels is not None:
             labels[drop] = null_label
+            labels = labels.to(device)
+        weight = loss_weights(self.common_lam(s_cpu, lam.cpu(), client_ids), self.weighting)
         return {
             "sample": z_s,
             "timestep": s,
             "class_labels": labels,
             "target": target,
-            "weight": loss_weights(self.common_lam(s, lam, client_ids), self.weighting),
+            "weight": weight.to(device),
         }
 
     def common_lam(

@@ -16,11 +16,10 @@ from .datasets import ImageDataset, load_cifar10, load_dataset
 from .latents import cached_latents, dataset_fingerprint
 from .models import build_unet
 from .partition import ClientSplit, limit_train_images, partition
-from .paths import REPO_ROOT, cache_dir
-from .privacy import private_t_cut
+from .paths import cache_dir, resolve_path
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
+from .schedule import client_split, make_scheduler
 from .server import Server
-from .split import DiffusionSplit, buffered_cut
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +52,6 @@ class Run:
         return self.num_classes
 
 
-def resolve_path(path: str) -> str:
-    """A relative path that exists under the repository root, else the path unchanged."""
-    candidate = REPO_ROOT / path
-    return str(candidate) if not Path(path).exists() and candidate.exists() else path
-
-
 def load_run_dataset(config: RunConfig) -> ImageDataset:
     """The data set named by `config.data.source`."""
     data = config.data
@@ -84,44 +77,6 @@ def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSp
         overlap=data.overlap,
     )
     return [limit_train_images(s, data.max_images_per_client, data.seed) for s in splits]
-
-
-def make_scheduler(config: RunConfig) -> DDPMScheduler:
-    """The training noise schedule every split and the pipeline share."""
-    return DDPMScheduler(
-        num_train_timesteps=config.split.num_train_timesteps,
-        beta_schedule=config.split.beta_schedule,
-        clip_sample=False,
-    )
-
-
-def client_split(config: RunConfig, scheduler: DDPMScheduler, client_id: int) -> DiffusionSplit:
-    """One client's cut: its configured cut, raised to the smallest private one when
-    `privacy.target_epsilon` is set (the same answer on the client and the server side)."""
-    t_cut, privacy = config.client_t_cut(client_id), config.privacy
-    if privacy.target_epsilon > 0:
-        needed = private_t_cut(
-            scheduler.alphas_cumprod.double(),
-            privacy.clip_norm,
-            privacy.target_epsilon,
-            privacy.delta,
-            config.split.release_policy,
-            privacy.max_releases,
-        )
-        if needed > t_cut:
-            logger.info(
-                "client %d: t_cut %d -> %d for (epsilon=%g, delta=%g) at clip norm %g",
-                client_id,
-                t_cut,
-                needed,
-                privacy.target_epsilon,
-                privacy.delta,
-                privacy.clip_norm,
-            )
-            t_cut = needed
-    alphas = scheduler.alphas_cumprod.detach().to(torch.float64).clone()
-    handoff = buffered_cut(alphas, t_cut, config.split.max_target_variance)
-    return DiffusionSplit(alphas, handoff, release_cut=t_cut)
 
 
 def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:

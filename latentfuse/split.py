@@ -96,7 +96,9 @@ class DiffusionSplit:
         """(z_s, target, lam_s) for server timesteps `s` (b,) from releases `z_r` (b, c, h, w)."""
         if torch.any(s < self.t_cut):
             raise ValueError(f"server timesteps must be >= t_cut={self.t_cut}")
-        abar_s = self._abar(s)
+        # The coefficients in float64 where the schedule lives (1 - a is small near the cut);
+        # the tensor arithmetic in the latents' own dtype and device (float32 on the GPU).
+        abar_s = self.alphas_cumprod[s.cpu()]
         shape = (-1,) + (1,) * (z_r.ndim - 1)
         if objective == "exact":
             # DESIGN 2: a = abar_s / abar_r; z_s = sqrt(a) z_r + sqrt(1-a) eps_s has marginal
@@ -108,8 +110,14 @@ class DiffusionSplit:
             a, lam = abar_s, torch.ones_like(abar_s)
         else:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        z_s = a.sqrt().view(shape) * z_r.double() + (1 - a).sqrt().view(shape) * eps_s.double()
-        target = lam.view(shape) * eps_s.double()
+        dtype = torch.float64 if z_r.dtype == torch.float64 else torch.float32
+
+        def coefficient(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device=z_r.device, dtype=dtype).view(shape)
+
+        z_s = coefficient(a.sqrt()) * z_r.to(dtype) + coefficient((1 - a).sqrt()) * eps_s.to(dtype)
+        target = coefficient(lam) * eps_s.to(dtype)
+        lam = lam.to(device=z_r.device, dtype=dtype)
         return z_s.to(z_r.dtype), target.to(z_r.dtype), lam.to(z_r.dtype)
 
     def split_timesteps(

@@ -1,4 +1,4 @@
-"""The collaborative training loop under Accelerate.
+"""The collaborative training loop of the in-process job (train.py).
 
 How client and server steps interleave: each global step, (1) every client hands the
 transport any release that is due (all its images once under `once`; anew at each of its
@@ -7,10 +7,8 @@ timesteps of its own (t_cut > 0) makes one optimiser step on a batch of its own 
 and (4) the server makes one optimiser step on a batch drawn uniformly over all releases it
 holds. Clients with more images therefore weigh more in the server's batches, as they would
 in central training, while each client's own steps are independent of its data set size
-(each client cycles through its own epochs).
-
-Data parallelism: every process draws the same global batch from the same generators and
-keeps its shard; DDP averages the gradients, so N processes compute the same update as one.
+(each client cycles through its own epochs). The optimiser step itself is the engine's
+(`latentfuse.engine`), the same one the deployment server and client run.
 """
 
 from __future__ import annotations
@@ -21,45 +19,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .checkpointing import load_state, save_state
-from .models import EMA
+from .engine import Batch, Engine
 from .setup_run import Run
 from .transport import InProcessTransport
 
 logger = logging.getLogger(__name__)
 
 
-def lr_at(step: int, base: float, warmup: int) -> float:
-    """Linear warm-up to `base`, then constant."""
-    return base * min(1.0, (step + 1) / max(1, warmup))
-
-
-def shard(
-    batch: dict[str, torch.Tensor | None], accelerator: Accelerator, device: torch.device
-) -> dict[str, torch.Tensor | None]:
-    """This process's slice of a global batch, moved to `device`."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = {}
-    for key, value in batch.items():
-        if value is None:
-            out[key] = None
-            continue
-        size = len(value) // world
-        out[key] = value[rank * size : (rank + 1) * size].to(device)
-    return out
-
-
-def denoising_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor | None]) -> torch.Tensor:
-    """Weighted eps-prediction MSE: mean_i w_i ||unet(x_i, t_i, y_i) - target_i||^2 / dim."""
-    prediction = unet(batch["sample"], batch["timestep"], class_labels=batch["class_labels"]).sample
-    per_sample = (prediction.float() - batch["target"].float()).pow(2).flatten(1).mean(1)
-    return (batch["weight"] * per_sample).mean()
-
-
 class Trainer:
-    """Owns the Accelerate objects, optimisers, EMA and the step loop of one run."""
+    """The in-process job's models on one engine, with the clients, server and transport."""
 
-    def __init__(self, run: Run, accelerator: Accelerator, output_dir: Path):
+    def __init__(
+        self, run: Run, accelerator: Accelerator, output_dir: Path, keep_transport_log: bool = False
+    ):
         self.run, self.accelerator, self.output_dir = run, accelerator, Path(output_dir)
         cfg = run.config.train
         world = accelerator.num_processes
@@ -69,31 +41,23 @@ class Trainer:
                     f"train.{name}={getattr(cfg, name)} must be divisible by the "
                     f"number of processes ({world})"
                 )
-        self.transport = InProcessTransport()
-        self.models: dict[str, torch.nn.Module] = {}
+        self.transport = InProcessTransport(keep_log=keep_transport_log)
+        models: dict[str, torch.nn.Module] = {}
         if run.server_unet is not None:
-            self.models["server"] = run.server_unet
+            models["server"] = run.server_unet
         for cid, unet in run.client_unets.items():
-            self.models[f"client_{cid}"] = unet
-        self.emas = {name: EMA(m, cfg.ema_decay) for name, m in self.models.items()}
-        self.base_lr = {
+            models[f"client_{cid}"] = unet
+        rates = {
             name: cfg.learning_rate if name == "server" else cfg.client_learning_rate
-            for name in self.models
+            for name in models
         }
-        optimizers = {
-            name: torch.optim.AdamW(
-                m.parameters(), lr=self.base_lr[name], weight_decay=cfg.weight_decay
-            )
-            for name, m in self.models.items()
-        }
-        names = list(self.models)
-        prepared = accelerator.prepare(
-            *[self.models[n] for n in names], *[optimizers[n] for n in names]
-        )
-        self.wrapped = dict(zip(names, prepared[: len(names)], strict=True))
-        self.optimizers = dict(zip(names, prepared[len(names) :], strict=True))
-        self.step = 0
+        self.engine = Engine(accelerator, models, rates, cfg, run.config.to_dict())
         self.clients = {c.client_id: c for c in run.clients}
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.engine.step
 
     # ---- one step -------------------------------------------------------------------------
     def exchange_releases(self) -> None:
@@ -105,13 +69,16 @@ class Trainer:
             if self.run.server is not None:
                 self.run.server.receive(message)
 
-    def global_batches(self) -> dict[str, dict]:
+    def global_batches(self) -> dict[str, Batch]:
         """This step's global batch for every model, drawn from the seeded generators."""
         cfg, batches = self.run.config.train, {}
-        for name in self.models:
+        for name in self.engine.wrapped:
             if name == "server":
                 batches[name] = self.run.server.draw_batch(
-                    cfg.server_batch_size, cfg.label_dropout, self.run.server_null_label
+                    cfg.server_batch_size,
+                    cfg.label_dropout,
+                    self.run.server_null_label,
+                    device=self.accelerator.device,
                 )
             else:
                 client = self.clients[int(name.split("_")[1])]
@@ -120,33 +87,13 @@ class Trainer:
                 )
         return batches
 
+    def _draw(self) -> dict[str, Batch]:
+        self.exchange_releases()
+        return self.global_batches()
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step of every model (with gradient accumulation); returns losses."""
-        accelerator, cfg = self.accelerator, self.run.config.train
-        losses = {name: 0.0 for name in self.models}
-        for _ in range(cfg.gradient_accumulation_steps):
-            self.exchange_releases()
-            batches = self.global_batches()
-            with accelerator.accumulate(*self.wrapped.values()):
-                total = 0.0
-                for name, unet in self.wrapped.items():
-                    with accelerator.autocast():
-                        loss = denoising_loss(
-                            unet, shard(batches[name], accelerator, accelerator.device)
-                        )
-                    total = total + loss
-                    losses[name] += loss.detach().item() / cfg.gradient_accumulation_steps
-                accelerator.backward(total)
-                for name, optimizer in self.optimizers.items():
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(self.step, self.base_lr[name], cfg.warmup_steps)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            for name, ema in self.emas.items():
-                ema.update(accelerator.unwrap_model(self.wrapped[name]), self.step)
-            self.step += 1
-        return losses
+        return self.engine.train_step(self._draw)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:
@@ -155,41 +102,22 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Everything exact resume needs (weights, EMA, optimisers, generators, releases)."""
-        if self.accelerator.is_main_process:
-            tensors = {}
-            for name, ema in self.emas.items():
-                tensors.update(ema.state_tensors(f"ema.{name}"))
-            for client in self.run.clients:
-                tensors[f"generator.client_{client.client_id}"] = client.generator_state()
-            if self.run.server is not None:
-                tensors["generator.server"] = self.run.server.generator.get_state()
-                for key, value in self.run.server.store.state_tensors().items():
-                    tensors[f"store.{key}"] = value
-            extra = {
-                "step": self.step,
-                "clients": {str(c.client_id): c.state() for c in self.run.clients},
-            }
-            modules = {n: self.accelerator.unwrap_model(m) for n, m in self.wrapped.items()}
-            save_state(
-                self.checkpoint_dir(),
-                modules,
-                {n: o.optimizer for n, o in self.optimizers.items()},
-                extra,
-                tensors,
-            )
-        self.accelerator.wait_for_everyone()
+        tensors = {}
+        for client in self.run.clients:
+            tensors[f"generator.client_{client.client_id}"] = client.generator_state()
+        if self.run.server is not None:
+            tensors["generator.server"] = self.run.server.generator.get_state()
+            for key, value in self.run.server.store.state_tensors().items():
+                tensors[f"store.{key}"] = value
+        extra = {"clients": {str(c.client_id): c.state() for c in self.run.clients}}
+        self.engine.save(self.checkpoint_dir(), extra, tensors)
 
     def load_checkpoint(self) -> bool:
         """Resume from `checkpoint_dir()` if it exists; returns whether it did."""
-        directory = self.checkpoint_dir()
-        if not (directory / "state.json").is_file():
+        loaded = self.engine.load(self.checkpoint_dir())
+        if loaded is None:
             return False
-        modules = {n: self.accelerator.unwrap_model(m) for n, m in self.wrapped.items()}
-        extra, tensors = load_state(
-            directory, modules, {n: o.optimizer for n, o in self.optimizers.items()}
-        )
-        for name, ema in self.emas.items():
-            ema.load_tensors(tensors, f"ema.{name}")
+        extra, tensors = loaded
         for client in self.run.clients:
             client.load_state(
                 extra["clients"][str(client.client_id)],
@@ -200,15 +128,8 @@ class Trainer:
             self.run.server.store.load_tensors(
                 {k[len("store.") :]: v for k, v in tensors.items() if k.startswith("store.")}
             )
-        self.step = extra["step"]
         return True
 
     def ema_models(self) -> dict[str, torch.nn.Module]:
         """Copies of every model carrying its EMA weights."""
-        import copy
-
-        out = {}
-        for name, wrapped in self.wrapped.items():
-            model = copy.deepcopy(self.accelerator.unwrap_model(wrapped)).float()
-            out[name] = self.emas[name].copy_to(model).eval()
-        return out
+        return {name: self.engine.ema_model(name) for name in self.engine.wrapped}

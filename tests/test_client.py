@@ -64,7 +64,7 @@ def send_due(client: Client, transport: InProcessTransport) -> None:
 def test_transport_log_holds_only_the_release(t_cut):
     """What crosses is z_r = release(z0, eps_c): neither z0 nor eps_c, image by image."""
     z0 = make_latents()
-    client, transport = make_client(t_cut, z0), InProcessTransport()
+    client, transport = make_client(t_cut, z0), InProcessTransport(keep_log=True)
     send_due(client, transport)
     assert len(transport.log) == 1
     sent = transport.log[0].latents
@@ -152,7 +152,7 @@ def run_epochs(client: Client, transport: InProcessTransport, batch_size: int, s
 @pytest.mark.parametrize("batch_size", [3, 4, NUM_IMAGES])
 def test_once_sends_each_image_exactly_once(batch_size):
     """Under `once`, several epochs of training send every image once and only once."""
-    client, transport = make_client(100, release_policy="once"), InProcessTransport()
+    client, transport = make_client(100, release_policy="once"), InProcessTransport(keep_log=True)
     run_epochs(client, transport, batch_size, steps=4 * NUM_IMAGES // batch_size)
     assert client.sampler.epoch >= 3
     sent = Counter(i for message in transport.log for i in message.image_ids)
@@ -162,7 +162,7 @@ def test_once_sends_each_image_exactly_once(batch_size):
 @pytest.mark.parametrize("batch_size", [3, 4, NUM_IMAGES])
 def test_fresh_sends_a_new_release_each_epoch(batch_size):
     """Under `fresh`, one release per epoch reached, each image in each, each new."""
-    client, transport = make_client(100, release_policy="fresh"), InProcessTransport()
+    client, transport = make_client(100, release_policy="fresh"), InProcessTransport(keep_log=True)
     run_epochs(client, transport, batch_size, steps=4 * NUM_IMAGES // batch_size)
     epochs = [message.epoch for message in transport.log]
     assert epochs == list(range(client.sampler.epoch + 1))
@@ -283,7 +283,10 @@ def test_epoch_sampler_needs_an_image():
 @pytest.mark.parametrize("release_policy", ["once", "fresh"])
 def test_client_state_round_trip(release_policy):
     """state()/load_state on a fresh client reproduces the next batch and the send bookkeeping."""
-    client, transport = make_client(100, release_policy=release_policy), InProcessTransport()
+    client, transport = (
+        make_client(100, release_policy=release_policy),
+        InProcessTransport(keep_log=True),
+    )
     run_epochs(client, transport, batch_size=4, steps=4)
     state, generator_state = client.state(), client.generator_state()
     restored = make_client(100, release_policy=release_policy)
@@ -309,7 +312,7 @@ def test_clipped_release_is_the_release_of_the_clipped_latent():
 def test_max_releases_caps_fresh_releases():
     client, transport = (
         make_client(100, release_policy="fresh", max_releases=2),
-        InProcessTransport(),
+        InProcessTransport(keep_log=True),
     )
     run_epochs(client, transport, batch_size=NUM_IMAGES, steps=6)  # six epochs
     assert [m.epoch for m in transport.log] == [0, 1]

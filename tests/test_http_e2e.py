@@ -110,6 +110,7 @@ def deployment(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_server_and_two_client_processes_train_and_sample(tiny_run, deployment, capsys):
     root, port, files = deployment, free_port(), tiny_run["files"]
     toml = deploy_toml(files, root / "deploy.toml", max_steps=6, checkpoint_every=3)
@@ -181,6 +182,7 @@ class Uploader(threading.Thread):
             self.error = error
 
 
+@pytest.mark.slow
 def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment):
     root, port, files = deployment, free_port(), tiny_run["files"]
     toml = deploy_toml(files, root / "deploy.toml", max_steps=100_000, checkpoint_every=3)
@@ -243,4 +245,3 @@ def test_load_20_clients_x_50_uploads_loses_nothing():
         f"lost {result['lost']}, server steps meanwhile {result['server_steps']}"
     )
     assert result["uploads_committed"] == 1000 and result["held"] == 4000 and result["lost"] == 0
-    assert result["wall_s"] < 120

@@ -228,7 +228,9 @@ def test_classifier_free_guidance(scheduler):
     guided = reference_chain(fresh(pipe.scheduler), pick, labels, seed=4, guidance_scale=3.0)
     torch.testing.assert_close(sample(1.0), unguided, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sample(0.0), null_only, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(sample(3.0), guided, rtol=1e-4, atol=1e-4)
+    # guidance x3 through a multistep solver amplifies the last-bit difference between the
+    # pipeline's one batched (cond, uncond) call and the reference's two calls
+    torch.testing.assert_close(sample(3.0), guided, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(sample(3.0), unguided, rtol=1e-3, atol=1e-3)
 
 

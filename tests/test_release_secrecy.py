@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from latentfuse.engine import make_accelerator
 from latentfuse.http.wire import encode_release
 from latentfuse.release_key import client_key_path, load_release_key, release_noise
-from latentfuse.runner import export, make_accelerator
+from latentfuse.runner import export
 from latentfuse.setup_run import build_run
 from latentfuse.training import Trainer
 from tests.worlds import tiny_config
@@ -58,7 +59,7 @@ def trained_run(world, run_dir: Path, *overrides: str):
     """A short in-process run in `run_dir`: (run, trainer) after checkpoint and export."""
     config = tiny_config(world, "train.max_steps=6", *overrides)
     run = build_run(config, run_dir)
-    trainer = Trainer(run, make_accelerator(config, run_dir, log=False), run_dir)
+    trainer = Trainer(run, make_accelerator(config.train), run_dir, keep_transport_log=True)
     for _ in range(config.train.max_steps):
         trainer.train_step()
     trainer.save_checkpoint()

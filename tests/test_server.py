@@ -37,7 +37,7 @@ def federation(cuts: dict[int, int], sizes: dict[int, int] | None = None, **serv
     sizes = sizes or {}
     clients = {cid: make_client(cid, cut, sizes.get(cid, 10)) for cid, cut in cuts.items()}
     server = Server({cid: c.split for cid, c in clients.items()}, **server_kwargs)
-    transport = InProcessTransport()
+    transport = InProcessTransport(keep_log=True)
     for client in clients.values():
         for message in client.due_releases():
             transport.send(message)

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 CUTS = (0, 100, 1000)
 
 
+pytestmark = pytest.mark.slow  # the sweep fixture trains every point of a tiny sweep
+
+
 def load_script():
     """scripts/sweep.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts" / "sweep.py")

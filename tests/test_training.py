@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentfuse.runner import make_accelerator, train
+from latentfuse.engine import make_accelerator
+from latentfuse.runner import train
 from latentfuse.setup_run import build_run
 from latentfuse.training import Trainer
 from tests.worlds import tiny_config
@@ -79,7 +80,7 @@ def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
 def test_transport_carries_only_releases(tiny_world, tmp_path, policy):
     config = tiny_config(tiny_world, f'split.release_policy="{policy}"', "train.max_steps=12")
     run = build_run(config)
-    trainer = Trainer(run, make_accelerator(config, tmp_path, log=False), tmp_path)
+    trainer = Trainer(run, make_accelerator(config.train), tmp_path, keep_transport_log=True)
     for _ in range(config.train.max_steps):
         trainer.train_step()
     clients = {c.client_id: c for c in run.clients}
@@ -177,6 +178,7 @@ def launch(tiny_world: dict[str, Path], out: Path, processes: int) -> Path:
     return out / "model"
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_world, tmp_path):
     # Adam turns float noise in a ~zero gradient into a full step, so the nets use groups of
     # 4 channels (the default): no parameter's gradient is identically zero.

@@ -95,7 +95,7 @@ def assert_same(got: list, expected: list) -> None:
 
 def test_transport_delivers_in_order_once_and_logs_everything():
     """receive() returns what was sent since the last call, in order; the log keeps it all."""
-    transport = InProcessTransport()
+    transport = InProcessTransport(keep_log=True)
     first = ReleaseBatch(**release_fields(client_id=0))
     second = ReleaseBatch(**release_fields(client_id=1))
     third = ReleaseBatch(**release_fields(client_id=0, epoch=1))
@@ -115,7 +115,7 @@ def test_transport_delivers_in_order_once_and_logs_everything():
 )
 def test_transport_refuses_anything_but_release_batches(message):
     """Only ReleaseBatch crosses: a raw tensor (say, z0) is refused and never logged."""
-    transport = InProcessTransport()
+    transport = InProcessTransport(keep_log=True)
     with pytest.raises(TypeError, match="ReleaseBatch"):
         transport.send(message)
     assert transport.log == [] and transport.receive() == []

@@ -1,13 +1,12 @@
 """`latentfuse client`: encode this client's images, train its denoiser, upload its releases.
 
 The client's images, `z0`, `eps_c` and weights stay here; only `ReleaseBatch` messages leave,
-through `RemoteServer`. Training is train.py's client step (`Client.draw_batch` and
-`denoising_loss` under Accelerate), so the releases are the ones the in-process run makes.
+through `RemoteServer`. Training is the engine's step (`latentfuse.engine`) on
+`Client.draw_batch`, so the releases and weights are the ones the in-process run makes.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -16,18 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..autoencoder import load_vae, vae_fingerprint
-from ..checkpointing import atomic_write_dir, load_state, save_state
+from ..checkpointing import atomic_write_dir
 from ..client import Client
 from ..config import RunConfig
 from ..datasets import load_dataset
+from ..description import client_entry, model_description
+from ..engine import Batch, Engine, make_accelerator
 from ..latents import cached_latents
-from ..models import EMA, build_unet
+from ..models import build_unet
 from ..partition import ClientSplit, limit_train_images
-from ..privacy import guarantee_record
+from ..paths import resolve_path
 from ..release_key import KEY_FILE, load_or_create_release_key
-from ..runner import _client_start, make_accelerator
-from ..setup_run import client_split, make_scheduler, resolve_path
-from ..training import denoising_loss, lr_at, shard
+from ..schedule import client_split, make_scheduler
 from .deploy import DeployConfig
 from .remote import RemoteServer
 
@@ -88,23 +87,35 @@ class ClientJob:
             clip_norm=config.privacy.clip_norm,
             max_releases=config.privacy.max_releases,
         )
-        self.accelerator = make_accelerator(config, self.work_dir, log=False)
-        self.unet = self.ema = self.optimizer = None
+        self.accelerator = make_accelerator(cfg, self.work_dir)
+        self.model_name = f"client_{client_id}"  # the in-process job's name for this model
+        models = {}
         if split.t_cut > 0:  # the same initial weights as build_run gives this client
             torch.manual_seed(cfg.seed * 1000 + client_id + 1)
-            unet = build_unet(
+            models[self.model_name] = build_unet(
                 config.client_unet_config(client_id),
                 latents.latents.shape[-1],
                 latents.latents.shape[1],
                 deploy.num_classes + 1,
             )
-            optimizer = torch.optim.AdamW(
-                unet.parameters(), lr=cfg.client_learning_rate, weight_decay=cfg.weight_decay
-            )
-            self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
-            self.ema = EMA(self.accelerator.unwrap_model(self.unet), cfg.ema_decay)
-        self.step = 0
+        self.engine = Engine(
+            self.accelerator,
+            models,
+            {self.model_name: cfg.client_learning_rate},
+            cfg,
+            config.to_dict(),
+        )
         self.uploaded = {"uploaded": 0, "skipped": 0}
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.engine.step
+
+    @property
+    def trains(self) -> bool:
+        """Whether this client has timesteps of its own (t_cut > 0)."""
+        return bool(self.engine.wrapped)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -123,53 +134,30 @@ class ClientJob:
                 self.uploaded[key] += value
             logger.info("client %d epoch %d release: %s", self.client_id, message.epoch, counts)
 
+    def _draw(self) -> dict[str, Batch]:
+        self.upload_due()
+        cfg = self.config.train
+        batch = self.client.draw_batch(
+            cfg.client_batch_size, cfg.label_dropout, self.deploy.num_classes
+        )
+        return {self.model_name: batch}
+
     def train_step(self) -> float:
         """One optimiser step of the local denoiser on t ~ U{0..t_cut-1}."""
-        accelerator, cfg = self.accelerator, self.config.train
-        total = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            self.upload_due()
-            batch = self.client.draw_batch(
-                cfg.client_batch_size, cfg.label_dropout, self.deploy.num_classes
-            )
-            with accelerator.accumulate(self.unet):
-                with accelerator.autocast():
-                    loss = denoising_loss(self.unet, shard(batch, accelerator, accelerator.device))
-                accelerator.backward(loss)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr_at(self.step, cfg.client_learning_rate, cfg.warmup_steps)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach().item() / cfg.gradient_accumulation_steps
-        if accelerator.sync_gradients:
-            self.ema.update(accelerator.unwrap_model(self.unet), self.step)
-            self.step += 1
-        return total
+        return self.engine.train_step(self._draw)[self.model_name]
 
     def save_checkpoint(self) -> None:
-        """Weights, optimiser, EMA, sampler position, generator and release bookkeeping."""
-        tensors = {"generator": self.client.generator_state()}
-        modules, optimizers = {}, {}
-        if self.unet is not None:
-            tensors.update(self.ema.state_tensors("ema.unet"))
-            modules["unet"] = self.accelerator.unwrap_model(self.unet)
-            optimizers["unet"] = self.optimizer.optimizer
-        extra = {"step": self.step, "client": self.client.state()}
-        save_state(self.checkpoint_dir, modules, optimizers, extra, tensors)
+        """The engine's checkpoint plus the sampler position, generator and release record."""
+        tensors = {f"generator.{self.model_name}": self.client.generator_state()}
+        self.engine.save(self.checkpoint_dir, {"client": self.client.state()}, tensors)
 
     def load_checkpoint(self) -> bool:
         """Resume from `checkpoint_dir` if it holds a checkpoint; returns whether it did."""
-        if not (self.checkpoint_dir / "state.json").is_file():
+        loaded = self.engine.load(self.checkpoint_dir)
+        if loaded is None:
             return False
-        modules = {} if self.unet is None else {"unet": self.accelerator.unwrap_model(self.unet)}
-        optimizers = {} if self.unet is None else {"unet": self.optimizer.optimizer}
-        extra, tensors = load_state(self.checkpoint_dir, modules, optimizers)
-        if self.unet is not None:
-            self.ema.load_tensors(tensors, "ema.unet")
-            device = self.accelerator.device
-            self.ema.shadow = {k: v.to(device) for k, v in self.ema.shadow.items()}
-        self.client.load_state(extra["client"], tensors["generator"])
-        self.step = int(extra["step"])
+        extra, tensors = loaded
+        self.client.load_state(extra["client"], tensors[f"generator.{self.model_name}"])
         return True
 
     def run(self, max_steps: int) -> Path:
@@ -177,7 +165,7 @@ class ClientJob:
         if self.load_checkpoint():
             logger.info("client %d resumed at step %d", self.client_id, self.step)
         self.upload_due()
-        if self.unet is not None:
+        if self.trains:
             every = self.config.train.checkpoint_every
             bar = tqdm(total=max_steps, initial=self.step, desc=f"client {self.client_id}")
             while self.step < max_steps:
@@ -193,29 +181,20 @@ class ClientJob:
     def description(self) -> dict:
         """The collafuse.json of this client's model folder (its own entry only)."""
         classes = sorted(set(self.client.labels.tolist()))
-        entry = {
-            "t_cut": self.client.split.t_cut,
-            "release_cut": self.client.split.release_cut,
-            **_client_start(self.config, self.client.split),
-            "classes": classes,
-            "class_names": [self.deploy.class_names[c] for c in classes],
-            "num_train_images": self.client.num_images,
-        }
-        cfg = self.config
-        return {
-            "format": 1,
-            "class_names": list(self.deploy.class_names),
-            "clients": {str(self.client_id): entry},
-            "server_labels": cfg.server_labels,
-            "num_train_timesteps": cfg.split.num_train_timesteps,
-            "release_policy": cfg.split.release_policy,
-            "objective": cfg.split.objective,
-            "weighting": cfg.split.weighting,
-            "vae_sha256": self.vae_hash,
-            "privacy": guarantee_record(
-                cfg, self.scheduler.alphas_cumprod, {self.client_id: self.client.split.release_cut}
-            ),
-        }
+        entry = client_entry(
+            self.config,
+            self.client.split,
+            classes,
+            self.deploy.class_names,
+            num_train_images=self.client.num_images,
+        )
+        return model_description(
+            self.config,
+            self.deploy.class_names,
+            {self.client_id: entry},
+            self.scheduler.alphas_cumprod,
+            vae_sha256=self.vae_hash,
+        )
 
     def export(self) -> Path:
         """Write `work_dir/model`: vae/, scheduler/, clients/<id>/ (EMA weights), collafuse.json."""
@@ -224,9 +203,8 @@ class ClientJob:
             """Fill the temporary folder that becomes `work_dir/model`."""
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
-            if self.unet is not None:
-                model = copy.deepcopy(self.accelerator.unwrap_model(self.unet)).float()
-                self.ema.copy_to(model).save_pretrained(
+            if self.trains:
+                self.engine.ema_model(self.model_name).save_pretrained(
                     tmp / "clients" / str(self.client_id), safe_serialization=True
                 )
             (tmp / "collafuse.json").write_text(json.dumps(self.description(), indent=2))

@@ -92,7 +92,7 @@ def load_deploy_config(
 
 def latent_shape(config: RunConfig) -> tuple[int, int, int]:
     """(channels, height, width) of the latents, read from the autoencoder's config.json only."""
-    from ..setup_run import resolve_path
+    from ..paths import resolve_path
 
     config_file = Path(resolve_path(config.vae)) / "config.json"
     if not config_file.is_file():

@@ -17,10 +17,12 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig
+from ..description import client_entry, model_description
 from ..models import build_unet
 from ..pipelines import CollaFuseServerPipeline
+from ..schedule import client_split, make_scheduler
 from ..server import Server
-from ..setup_run import client_split, make_scheduler
+from ..split import DiffusionSplit
 from ..transport import ReleaseBatch
 from .auth import TokenBook
 from .deploy import DeployConfig, latent_shape, sampling_scheduler
@@ -38,20 +40,18 @@ logger = logging.getLogger(__name__)
 
 
 def server_description(
-    config: RunConfig, deploy: DeployConfig, cuts: dict[int, int]
+    config: RunConfig, deploy: DeployConfig, splits: dict[int, DiffusionSplit]
 ) -> dict[str, Any]:
     """The collafuse.json the server half pipeline needs, at each client's effective cut
-    (`cuts`, from `client_split`: raised in the formal-privacy mode); every class is allowed
+    (`splits`, from `client_split`: raised in the formal-privacy mode); every class is allowed
     to every client."""
-    classes = list(range(deploy.num_classes))
-    clients = {str(cid): {"t_cut": cuts[cid], "classes": classes} for cid in sorted(cuts)}
-    return {
-        "format": 1,
-        "class_names": list(deploy.class_names),
-        "clients": clients,
-        "server_labels": config.server_labels,
-        "num_train_timesteps": config.split.num_train_timesteps,
+    classes = range(deploy.num_classes)
+    entries = {
+        cid: client_entry(config, split, classes, deploy.class_names)
+        for cid, split in splits.items()
     }
+    alphas_cumprod = next(iter(splits.values())).alphas_cumprod
+    return model_description(config, deploy.class_names, entries, alphas_cumprod)
 
 
 def build_server_unet(
@@ -110,8 +110,7 @@ class ServerService:
             seed=config.train.seed,
         )
         self.latent_shape = latent_shape(config)
-        cuts = {cid: split.t_cut for cid, split in splits.items()}
-        self.description = server_description(config, deploy, cuts)
+        self.description = server_description(config, deploy, splits)
         self.lock = threading.Lock()  # guards the Server's store (uploads vs training batches)
         self.log = ReleaseLog(self.state_dir / "releases")
         for entry in self.log.entries():  # replay: the store is rebuilt from the durable log
