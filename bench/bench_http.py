@@ -68,7 +68,8 @@ def sampling_bench(config_path: Path, batch: int, steps: int, scheduler: str, re
     from latentfuse.autoencoder import load_vae
     from latentfuse.http.deploy import latent_shape, load_deploy_config, sampling_scheduler
     from latentfuse.http.remote_sample import finish_remote
-    from latentfuse.http.service import build_server_unet, server_description
+    from latentfuse.http.service import server_description
+    from latentfuse.http.trainer import build_server_unet
     from latentfuse.http.wire import SampleRequest
     from latentfuse.models import build_unet
     from latentfuse.paths import resolve_path

@@ -37,7 +37,20 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow plain HTTP on a non-loopback address (tokens travel in clear text)",
     )
-    serve.add_argument("--no-train", action="store_true", help="serve sampling only")
+    serve.add_argument(
+        "--no-train",
+        action="store_true",
+        help="start no trainer: sample the published weights (run the trainer yourself: "
+        "accelerate launch -m latentfuse.http.train_server --config ... --state-dir ...)",
+    )
+    serve.add_argument(
+        "--trainer-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train in a separate process group of N processes under `accelerate launch` "
+        "(0, the default: a thread of this process)",
+    )
     serve.add_argument("--init-from", help="model folder whose server_unet weights to start from")
     serve.add_argument(
         "--make-tokens",
@@ -89,8 +102,29 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config, deploy = load_deploy_config(args.config, args.overrides)
     tokens = TokenBook.load(args.clients)
+    mode, command = "thread", None
+    if args.no_train:
+        mode = "none"
+    elif args.trainer_processes > 0:
+        from .http.train_server import trainer_command
+
+        mode = "process"
+        command = trainer_command(
+            args.config,
+            args.state_dir,
+            args.trainer_processes,
+            args.overrides,
+            args.init_from,
+            config.train.mixed_precision,
+        )
     service = ServerService(
-        config, deploy, tokens, args.state_dir, train=not args.no_train, init_from=args.init_from
+        config,
+        deploy,
+        tokens,
+        args.state_dir,
+        init_from=args.init_from,
+        trainer=mode,
+        trainer_command=command,
     )
     endpoint = Path(args.state_dir) / "endpoint.json"
     serve(service, args.host, args.port, args.tls_cert, args.tls_key, endpoint_file=endpoint)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from latentfuse.http.app import BackgroundServer
 from latentfuse.http.remote import RemoteError, upload_id
@@ -115,11 +116,13 @@ def test_server_trains_from_uploads_and_checkpoints(tiny_run, tmp_path):
     max_steps = tiny_run["config"].train.max_steps
     assert status["step"] == max_steps and status["last_checkpoint"]["step"] == max_steps
     assert (tmp_path / "state" / "checkpoint" / "state.json").is_file()
-    again = make_service(
-        tiny_run, tmp_path / "state"
-    )  # a restart replays the log, resumes training
+    again = make_service(tiny_run, tmp_path / "state", train=True)  # a restart resumes training
     assert again.status()["resumed_from_step"] == max_steps
     assert again.status()["releases_held"] == status["releases_held"]
+    sampling_only = make_service(tiny_run, tmp_path / "state")  # samples the published weights
+    published = sampling_only.sampling_unet().state_dict()
+    for name, value in again.sampling_unet().state_dict().items():
+        assert torch.equal(value, published[name]), name
 
 
 def client_folder(world_images: Path, out: Path, classes: tuple[str, ...]) -> Path:
@@ -156,7 +159,7 @@ def test_client_job_uploads_trains_exports_samples_and_resumes(tiny_run, tmp_pat
         again = ClientJob(config, tiny_deploy(), 0, data, tmp_path / "work", connection)
         again.run(max_steps=2)
         assert again.step == job.step and again.uploaded == {"uploaded": 0, "skipped": 0}
-        assert len(service.log) == 3
+        assert len(service.database) == 3
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from latentfuse.cli import main
-from latentfuse.http.persist import ReleaseLog
 from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
-from latentfuse.http.wire import decode_release, encode_release
+from latentfuse.http.store import ReleaseDatabase
+from latentfuse.http.wire import encode_release
 from latentfuse.release_key import load_release_key
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
@@ -70,17 +72,23 @@ def free_port() -> int:
 
 
 def start_server(
-    files: dict[str, Path], toml: Path, root: Path, port: int, log: str
+    files: dict[str, Path],
+    toml: Path,
+    root: Path,
+    port: int,
+    log: str,
+    extra: tuple[str, ...] = (),
+    state: str = "state",
 ) -> subprocess.Popen:
     """`latentfuse serve` in a child process; returns once /healthz answers."""
     command = [sys.executable, "-m", "latentfuse.cli", "serve", "--config", str(toml)]
-    command += ["--clients", str(root / "clients.json"), "--state-dir", str(root / "state")]
-    command += ["--port", str(port)]
-    (root / "state" / "endpoint.json").unlink(missing_ok=True)
+    command += ["--clients", str(root / "clients.json"), "--state-dir", str(root / state)]
+    command += ["--port", str(port), *extra]
+    (root / state / "endpoint.json").unlink(missing_ok=True)
     with open(root / log, "w") as out:
         process = subprocess.Popen(command, env=environment(files), stdout=out, stderr=out)
     deadline = time.monotonic() + 120
-    while not (root / "state" / "endpoint.json").exists():
+    while not (root / state / "endpoint.json").exists():
         assert process.poll() is None, (root / log).read_text()[-3000:]
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.1)
@@ -209,14 +217,10 @@ def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment)
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=30)
-    log = ReleaseLog(root / "state" / "releases")
-    committed = [f"{e.client_id}/{e.upload_id}" for e in log.entries()]
-    images = [
-        (e.client_id, i)
-        for e in log.entries()
-        for i in decode_release(log.read(e), 1 << 30, 1 << 20).image_ids
-    ]
-    duplicates = len(images) - len(set(images)) + len(committed) - len(set(committed))
+    database = ReleaseDatabase(root / "state" / "releases.db", tuple(releases[0].latents.shape[1:]))
+    committed = [f"{e.client_id}/{e.upload_id}" for e in database.uploads()]
+    images = sum(e.num_images for e in database.uploads())
+    duplicates = images - sum(database.counts().values()) + len(committed) - len(set(committed))
     held_after_restart = sum(restarted["releases_held"].values())
     print(
         f"\nkill -9 and restart: {len(acked_before_kill)} uploads "
@@ -245,3 +249,51 @@ def test_load_20_clients_x_50_uploads_loses_nothing():
         f"lost {result['lost']}, server steps meanwhile {result['server_steps']}"
     )
     assert result["uploads_committed"] == 1000 and result["held"] == 4000 and result["lost"] == 0
+
+
+def trained_behind_the_front(files, toml, root, state: str, processes: int) -> dict:
+    """Start `serve --trainer-processes N` on `root/state`, wait until its trainer finishes;
+    the published weights."""
+    from safetensors.torch import load_file
+
+    port = free_port()
+    extra = ("--trainer-processes", str(processes))
+    server = start_server(files, toml, root, port, f"{state}.log", extra, state)
+    try:
+        token = read_token(root / "tokens" / "client-0.token")
+        with RemoteServer(f"http://127.0.0.1:{port}", token, 0) as connection:
+
+            def finished() -> bool:
+                training = connection.status()["training"]
+                assert "exited" not in training, (root / state / "trainer.log").read_text()[-3000:]
+                return training == "finished"
+
+            wait_until(finished, 300, "training")
+            status = connection.status()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    assert status["trainer"] == "process" and status["step"] == 4, status
+    weights = root / state / "published" / "server_unet" / "diffusion_pytorch_model.safetensors"
+    return load_file(weights)
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_trainer_behind_the_front_matches_one_process(tiny_run, deployment):
+    root, port, files = deployment, free_port(), tiny_run["files"]
+    toml = deploy_toml(files, root / "deploy.toml", max_steps=4, checkpoint_every=2)
+    server = start_server(files, toml, root, port, "ingest.log", ("--no-train",))
+    try:  # the same releases for both trainers, committed before either starts
+        for client in tiny_run["run"].clients:
+            token = read_token(root / "tokens" / f"client-{client.client_id}.token")
+            with RemoteServer(f"http://127.0.0.1:{port}", token, client.client_id) as connection:
+                connection.upload_release(client.make_release(0), 8)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    shutil.copytree(root / "state", root / "state-one")
+    two = trained_behind_the_front(files, toml, root, "state", processes=2)
+    one = trained_behind_the_front(files, toml, root, "state-one", processes=1)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=2e-5, msg=key)

@@ -1,11 +1,10 @@
-"""The HTTP deployment's parts without a server: wire format, tokens, the release log, layering."""
+"""The HTTP deployment's parts without a server: wire format, tokens, configuration, layering."""
 
 from __future__ import annotations
 
 import ast
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from safetensors.torch import save
 
 from latentfuse.http.auth import TokenBook, issue_tokens
 from latentfuse.http.deploy import DeployConfig, deploy_from_dict, load_deploy_config
-from latentfuse.http.persist import DuplicateUpload, ReleaseLog
 from latentfuse.http.remote import chunks, read_token, upload_id
 from latentfuse.http.wire import (
     META_KEY,
@@ -32,7 +30,7 @@ from latentfuse.transport import ReleaseBatch
 
 REPO = Path(__file__).resolve().parent.parent
 HTTP = REPO / "latentfuse" / "http"
-SERVER_SIDE = {"auth", "persist", "trainer", "service", "app"}
+SERVER_SIDE = {"auth", "persist", "store", "trainer", "train_server", "service", "app"}
 CLIENT_SIDE = {"remote", "remote_sample", "client_job"}
 LIMIT = 1 << 20
 
@@ -194,75 +192,6 @@ def test_a_token_file_others_can_read_is_refused(tmp_path):
     path.chmod(0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         read_token(path)
-
-
-# ---- the release log ---------------------------------------------------------------------------
-def test_release_log_survives_a_restart_and_drops_unacknowledged_shards(tmp_path):
-    log = ReleaseLog(tmp_path)
-    bodies = [encode_release(release(n=n)) for n in (1, 2, 3)]
-    for i, body in enumerate(bodies):
-        log.append(1, f"u{i}", body, i + 1, 2)
-    (tmp_path / "shards" / "000000009-client1.safetensors").write_bytes(b"half")  # died here
-    (tmp_path / ".index.json.x.tmp").write_text("{")
-    again = ReleaseLog(tmp_path)
-    assert [e.upload_id for e in again.entries()] == ["u0", "u1", "u2"]
-    assert [again.read(e) for e in again.entries()] == bodies
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
-        e.file for e in again.entries()
-    )
-    assert not list(tmp_path.glob(".*.tmp"))
-    with pytest.raises(DuplicateUpload, match="already committed"):
-        again.append(1, "u1", bodies[0], 1, 2)
-
-
-def test_concurrent_appends_commit_in_one_order_and_survive_a_restart(tmp_path):
-    log, committed = ReleaseLog(tmp_path), []
-    barrier = threading.Barrier(16)
-
-    def upload(i: int) -> None:
-        barrier.wait()
-        log.append(i % 4, f"u{i}", bytes([i]) * 100, 1, 0, on_commit=lambda: committed.append(i))
-
-    threads = [threading.Thread(target=upload, args=(i,)) for i in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    entries = log.entries()
-    assert [e.seq for e in entries] == list(range(1, 17))
-    assert committed == [int(e.upload_id[1:]) for e in entries]  # the store sees commit order
-    again = ReleaseLog(tmp_path)
-    assert again.entries() == entries
-    assert {again.read(e) for e in entries} == {bytes([i]) * 100 for i in range(16)}
-
-
-def test_a_failed_index_write_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch):
-    import latentfuse.http.persist as persist
-
-    log, write = ReleaseLog(tmp_path), persist.atomic_write_bytes
-    log.append(0, "kept", b"a", 1, 0)
-
-    def failing(path, data, mode=0o644):
-        if Path(path).name == "index.json":
-            raise OSError("disk full")
-        return write(path, data, mode)
-
-    monkeypatch.setattr(persist, "atomic_write_bytes", failing)
-    with pytest.raises(OSError, match="disk full"):
-        log.append(0, "lost", b"b", 1, 0)
-    assert [e.upload_id for e in log.entries()] == ["kept"]
-    assert len(list((tmp_path / "shards").iterdir())) == 1
-    monkeypatch.setattr(persist, "atomic_write_bytes", write)
-    log.append(0, "lost", b"b", 1, 0)
-    assert [e.upload_id for e in ReleaseLog(tmp_path).entries()] == ["kept", "lost"]
-
-
-def test_release_log_refuses_a_damaged_index(tmp_path):
-    log = ReleaseLog(tmp_path)
-    entry = log.append(0, "u0", b"x", 1, 0)
-    (tmp_path / "shards" / entry.file).unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
-        ReleaseLog(tmp_path)
 
 
 # ---- configuration and layering ----------------------------------------------------------------

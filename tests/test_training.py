@@ -76,6 +76,16 @@ def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
         train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "run")
 
 
+def test_resume_under_another_config_is_refused_and_the_record_kept(tiny_world, tmp_path):
+    train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "run")
+    recorded = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"split\.t_cut: checkpoint 100, now 200"):
+        train(tiny_config(tiny_world, "split.t_cut=200"), tmp_path / "run", resume=True)
+    assert (tmp_path / "run" / "config.json").read_text() == recorded
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["extra"]["config"]["split"]["t_cut"] == 100  # the checkpoint records it too
+
+
 @pytest.mark.parametrize("policy", ["once", "fresh"])
 def test_transport_carries_only_releases(tiny_world, tmp_path, policy):
     config = tiny_config(tiny_world, f'split.release_policy="{policy}"', "train.max_steps=12")

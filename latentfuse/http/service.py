@@ -1,14 +1,22 @@
-"""The server's state behind the HTTP routes: tokens, the release log, training and sampling.
+"""The web front's state behind the HTTP routes: tokens, the durable store, sampling.
 
-Every request that changes state is checked in full first; a release is persisted, then added
-to the `Server`'s store, then acknowledged. After a restart the log is replayed into the store
-and training resumes from the last checkpoint.
+Every request that changes state is checked in full first; a release upload is committed to
+the release database (one transaction), then acknowledged. Training is not the front's: the
+trainer (`latentfuse.http.trainer`) reads the database and publishes weights to `published/`,
+in a thread of this process (`trainer="thread"`), as its own process under `accelerate launch`
+that the front starts (`trainer="process"`), or started by the operator (`trainer="none"`).
+The front samples with the newest published weights (the trainer thread's live EMA in thread
+mode), reloading them without a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,16 +26,23 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..description import client_entry, model_description
-from ..models import build_unet
 from ..pipelines import CollaFuseServerPipeline
-from ..schedule import client_split, make_scheduler
-from ..server import Server
+from ..schedule import make_scheduler
 from ..split import DiffusionSplit
 from ..transport import ReleaseBatch
 from .auth import TokenBook
 from .deploy import DeployConfig, latent_shape, sampling_scheduler
-from .persist import UPLOAD_ID, DuplicateUpload, ReleaseLog
-from .trainer import ServerTrainer
+from .persist import UPLOAD_ID
+from .store import DuplicateUpload, ReleaseDatabase, migrate_release_log
+from .train_server import trainer_environment
+from .trainer import (
+    DATABASE,
+    PUBLISHED,
+    STATUS,
+    ServerTrainer,
+    build_server_unet,
+    server_splits,
+)
 from .wire import (
     WIRE_VERSION,
     WireError,
@@ -37,6 +52,8 @@ from .wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+TRAINER_MODES = ("thread", "process", "none")
 
 
 def server_description(
@@ -54,28 +71,6 @@ def server_description(
     return model_description(config, deploy.class_names, entries, alphas_cumprod)
 
 
-def build_server_unet(
-    config: RunConfig, deploy: DeployConfig, init_from: Path | None = None
-) -> torch.nn.Module:
-    """The shared denoiser, seeded as train.py seeds it, or with the weights of a model folder."""
-    channels, size, _ = latent_shape(config)
-    num_embeds = {
-        "class": deploy.num_classes + 1,
-        "client": config.data.num_clients + 1,
-        "none": None,
-    }[config.server_labels]
-    torch.manual_seed(config.train.seed * 1000)
-    unet = build_unet(config.server_unet, size, channels, num_embeds)
-    if init_from is not None:
-        from safetensors.torch import load_file
-
-        weights = Path(init_from) / "server_unet" / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"--init-from: no server denoiser weights at {weights}")
-        unet.load_state_dict(load_file(weights))
-    return unet
-
-
 class ServerService:
     """Everything the routes call; thread-safe (the store and the log share one lock)."""
 
@@ -87,8 +82,16 @@ class ServerService:
         state_dir: str | Path,
         train: bool = True,
         init_from: str | Path | None = None,
+        trainer: str | None = None,
+        trainer_command: list[str] | None = None,
     ):
-        self.config, self.deploy, self.tokens, self.train = config, deploy, tokens, train
+        self.config, self.deploy, self.tokens = config, deploy, tokens
+        self.mode = trainer or ("thread" if train else "none")
+        if self.mode not in TRAINER_MODES:
+            raise ValueError(f"trainer must be one of {TRAINER_MODES}, got {self.mode!r}")
+        if self.mode == "process" and not trainer_command:
+            raise ValueError("trainer='process' needs the trainer_command to start")
+        self.train = self.mode != "none"
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         bad = [c for c in tokens.client_ids if c >= config.data.num_clients]
@@ -97,49 +100,44 @@ class ServerService:
                 f"clients file lists ids {bad}, but data.num_clients={config.data.num_clients}"
             )
         self.scheduler = make_scheduler(config)
-        splits = {
-            cid: client_split(config, self.scheduler, cid) for cid in range(config.data.num_clients)
-        }
-        if all(s.is_independent for s in splits.values()):
+        self.splits = server_splits(config)
+        if all(s.is_independent for s in self.splits.values()):
             raise ValueError("every client has t_cut = T: there is nothing for a server to do")
-        self.server = Server(
-            splits,
-            config.split.objective,
-            config.split.weighting,
-            config.server_labels,
-            seed=config.train.seed,
-        )
         self.latent_shape = latent_shape(config)
-        self.description = server_description(config, deploy, splits)
-        self.lock = threading.Lock()  # guards the Server's store (uploads vs training batches)
-        self.log = ReleaseLog(self.state_dir / "releases")
-        for entry in self.log.entries():  # replay: the store is rebuilt from the durable log
-            body = self.log.read(entry)
-            self.server.receive(decode_release(body, len(body), deploy.max_images_per_client))
-        null_label = (
-            config.data.num_clients if config.server_labels == "client" else deploy.num_classes
-        )
-        unet = build_server_unet(config, deploy, Path(init_from) if init_from else None)
-        self.trainer = ServerTrainer(
-            config, self.server, unet, null_label, self.state_dir, self.lock
-        )
-        self.trainer.load_checkpoint()
+        self.description = server_description(config, deploy, self.splits)
+        self.database = ReleaseDatabase(self.state_dir / DATABASE, self.latent_shape)
+        migrate_release_log(self.state_dir / "releases", self.database)
+        self.init_from = Path(init_from) if init_from else None
+        self.trainer: ServerTrainer | None = None
+        if self.mode == "thread":
+            self.trainer = ServerTrainer(config, deploy, self.state_dir, init_from)
+            self.trainer.load_checkpoint()
+        self.trainer_command, self._process = trainer_command, None
         self._stop, self._thread = threading.Event(), None
-        self._snapshot: tuple[int, torch.nn.Module] | None = None
+        self._snapshot: tuple[object, torch.nn.Module] | None = None
         self._snapshot_lock = threading.Lock()
         self._sampling_slots = threading.BoundedSemaphore(deploy.max_concurrent_sampling)
-        logger.info("replayed %d uploads (%d releases)", len(self.log), len(self.server.store))
+        logger.info("holding %d uploads (%s releases)", len(self.database), self.database.counts())
 
     # ---- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the background training thread (unless training is disabled)."""
-        if self.train and self._thread is None:
+        """Start the trainer: a thread, or its own process (`trainer_command`)."""
+        if self.mode == "thread" and self._thread is None:
             self._thread = threading.Thread(
                 target=self.trainer.run, args=(self._stop,), name="server-training", daemon=True
             )
             self._thread.start()
-        elif not self.train:
-            self.trainer.state = "disabled"
+        elif self.mode == "process" and self._process is None:
+            log = open(self.state_dir / "trainer.log", "ab")  # noqa: SIM115 (the child keeps it)
+            logger.info("starting the trainer: %s", " ".join(self.trainer_command))
+            self._process = subprocess.Popen(
+                self.trainer_command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stop() signals the launcher and its workers together
+                env=trainer_environment(),
+            )
+            log.close()
 
     def stop(self) -> None:
         """Stop training after its current step (it checkpoints on the way out)."""
@@ -147,9 +145,16 @@ class ServerService:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        logger.info(
-            "stopped at step %d with %d releases held", self.trainer.step, len(self.server.store)
-        )
+        if self._process is not None:
+            if self._process.poll() is None:
+                os.killpg(self._process.pid, signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                    self._process.wait()
+            self._process = None
+        logger.info("stopped with %d uploads held", len(self.database))
 
     # ---- requests ------------------------------------------------------------------------------
     def authenticate(self, client_id: int, token: str | None) -> None:
@@ -178,7 +183,7 @@ class ServerService:
                 403,
                 "forbidden",
             )
-        expected_cut = self.server.splits[client_id].t_cut
+        expected_cut = self.splits[client_id].t_cut
         if batch.t_cut != expected_cut:
             raise WireError(
                 f"release has t_cut={batch.t_cut}, client {client_id} has {expected_cut}"
@@ -204,63 +209,79 @@ class ServerService:
             )
 
     def _duplicate(self, error: DuplicateUpload, digest: str) -> WireError:
-        if error.entry is None:  # a twin of this upload is being written: retry to learn how
-            return WireError(f"{error}; retry", 503, "upload_in_progress")
-        same = error.entry.sha256 == digest
+        same = error.entry is not None and error.entry.sha256 == digest
         return WireError(
             f"{error} ({'same' if same else 'different'} bytes); a replay changes nothing",
             409,
             "duplicate_upload",
-            sha256=error.entry.sha256,
+            sha256=error.entry.sha256 if error.entry else None,
             same_content=same,
         )
 
-    def _receive(self, batch: ReleaseBatch) -> None:
-        with self.lock:
-            self.server.receive(batch)
-
     def submit(self, client_id: int, upload_id: str, body: bytes) -> dict[str, Any]:
-        """Check, persist, then store one release upload; the acknowledgement's JSON."""
+        """Check, then commit one release upload (one transaction); the acknowledgement."""
         if not UPLOAD_ID.match(upload_id):
             raise WireError(f"upload id {upload_id!r} must match {UPLOAD_ID.pattern}")
         digest = hashlib.sha256(body).hexdigest()
-        committed = self.log.lookup(client_id, upload_id)
+        committed = self.database.lookup(client_id, upload_id)
         if committed is not None:
             raise self._duplicate(DuplicateUpload(client_id, upload_id, committed), digest)
         batch = decode_release(body, self.deploy.max_body_bytes, self.deploy.upload_chunk_size)
         self.check_release(client_id, batch)
-        try:  # the store takes the batch in commit order, once it is durable
-            entry = self.log.append(
-                client_id,
-                upload_id,
-                body,
-                len(batch.image_ids),
-                batch.epoch,
-                on_commit=lambda: self._receive(batch),
-            )
-        except DuplicateUpload as error:
+        try:
+            entry = self.database.append(upload_id, batch, body)
+        except DuplicateUpload as error:  # a concurrent twin committed first
             raise self._duplicate(error, digest) from None
-        with self.lock:
-            held = self.server.store.counts().get(client_id, 0)
         return {
             "upload_id": upload_id,
             "seq": entry.seq,
             "sha256": entry.sha256,
             "images": len(batch.image_ids),
-            "held": held,
+            "held": self.database.counts().get(client_id, 0),
         }
 
     def committed(self, client_id: int) -> dict[str, str]:
         """upload id -> sha256 of every committed upload of `client_id` (to resume from)."""
-        return {e.upload_id: e.sha256 for e in self.log.entries() if e.client_id == client_id}
+        return {e.upload_id: e.sha256 for e in self.database.uploads(client_id)}
+
+    def _published(self) -> tuple[object, Path] | None:
+        """(version, folder) of the newest weights a trainer published, if any."""
+        record = self.state_dir / PUBLISHED / "published.json"
+        try:
+            return (
+                record.stat().st_mtime_ns,
+                json.loads(record.read_text())["step"],
+            ), record.parent
+        except (OSError, ValueError, KeyError):  # none yet, or being replaced this instant
+            return None
 
     def sampling_unet(self) -> torch.nn.Module:
-        """The EMA denoiser of the current step (a new copy when training moved on)."""
+        """The denoiser to sample with: the trainer thread's live EMA, else the newest published
+        weights (reloaded when a new version appears), else the initial weights."""
         with self._snapshot_lock:
-            step = self.trainer.step
-            if self._snapshot is None or self._snapshot[0] != step:
-                self._snapshot = (step, self.trainer.ema_model())
+            if self.trainer is not None:
+                version, load = ("live", self.trainer.step), self.trainer.ema_model
+            else:
+                published = self._published()
+                if published is not None:
+                    version, folder = published
+                    load = lambda: self._load_published(folder)  # noqa: E731
+                else:
+                    version = ("initial",)
+                    load = lambda: build_server_unet(  # noqa: E731
+                        self.config, self.deploy, self.init_from
+                    ).eval()
+            if self._snapshot is None or self._snapshot[0] != version:
+                self._snapshot = (version, load())
             return self._snapshot[1]
+
+    def _load_published(self, folder: Path) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        unet = build_server_unet(self.config, self.deploy)
+        weights = folder / "server_unet" / "diffusion_pytorch_model.safetensors"
+        unet.load_state_dict(load_file(weights))
+        return unet.eval().requires_grad_(False)
 
     def sample(self, client_id: int, body: bytes) -> bytes:
         """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
@@ -308,10 +329,26 @@ class ServerService:
             "max_images_per_client": d.max_images_per_client,
         }
 
+    def trainer_status(self) -> dict[str, Any]:
+        """The trainer's own report: live in thread mode, else its `trainer.json`."""
+        if self.trainer is not None:
+            return self.trainer.status()
+        try:
+            status = json.loads((self.state_dir / STATUS).read_text())
+        except (OSError, ValueError):
+            status = {"step": 0, "training": "not started"}
+        if self.mode == "process" and self._process is not None:
+            code = self._process.poll()
+            if code is not None and not status.get("training", "").startswith("finished"):
+                status["training"] = f"trainer exited with code {code}"
+        elif self.mode == "none":
+            status.setdefault("training", "external")
+        return status
+
     def health(self) -> dict[str, Any]:
         """Liveness plus what a client must agree with (versions, limits)."""
         return {
-            "ok": not self.trainer.state.startswith("failed"),
+            "ok": not str(self.trainer_status().get("training", "")).startswith("failed"),
             "version": __version__,
             "wire_version": WIRE_VERSION,
             "limits": self.limits(),
@@ -319,16 +356,17 @@ class ServerService:
 
     def status(self) -> dict[str, Any]:
         """Training step and state, releases held per client, uploads, the last checkpoint."""
-        with self.lock:
-            held = {str(k): v for k, v in self.server.store.counts().items()}
-        uploads = len(self.log)
+        trainer = self.trainer_status()
+        if self.mode == "none" and self.trainer is None and not (self.state_dir / STATUS).exists():
+            trainer["training"] = "disabled"
         return {
-            "step": self.trainer.step,
+            "step": trainer.get("step", 0),
             "max_steps": self.config.train.max_steps,
-            "training": self.trainer.state,
-            "last_loss": self.trainer.last_loss,
-            "releases_held": held,
-            "uploads": uploads,
-            "last_checkpoint": self.trainer.last_checkpoint,
-            "resumed_from_step": self.trainer.resumed_from,
+            "training": trainer.get("training"),
+            "last_loss": trainer.get("last_loss"),
+            "releases_held": {str(k): v for k, v in self.database.counts().items()},
+            "uploads": len(self.database),
+            "last_checkpoint": trainer.get("last_checkpoint"),
+            "resumed_from_step": trainer.get("resumed_from_step"),
+            "trainer": self.mode,
         }
