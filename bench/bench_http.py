@@ -209,10 +209,47 @@ def load_bench(clients: int, uploads: int, images: int, train: bool, threads: in
     }
 
 
+def keepalive_latency(nodelay: bool, requests: int) -> float:
+    """Median ms of keep-alive GET /healthz-like requests to uvicorn on a socket made by
+    `bind_socket(nodelay=...)`."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from latentfuse.http.app import bind_socket
+
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"ok": True, "padding": "x" * 200}
+
+    sock = bind_socket("127.0.0.1", 0, nodelay=nodelay)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/ping"
+    times = []
+    with httpx.Client() as client:
+        client.get(url)
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.get(url).raise_for_status()
+            times.append(1000 * (time.perf_counter() - start))
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", action="store_true", help="run the upload load test")
+    parser.add_argument(
+        "--nodelay", action="store_true", help="keep-alive latency with and without TCP_NODELAY"
+    )
     parser.add_argument("--train", action="store_true", help="load test: server trains meanwhile")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--uploads", type=int, default=50, help="uploads per client")
@@ -225,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.nodelay:
+        before, after = keepalive_latency(False, 200), keepalive_latency(True, 200)
+        print(
+            f"keep-alive GET, median of 200: without TCP_NODELAY {before:.2f} ms, "
+            f"with {after:.2f} ms, ratio {before / after:.1f}"
+        )
+        return 0
     if args.load:
         r = load_bench(args.clients, args.uploads, args.images, args.train, args.threads)
         print(

@@ -83,6 +83,11 @@ class Client:
         return len(self._z0)
 
     @property
+    def z0(self) -> torch.Tensor:
+        """The clean latents (n, c, h, w): for simulation and evaluation; never sent."""
+        return self._z0
+
+    @property
     def trains_locally(self) -> bool:
         """Whether the client owns any timestep (t_cut > 0)."""
         return self.split.t_cut > 0

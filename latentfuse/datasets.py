@@ -149,25 +149,6 @@ def load_image(path: Path, resolution: int | None = None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-class ImageTensorDataset(torch.utils.data.Dataset):
-    """A torch Dataset over an ImageDataset yielding (image in [-1, 1], label)."""
-
-    def __init__(self, dataset: ImageDataset, resolution: int | None = None, hflip: bool = False):
-        self.dataset = dataset
-        self.resolution = resolution
-        self.hflip = hflip
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        record = self.dataset.records[index]
-        image = load_image(record.path, self.resolution)
-        if self.hflip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, record.label
-
-
 def resolve_image_root(source: str | os.PathLike, sha256: str | None = None) -> Path:
     """A folder for `source`: the folder itself, or an archive unpacked into the cache."""
     path = Path(source)

@@ -17,11 +17,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return array.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [-1, 1], (b, 3, h, w) -> PIL images."""
-    return [Image.fromarray(a) for a in to_uint8(images)]
-
-
 def make_grid(images: torch.Tensor, columns: int | None = None, pad: int = 2) -> Image.Image:
     """Tile images in [-1, 1], (b, 3, h, w), into one PIL image with `pad` pixels between."""
     if images.ndim != 4 or images.shape[1] != 3:

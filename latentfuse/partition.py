@@ -24,7 +24,7 @@ JSON_FORMAT = 1
 
 
 @dataclass(frozen=True)
-class ClientSplit:
+class ClientShare:
     """One client's share: train and eval indices into the data set and the labels it holds."""
 
     client_id: int
@@ -156,7 +156,7 @@ def _split_train_eval(
     return tuple(sorted(shuffled[num_eval:].tolist())), tuple(sorted(shuffled[:num_eval].tolist()))
 
 
-def limit_train_images(split: ClientSplit, limit: int, seed: int) -> ClientSplit:
+def limit_train_images(split: ClientShare, limit: int, seed: int) -> ClientShare:
     """`split` keeping `limit` of its training images, a seeded random subset (0: all). A
     prefix of the sorted indices would keep the data set's order (one class first in an
     ImageFolder); the held-out images are unchanged."""
@@ -176,7 +176,7 @@ def partition(
     eval_fraction: float = 0.1,
     groups: Sequence[Sequence[str]] | None = None,
     overlap: bool = False,
-) -> list[ClientSplit]:
+) -> list[ClientShare]:
     """Split `dataset` among clients; `groups` (attribute names per client) selects "attributes"."""
     if groups is not None and scheme in ("iid", "attributes"):
         scheme = "attributes"  # groups define membership; "iid" is only the default
@@ -205,17 +205,17 @@ def partition(
             raise ValueError(f"client {client} gets no images under scheme {scheme!r}")
         train, evaluation = _split_train_eval(indices, eval_fraction, seed, client)
         classes = tuple(int(label) for label in np.unique(labels[indices]))
-        splits.append(ClientSplit(client, train, evaluation, classes))
+        splits.append(ClientShare(client, train, evaluation, classes))
     return splits
 
 
-def partition_fingerprint(splits: Sequence[ClientSplit]) -> str:
+def partition_fingerprint(splits: Sequence[ClientShare]) -> str:
     """Hex sha256 of every client's id, train and eval indices: same partition, same hash."""
     payload = [[s.client_id, list(s.train_indices), list(s.eval_indices)] for s in splits]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
-def splits_to_json(splits: Sequence[ClientSplit]) -> str:
+def splits_to_json(splits: Sequence[ClientShare]) -> str:
     """Serialise splits (with their fingerprint, checked on load) as a JSON string."""
     clients = [
         {
@@ -230,14 +230,14 @@ def splits_to_json(splits: Sequence[ClientSplit]) -> str:
     return json.dumps({**document, "clients": clients})
 
 
-def splits_from_json(text: str) -> list[ClientSplit]:
+def splits_from_json(text: str) -> list[ClientShare]:
     """Parse `splits_to_json` output; raise ValueError if a field is missing or it was altered."""
     document = json.loads(text)
     if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
         raise ValueError(f"not a latentfuse partition (expected format {JSON_FORMAT})")
     try:
         splits = [
-            ClientSplit(
+            ClientShare(
                 int(c["client_id"]),
                 tuple(int(i) for i in c["train_indices"]),
                 tuple(int(i) for i in c["eval_indices"]),
@@ -252,7 +252,7 @@ def splits_from_json(text: str) -> list[ClientSplit]:
     return splits
 
 
-def save_splits(splits: Sequence[ClientSplit], path: str | os.PathLike) -> Path:
+def save_splits(splits: Sequence[ClientShare], path: str | os.PathLike) -> Path:
     """Write splits as JSON atomically (temporary file, then rename); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def save_splits(splits: Sequence[ClientSplit], path: str | os.PathLike) -> Path:
     return path
 
 
-def load_splits(path: str | os.PathLike) -> list[ClientSplit]:
+def load_splits(path: str | os.PathLike) -> list[ClientShare]:
     """Read splits written by `save_splits`."""
     path = Path(path)
     if not path.is_file():

@@ -15,7 +15,7 @@ from .config import RunConfig
 from .datasets import ImageDataset, load_cifar10, load_dataset
 from .latents import cached_latents, dataset_fingerprint
 from .models import build_unet
-from .partition import ClientSplit, limit_train_images, partition
+from .partition import ClientShare, limit_train_images, partition
 from .paths import cache_dir, resolve_path
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
 from .schedule import client_split, make_scheduler
@@ -30,7 +30,7 @@ class Run:
 
     config: RunConfig
     dataset: ImageDataset
-    splits: list[ClientSplit]
+    splits: list[ClientShare]
     vae: Autoencoder
     vae_hash: str
     scheduler: DDPMScheduler
@@ -63,7 +63,7 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
     )
 
 
-def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSplit]:
+def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientShare]:
     """The clients' splits exactly as the run's data config deals them."""
     data = config.data
     splits = partition(

@@ -22,7 +22,8 @@ import torch
 from latentfuse.cli import main
 from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
 from latentfuse.http.store import ReleaseDatabase
-from latentfuse.http.wire import encode_release
+from latentfuse.http.train_server import trainer_command
+from latentfuse.http.wire import SampleRequest, encode_release
 from latentfuse.release_key import load_release_key
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
@@ -297,3 +298,46 @@ def test_a_two_process_ddp_trainer_behind_the_front_matches_one_process(tiny_run
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_killing_the_trainer_stops_neither_ingest_nor_sampling_and_a_restart_resumes(
+    tiny_run, deployment
+):
+    root, port, files = deployment, free_port(), tiny_run["files"]
+    toml = deploy_toml(files, root / "deploy.toml", max_steps=100_000, checkpoint_every=2)
+    url, state = f"http://127.0.0.1:{port}", root / "state"
+    clients = tiny_run["run"].clients
+    server = start_server(files, toml, root, port, "front.log", ("--trainer-processes", "2"))
+    token = {
+        c.client_id: read_token(root / "tokens" / f"client-{c.client_id}.token") for c in clients
+    }
+    request = SampleRequest(0, (1, 2), (0, 1), num_inference_steps=4)
+    trainer = None
+    try:
+        with RemoteServer(url, token[0], 0) as first:
+            first.upload_release(clients[0].make_release(0), 8)
+            published = state / "published" / "published.json"
+            wait_until(lambda: published.exists() and first.status()["step"] >= 4, 300, "training")
+            worker = json.loads((state / "trainer.json").read_text())["pid"]
+            os.killpg(os.getpgid(worker), signal.SIGKILL)  # the launcher and both workers
+            wait_until(lambda: "exited" in first.status()["training"], 60, "the front to notice")
+            step_at_kill = json.loads((state / "checkpoint" / "state.json").read_text())["extra"]
+            with RemoteServer(url, token[1], 1) as second:  # ingest goes on
+                second.upload_release(clients[1].make_release(0), 8)
+            handoff, _ = first.request_handoff(request)  # and sampling, on published weights
+            assert torch.isfinite(handoff.latents).all()
+            assert first.status()["releases_held"] == {
+                str(c.client_id): c.num_images for c in clients
+            }
+            # the operator starts the trainer again: it resumes from its checkpoint
+            command = trainer_command(toml, state, 1)
+            trainer = subprocess.Popen(command, env=environment(files), start_new_session=True)
+            wait_until(lambda: first.status()["training"] == "training", 300, "the restart")
+            status = first.status()
+            assert status["resumed_from_step"] == step_at_kill["step"], status
+    finally:
+        for process in (trainer, server):
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=120)

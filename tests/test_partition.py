@@ -9,7 +9,7 @@ import pytest
 
 from latentfuse.datasets import ImageDataset, ImageRecord, load_celeba, load_image_folder
 from latentfuse.partition import (
-    ClientSplit,
+    ClientShare,
     load_splits,
     partition,
     partition_fingerprint,
@@ -35,7 +35,7 @@ def labelled_dataset(num_images: int = NUM_IMAGES, num_classes: int = NUM_CLASSE
     return ImageDataset(records, tuple(f"class{c}" for c in range(num_classes)))
 
 
-def all_indices(splits: list[ClientSplit]) -> list[int]:
+def all_indices(splits: list[ClientShare]) -> list[int]:
     """Every index of every client, train then eval, with repeats kept."""
     return [i for split in splits for i in split.indices]
 
@@ -204,7 +204,7 @@ def test_json_detects_edited_indices() -> None:
 
 def test_client_split_rejects_index_in_train_and_eval() -> None:
     with pytest.raises(ValueError, match="client 0: index 3"):
-        ClientSplit(0, (1, 3), (3,), (0,))
+        ClientShare(0, (1, 3), (3,), (0,))
 
 
 @pytest.mark.skipif(not CIFAR10_ARCHIVE.is_file(), reason="CIFAR-10 archive not present")
@@ -222,10 +222,10 @@ def test_cifar10_classes_partition() -> None:
 
 def test_limit_train_images_draws_a_seeded_subset_of_every_class():
     """A prefix of the sorted indices would hold one class only (ImageFolder order)."""
-    from latentfuse.partition import ClientSplit, limit_train_images
+    from latentfuse.partition import ClientShare, limit_train_images
 
     labels = [i // 50 for i in range(100)]  # two classes, in data set order
-    split = ClientSplit(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))
+    split = ClientShare(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))
     small = limit_train_images(split, 20, seed=0)
     assert len(small.train_indices) == 20 and set(small.train_indices) <= set(split.train_indices)
     assert list(small.train_indices) == sorted(small.train_indices)

@@ -195,7 +195,8 @@ def test_ablations_choose_which_variants_run(tiny_world):
 
 
 def test_the_report_says_when_fresh_never_released_twice(swept):
-    notes = load_script().notes
+    from latentfuse.evaluation.sweep_report import notes
+
     fresh = next(r for r in swept["ablations"] if r["release_policy"] == "fresh")
     once_only = {**swept, "ablations": [{**fresh, "releases_per_image": 1}]}
     assert any("released each image once" in n for n in notes(once_only))
@@ -252,7 +253,8 @@ def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkey
 
 
 def test_the_report_names_the_config_overrides(swept):
-    notes = load_script().notes
+    from latentfuse.evaluation.sweep_report import notes
+
     assert any(
         "data.max_images_per_client=10" in n
         for n in notes({**swept, "overrides": ["data.max_images_per_client=10"]})

@@ -14,7 +14,7 @@ import numpy as np
 from ..checkpointing import atomic_write_json
 from ..config import RunConfig, config_from_dict
 from ..datasets import ImageDataset
-from ..partition import ClientSplit
+from ..partition import ClientShare
 from .features import InceptionExtractor, extract_features, load_clip
 from .generate import generate_images, sample_labels
 from .metrics import KID_MAX_SUBSET_SIZE, KID_SUBSETS, FeatureStats, distribution_scores
@@ -58,7 +58,7 @@ class EvaluationSettings:
 
 def model_partition(
     collafuse_config: dict,
-) -> tuple[RunConfig, ImageDataset, dict[int, ClientSplit]]:
+) -> tuple[RunConfig, ImageDataset, dict[int, ClientShare]]:
     """Rebuild the run's data set and partition from a model's `collafuse.json`."""
     from ..setup_run import load_run_dataset, partition_clients
 

@@ -157,7 +157,7 @@ def _release_attacks(
     release membership. Returns their figures and what the model attackers reuse."""
     client, split = run.clients[index], run.splits[index]
     cid, abar_r, clip = client.client_id, client.split.abar_release, client.clip_norm
-    z0, labels = client._z0, client.labels  # the truth, and what E(x) gives an attacker
+    z0, labels = client.z0, client.labels  # the truth, and what E(x) gives an attacker
     first = client.make_release(0).latents
     if client.release_policy == "fresh" and num_releases > 1:
         releases = torch.stack([client.make_release(e).latents for e in range(num_releases)])

@@ -12,10 +12,12 @@ clean latents, is the attacker that denoises every other cut's releases.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -178,8 +180,7 @@ def train_point(config: RunConfig, folder: Path) -> tuple[Path, float]:
 
 def latent_clip_norm(run: Run, percentile: float) -> tuple[float, dict]:
     """The clip norm C: `percentile` of the L2 norms of every client's training latents."""
-    # At t_cut = 0 a release is the clean latent (abar_r = 1): the GM's releases are the z0.
-    norms = torch.cat([c.make_release(0).latents.flatten(1).norm(dim=1) for c in run.clients])
+    norms = torch.cat([c.z0.flatten(1).norm(dim=1) for c in run.clients])
     clip_norm = float(np.percentile(norms.double().numpy(), percentile))
     return clip_norm, {
         "clip_norm": clip_norm,
@@ -289,28 +290,30 @@ def point_burden(run: Run, model_dir: Path, repeats: int = 3) -> dict[str, dict]
     return burden
 
 
-def cached_burden(config: RunConfig, folder: Path, device: str) -> dict[str, dict]:
+def cached_burden(folder: Path, point_run: Callable[[], Run]) -> dict[str, dict]:
     """`point_burden` of a trained point, kept in its `burden.json` (it depends only on the
     model, so a re-evaluation keeps it and a sweep evaluated before it existed gains it)."""
     path = folder / "burden.json"
     if path.is_file():
         return json.loads(path.read_text())
-    run = build_run(config)
-    run.vae.to(device)
-    burden = _jsonable(point_burden(run, folder / "model"))
+    burden = _jsonable(point_burden(point_run(), folder / "model"))
     atomic_write_json(path, burden)
     return burden
 
 
 def evaluate_point(
-    point: SweepPoint, config: RunConfig, folder: Path, shared: _Shared, settings: SweepSettings
+    point: SweepPoint,
+    config: RunConfig,
+    folder: Path,
+    shared: _Shared,
+    settings: SweepSettings,
+    point_run: Callable[[], Run],
 ) -> dict:
     """Sample quality, disclosure a-d and client burden of one trained point."""
     start = time.time()
     model_dir = folder / "model"
     quality = evaluate_model(model_dir, settings.evaluation())
-    run = build_run(config, folder)  # the point's own client keys: the releases it made
-    run.vae.to(settings.device)
+    run = point_run()
     T = config.split.num_train_timesteps
     disclosure = {}
     if point.t_cut < T:  # at t_cut = T nothing is released: nothing to attack
@@ -449,13 +452,22 @@ def _point(
         result = {k: saved[k] for k in ("quality", "disclosure", "privacy", "eval_seconds")}
     elif saved:
         logger.info("%s: evaluation settings changed, evaluating again", point.name)
+    point_run = functools.cache(lambda: _built_run(config, folder, settings.device))
     if result is None:
-        result = evaluate_point(point, config, folder, shared, settings)
-    burden = cached_burden(config, folder, settings.device)
+        result = evaluate_point(point, config, folder, shared, settings, point_run)
+    burden = cached_burden(folder, point_run)
     row = _jsonable(point_row(point, config, result, train_seconds, burden))
     if saved.get("key") != key or saved.get("row") != row:
         atomic_write_json(path, _jsonable({"key": key, "row": row, **result}))
     return json.loads(json.dumps(row))
+
+
+def _built_run(config: RunConfig, folder: Path, device: str) -> Run:
+    """A point's run, built once for its evaluation and its burden: the point's own client keys
+    (the releases it made), the autoencoder on `device`."""
+    run = build_run(config, folder)
+    run.vae.to(device)
+    return run
 
 
 def _finite_or_none(value: float) -> float | None:

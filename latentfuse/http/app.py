@@ -115,10 +115,16 @@ def create_app(service: ServerService, endpoint_file: Path | None = None, url: s
     return app
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on (host, port); port 0 picks a free one."""
+def bind_socket(host: str, port: int, nodelay: bool = True) -> socket.socket:
+    """A listening-ready TCP socket on (host, port); port 0 picks a free one.
+
+    Made with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on an accepted connection only when
+    its socket says so, and without it every keep-alive response waits ~40 ms for Nagle's
+    algorithm and the peer's delayed ACK (`nodelay=False` keeps that, for bench_http.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP if nodelay else 0)
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     return sock

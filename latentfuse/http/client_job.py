@@ -23,7 +23,7 @@ from ..description import client_entry, model_description
 from ..engine import Batch, Engine, make_accelerator
 from ..latents import cached_latents
 from ..models import build_unet
-from ..partition import ClientSplit, limit_train_images
+from ..partition import ClientShare, limit_train_images
 from ..paths import resolve_path
 from ..release_key import KEY_FILE, load_or_create_release_key
 from ..schedule import client_split, make_scheduler
@@ -60,7 +60,7 @@ class ClientJob:
         self.vae = load_vae(resolve_path(config.vae))
         self.vae_hash = vae_fingerprint(self.vae)
         dataset = load_dataset(data)
-        everything = ClientSplit(client_id, tuple(range(len(dataset))), (), ())
+        everything = ClientShare(client_id, tuple(range(len(dataset))), (), ())
         limit, seed = config.data.max_images_per_client, config.data.seed
         indices = list(limit_train_images(everything, limit, seed).train_indices)
         latents = cached_latents(

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ class ServerService:
         if self.mode == "thread":
             self.trainer = ServerTrainer(config, deploy, self.state_dir, init_from)
             self.trainer.load_checkpoint()
-        self.trainer_command, self._process = trainer_command, None
+        self.trainer_command, self._process, self._exited_at = trainer_command, None, None
         self._stop, self._thread = threading.Event(), None
         self._snapshot: tuple[object, torch.nn.Module] | None = None
         self._snapshot_lock = threading.Lock()
@@ -339,7 +340,10 @@ class ServerService:
             status = {"step": 0, "training": "not started"}
         if self.mode == "process" and self._process is not None:
             code = self._process.poll()
-            if code is not None and not status.get("training", "").startswith("finished"):
+            if code is not None and self._exited_at is None:
+                self._exited_at = time.time()
+            newer = status.get("unix_time", 0) > (self._exited_at or 0)  # one started by hand
+            if code is not None and not newer and status.get("training") != "finished":
                 status["training"] = f"trainer exited with code {code}"
         elif self.mode == "none":
             status.setdefault("training", "external")
