@@ -145,10 +145,11 @@ def _by_groups(member: np.ndarray, overlap: bool, rng: np.random.Generator) -> l
     return [np.flatnonzero(matched & (choice == client)) for client in range(num_clients)]
 
 
-def _split_train_eval(
+def _train_eval_indices(
     indices: np.ndarray, eval_fraction: float, seed: int, client_id: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Seeded per-client split; at least one eval image when eval_fraction > 0 and n >= 2."""
+    """Seeded per-client train/eval division; at least one eval image when eval_fraction > 0
+    and n >= 2."""
     shuffled = np.random.default_rng([seed, client_id]).permutation(indices)
     num_eval = 0
     if eval_fraction > 0 and len(indices) >= 2:
@@ -156,15 +157,15 @@ def _split_train_eval(
     return tuple(sorted(shuffled[num_eval:].tolist())), tuple(sorted(shuffled[:num_eval].tolist()))
 
 
-def limit_train_images(split: ClientShare, limit: int, seed: int) -> ClientShare:
-    """`split` keeping `limit` of its training images, a seeded random subset (0: all). A
+def limit_train_images(share: ClientShare, limit: int, seed: int) -> ClientShare:
+    """`share` keeping `limit` of its training images, a seeded random subset (0: all). A
     prefix of the sorted indices would keep the data set's order (one class first in an
     ImageFolder); the held-out images are unchanged."""
-    if not limit or limit >= len(split.train_indices):
-        return split
-    rng = np.random.default_rng([seed, split.client_id, 1])
-    keep = np.sort(rng.choice(len(split.train_indices), limit, replace=False))
-    return replace(split, train_indices=tuple(split.train_indices[i] for i in keep))
+    if not limit or limit >= len(share.train_indices):
+        return share
+    rng = np.random.default_rng([seed, share.client_id, 1])
+    keep = np.sort(rng.choice(len(share.train_indices), limit, replace=False))
+    return replace(share, train_indices=tuple(share.train_indices[i] for i in keep))
 
 
 def partition(
@@ -199,24 +200,24 @@ def partition(
                 f"groups has {len(groups)} entries, expected num_clients={num_clients}"
             )
         members = _by_groups(_group_membership(dataset, groups), overlap, rng)
-    splits = []
+    shares = []
     for client, indices in enumerate(members):
         if len(indices) == 0:
             raise ValueError(f"client {client} gets no images under scheme {scheme!r}")
-        train, evaluation = _split_train_eval(indices, eval_fraction, seed, client)
+        train, evaluation = _train_eval_indices(indices, eval_fraction, seed, client)
         classes = tuple(int(label) for label in np.unique(labels[indices]))
-        splits.append(ClientShare(client, train, evaluation, classes))
-    return splits
+        shares.append(ClientShare(client, train, evaluation, classes))
+    return shares
 
 
-def partition_fingerprint(splits: Sequence[ClientShare]) -> str:
+def partition_fingerprint(shares: Sequence[ClientShare]) -> str:
     """Hex sha256 of every client's id, train and eval indices: same partition, same hash."""
-    payload = [[s.client_id, list(s.train_indices), list(s.eval_indices)] for s in splits]
+    payload = [[s.client_id, list(s.train_indices), list(s.eval_indices)] for s in shares]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
-def splits_to_json(splits: Sequence[ClientShare]) -> str:
-    """Serialise splits (with their fingerprint, checked on load) as a JSON string."""
+def shares_to_json(shares: Sequence[ClientShare]) -> str:
+    """Serialise shares (with their fingerprint, checked on load) as a JSON string."""
     clients = [
         {
             "client_id": s.client_id,
@@ -224,19 +225,19 @@ def splits_to_json(splits: Sequence[ClientShare]) -> str:
             "train_indices": list(s.train_indices),
             "eval_indices": list(s.eval_indices),
         }
-        for s in splits
+        for s in shares
     ]
-    document = {"format": JSON_FORMAT, "fingerprint": partition_fingerprint(splits)}
+    document = {"format": JSON_FORMAT, "fingerprint": partition_fingerprint(shares)}
     return json.dumps({**document, "clients": clients})
 
 
-def splits_from_json(text: str) -> list[ClientShare]:
-    """Parse `splits_to_json` output; raise ValueError if a field is missing or it was altered."""
+def shares_from_json(text: str) -> list[ClientShare]:
+    """Parse `shares_to_json` output; raise ValueError if a field is missing or it was altered."""
     document = json.loads(text)
     if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
         raise ValueError(f"not a latentfuse partition (expected format {JSON_FORMAT})")
     try:
-        splits = [
+        shares = [
             ClientShare(
                 int(c["client_id"]),
                 tuple(int(i) for i in c["train_indices"]),
@@ -247,19 +248,19 @@ def splits_from_json(text: str) -> list[ClientShare]:
         ]
     except KeyError as error:
         raise ValueError(f"partition JSON lacks the field {error.args[0]!r}") from None
-    if partition_fingerprint(splits) != document.get("fingerprint"):
+    if partition_fingerprint(shares) != document.get("fingerprint"):
         raise ValueError("partition JSON indices do not match its fingerprint: edited or corrupt")
-    return splits
+    return shares
 
 
-def save_splits(splits: Sequence[ClientShare], path: str | os.PathLike) -> Path:
-    """Write splits as JSON atomically (temporary file, then rename); return the path."""
+def save_shares(shares: Sequence[ClientShare], path: str | os.PathLike) -> Path:
+    """Write shares as JSON atomically (temporary file, then rename); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as f:
-            f.write(splits_to_json(splits))
+            f.write(shares_to_json(shares))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -267,9 +268,9 @@ def save_splits(splits: Sequence[ClientShare], path: str | os.PathLike) -> Path:
     return path
 
 
-def load_splits(path: str | os.PathLike) -> list[ClientShare]:
-    """Read splits written by `save_splits`."""
+def load_shares(path: str | os.PathLike) -> list[ClientShare]:
+    """Read shares written by `save_shares`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"partition file not found: {path}")
-    return splits_from_json(path.read_text())
+    return shares_from_json(path.read_text())

@@ -37,7 +37,7 @@ def collafuse_description(run: Run) -> dict:
             num_train_images=client.num_images,
             num_eval_images=len(share.eval_indices),
         )
-        for share, client in zip(run.splits, run.clients, strict=True)
+        for share, client in zip(run.shares, run.clients, strict=True)
     }
     data = {
         "source": cfg.data.source,

@@ -51,6 +51,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="train in a separate process group of N processes under `accelerate launch` "
         "(0, the default: a thread of this process)",
     )
+    serve.add_argument(
+        "--api-docs",
+        action="store_true",
+        help="serve /docs and /openapi.json (off by default: they describe the API to anyone)",
+    )
     serve.add_argument("--init-from", help="model folder whose server_unet weights to start from")
     serve.add_argument(
         "--make-tokens",
@@ -127,5 +132,13 @@ def run_serve(args: argparse.Namespace) -> int:
         trainer_command=command,
     )
     endpoint = Path(args.state_dir) / "endpoint.json"
-    serve(service, args.host, args.port, args.tls_cert, args.tls_key, endpoint_file=endpoint)
+    serve(
+        service,
+        args.host,
+        args.port,
+        args.tls_cert,
+        args.tls_key,
+        endpoint_file=endpoint,
+        api_docs=args.api_docs,
+    )
     return 0

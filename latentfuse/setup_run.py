@@ -30,7 +30,7 @@ class Run:
 
     config: RunConfig
     dataset: ImageDataset
-    splits: list[ClientShare]
+    shares: list[ClientShare]  # each client's images (not its cut: client.split)
     vae: Autoencoder
     vae_hash: str
     scheduler: DDPMScheduler
@@ -64,9 +64,9 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
 
 
 def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientShare]:
-    """The clients' splits exactly as the run's data config deals them."""
+    """The clients' shares exactly as the run's data config deals them."""
     data = config.data
-    splits = partition(
+    shares = partition(
         dataset,
         data.num_clients,
         data.partition,
@@ -76,7 +76,7 @@ def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSh
         groups=[list(g) for g in data.groups] or None,
         overlap=data.overlap,
     )
-    return [limit_train_images(s, data.max_images_per_client, data.seed) for s in splits]
+    return [limit_train_images(s, data.max_images_per_client, data.seed) for s in shares]
 
 
 def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:
@@ -94,7 +94,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     reproduces its releases, and two runs in different folders never share noise.
     """
     dataset = load_run_dataset(config)
-    splits = partition_clients(config, dataset)
+    shares = partition_clients(config, dataset)
     vae = load_vae(resolve_path(config.vae))
     vae_hash = vae_fingerprint(vae)
     scheduler = make_scheduler(config)
@@ -102,9 +102,9 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     clients, client_unets, cuts = [], {}, {}
     channels = int(vae.config.latent_channels)
     latent_size = config.data.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-    for split in splits:
-        cid = split.client_id
-        indices = split.train_indices  # data.max_images_per_client applied by the partition
+    for share in shares:
+        cid = share.client_id
+        indices = share.train_indices  # data.max_images_per_client applied by the partition
         cache = cache_dir() / "latents" / f"{fingerprint}-client{cid}-{len(indices)}"
         latents = cached_latents(
             vae, dataset, indices, cache, config.data.resolution, vae_hash=vae_hash
@@ -148,7 +148,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     return Run(
         config,
         dataset,
-        splits,
+        shares,
         vae,
         vae_hash,
         scheduler,

@@ -197,9 +197,9 @@ def sample_body(client_id: int = 0, **changes) -> bytes:
 BAD_INPUTS = {
     # name: (method, client id in path, token of, path tail, body, status, message)
     "no token": ("PUT", 0, None, "releases/a1", "release", 401, "missing bearer"),
-    "bad token": ("PUT", 0, "garbage", "releases/a1", "release", 401, "bad token"),
-    "unknown client": ("PUT", 7, 0, "releases/a1", "release", 401, "unknown client 7"),
-    "another client's token": ("PUT", 1, 0, "releases/a1", "release", 401, "bad token"),
+    "bad token": ("PUT", 0, "garbage", "releases/a1", "release", 401, "invalid token for client 0"),
+    "unknown client": ("PUT", 7, 0, "releases/a1", "release", 401, "invalid token for client 7"),
+    "another client's token": ("PUT", 1, 0, "releases/a1", "release", 401, "invalid token"),
     "release for another client": ("PUT", 0, 0, "releases/a1", "foreign", 403, "names client 1"),
     "wrong shape": ("PUT", 0, 0, "releases/a1", "shape", 400, "latents must be"),
     "wrong dtype": ("PUT", 0, 0, "releases/a1", "dtype", 400, "dtype"),

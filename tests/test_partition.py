@@ -10,12 +10,12 @@ import pytest
 from latentfuse.datasets import ImageDataset, ImageRecord, load_celeba, load_image_folder
 from latentfuse.partition import (
     ClientShare,
-    load_splits,
+    load_shares,
     partition,
     partition_fingerprint,
-    save_splits,
-    splits_from_json,
-    splits_to_json,
+    save_shares,
+    shares_from_json,
+    shares_to_json,
 )
 from latentfuse.paths import CIFAR10_ARCHIVE
 
@@ -35,16 +35,16 @@ def labelled_dataset(num_images: int = NUM_IMAGES, num_classes: int = NUM_CLASSE
     return ImageDataset(records, tuple(f"class{c}" for c in range(num_classes)))
 
 
-def all_indices(splits: list[ClientShare]) -> list[int]:
+def all_indices(shares: list[ClientShare]) -> list[int]:
     """Every index of every client, train then eval, with repeats kept."""
-    return [i for split in splits for i in split.indices]
+    return [i for share in shares for i in share.indices]
 
 
 @pytest.mark.parametrize(("scheme", "kwargs"), SCHEMES)
 def test_partition_is_complete_and_disjoint(scheme: str, kwargs: dict) -> None:
-    splits = partition(labelled_dataset(), 3, scheme, **kwargs)
-    assert [s.client_id for s in splits] == [0, 1, 2]
-    assert sorted(all_indices(splits)) == list(range(NUM_IMAGES))
+    shares = partition(labelled_dataset(), 3, scheme, **kwargs)
+    assert [s.client_id for s in shares] == [0, 1, 2]
+    assert sorted(all_indices(shares)) == list(range(NUM_IMAGES))
 
 
 @pytest.mark.parametrize(("scheme", "kwargs"), SCHEMES)
@@ -60,15 +60,15 @@ def test_partition_is_deterministic_by_seed(scheme: str, kwargs: dict) -> None:
 def test_every_client_has_train_and_eval_images(
     scheme: str, kwargs: dict, eval_fraction: float
 ) -> None:
-    for split in partition(labelled_dataset(), 3, scheme, eval_fraction=eval_fraction, **kwargs):
-        size = len(split.indices)
-        assert split.train_indices and split.eval_indices
-        assert len(split.eval_indices) == min(max(1, round(eval_fraction * size)), size - 1)
+    for share in partition(labelled_dataset(), 3, scheme, eval_fraction=eval_fraction, **kwargs):
+        size = len(share.indices)
+        assert share.train_indices and share.eval_indices
+        assert len(share.eval_indices) == min(max(1, round(eval_fraction * size)), size - 1)
 
 
 def test_eval_fraction_zero_keeps_everything_for_training() -> None:
-    splits = partition(labelled_dataset(), 3, eval_fraction=0.0)
-    assert all(not s.eval_indices and len(s.train_indices) == 20 for s in splits)
+    shares = partition(labelled_dataset(), 3, eval_fraction=0.0)
+    assert all(not s.eval_indices and len(s.train_indices) == 20 for s in shares)
 
 
 def test_iid_deals_evenly() -> None:
@@ -81,14 +81,14 @@ def test_classes_scheme_gives_disjoint_whole_classes(
     num_clients: int, classes_per_client: set[int]
 ) -> None:
     dataset = labelled_dataset()
-    splits = partition(dataset, num_clients, "classes", seed=3)
-    assert {len(s.classes) for s in splits} == classes_per_client
-    assert sorted(c for s in splits for c in s.classes) == list(range(NUM_CLASSES))
-    for split in splits:
-        held = set(dataset.labels[list(split.indices)].tolist())
-        assert held == set(split.classes)
+    shares = partition(dataset, num_clients, "classes", seed=3)
+    assert {len(s.classes) for s in shares} == classes_per_client
+    assert sorted(c for s in shares for c in s.classes) == list(range(NUM_CLASSES))
+    for share in shares:
+        held = set(dataset.labels[list(share.indices)].tolist())
+        assert held == set(share.classes)
         assert (
-            sorted(split.indices) == np.flatnonzero(np.isin(dataset.labels, split.classes)).tolist()
+            sorted(share.indices) == np.flatnonzero(np.isin(dataset.labels, share.classes)).tolist()
         )
 
 
@@ -98,16 +98,16 @@ def test_classes_scheme_rejects_more_clients_than_classes() -> None:
 
 
 def test_classes_scheme_on_image_folder(image_folder: Path) -> None:
-    splits = partition(load_image_folder(image_folder), 2, "classes")
-    assert [len(s.classes) for s in splits] == [2, 2]
-    assert [len(s.indices) for s in splits] == [12, 12]
+    shares = partition(load_image_folder(image_folder), 2, "classes")
+    assert [len(s.classes) for s in shares] == [2, 2]
+    assert [len(s.indices) for s in shares] == [12, 12]
 
 
 @pytest.mark.parametrize(("alpha", "num_clients"), [(0.05, 5), (0.5, 10), (1000.0, 6)])
 def test_dirichlet_gives_every_client_images(alpha: float, num_clients: int) -> None:
-    splits = partition(labelled_dataset(), num_clients, "dirichlet", alpha=alpha)
-    assert all(s.indices for s in splits)
-    assert sorted(all_indices(splits)) == list(range(NUM_IMAGES))
+    shares = partition(labelled_dataset(), num_clients, "dirichlet", alpha=alpha)
+    assert all(s.indices for s in shares)
+    assert sorted(all_indices(shares)) == list(range(NUM_IMAGES))
 
 
 def test_dirichlet_gives_up_with_a_clear_error() -> None:
@@ -126,23 +126,23 @@ def group_members(dataset: ImageDataset, group: list[str]) -> set[int]:
 
 def test_attribute_groups_without_overlap(celeba_root: Path) -> None:
     dataset = load_celeba(celeba_root)
-    splits = partition(dataset, 2, groups=GROUPS, eval_fraction=0.2)
+    shares = partition(dataset, 2, groups=GROUPS, eval_fraction=0.2)
     members = [group_members(dataset, group) for group in GROUPS]
     assert members[0] & members[1]  # the fixture has images in both groups
-    for split, member in zip(splits, members, strict=True):
-        assert set(split.indices) <= member
-        assert split.classes == (0,)
-    assert sorted(all_indices(splits)) == sorted(members[0] | members[1])  # no-group images dropped
-    assert len(all_indices(splits)) < len(dataset)
+    for share, member in zip(shares, members, strict=True):
+        assert set(share.indices) <= member
+        assert share.classes == (0,)
+    assert sorted(all_indices(shares)) == sorted(members[0] | members[1])  # no-group images dropped
+    assert len(all_indices(shares)) < len(dataset)
 
 
 def test_attribute_groups_with_overlap(celeba_root: Path) -> None:
     dataset = load_celeba(celeba_root)
-    splits = partition(dataset, 2, groups=GROUPS, overlap=True)
-    for split, group in zip(splits, GROUPS, strict=True):
-        assert set(split.indices) == group_members(dataset, group)
-        assert not set(split.train_indices) & set(split.eval_indices)
-    assert set(splits[0].indices) & set(splits[1].indices)
+    shares = partition(dataset, 2, groups=GROUPS, overlap=True)
+    for share, group in zip(shares, GROUPS, strict=True):
+        assert set(share.indices) == group_members(dataset, group)
+        assert not set(share.train_indices) & set(share.eval_indices)
+    assert set(shares[0].indices) & set(shares[1].indices)
 
 
 def test_attribute_groups_are_seeded(celeba_root: Path) -> None:
@@ -189,17 +189,17 @@ def test_partition_rejects_bad_groups(celeba_root: Path, groups: list, message: 
 
 
 def test_json_round_trip(tmp_path: Path) -> None:
-    splits = partition(labelled_dataset(), 3, "dirichlet", seed=5)
-    assert splits_from_json(splits_to_json(splits)) == splits
-    path = save_splits(splits, tmp_path / "runs" / "partition.json")
-    assert load_splits(path) == splits
+    shares = partition(labelled_dataset(), 3, "dirichlet", seed=5)
+    assert shares_from_json(shares_to_json(shares)) == shares
+    path = save_shares(shares, tmp_path / "runs" / "partition.json")
+    assert load_shares(path) == shares
     assert [p.name for p in path.parent.iterdir()] == ["partition.json"]  # no temporary left
 
 
 def test_json_detects_edited_indices() -> None:
-    text = splits_to_json(partition(labelled_dataset(), 2))
+    text = shares_to_json(partition(labelled_dataset(), 2))
     with pytest.raises(ValueError, match="fingerprint"):
-        splits_from_json(text.replace('"train_indices": [', '"train_indices": [59, ', 1))
+        shares_from_json(text.replace('"train_indices": [', '"train_indices": [59, ', 1))
 
 
 def test_client_split_rejects_index_in_train_and_eval() -> None:
@@ -213,11 +213,11 @@ def test_cifar10_classes_partition() -> None:
 
     dataset = load_cifar10("train")
     assert len(dataset) == 50_000 and len(dataset.class_names) == 10
-    splits = partition(dataset, 5, "classes")
-    assert [len(s.classes) for s in splits] == [2] * 5
-    assert [len(s.indices) for s in splits] == [10_000] * 5
-    assert [len(s.eval_indices) for s in splits] == [1_000] * 5
-    assert sorted(all_indices(splits)) == list(range(50_000))
+    shares = partition(dataset, 5, "classes")
+    assert [len(s.classes) for s in shares] == [2] * 5
+    assert [len(s.indices) for s in shares] == [10_000] * 5
+    assert [len(s.eval_indices) for s in shares] == [1_000] * 5
+    assert sorted(all_indices(shares)) == list(range(50_000))
 
 
 def test_limit_train_images_draws_a_seeded_subset_of_every_class():
@@ -225,13 +225,13 @@ def test_limit_train_images_draws_a_seeded_subset_of_every_class():
     from latentfuse.partition import ClientShare, limit_train_images
 
     labels = [i // 50 for i in range(100)]  # two classes, in data set order
-    split = ClientShare(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))
-    small = limit_train_images(split, 20, seed=0)
-    assert len(small.train_indices) == 20 and set(small.train_indices) <= set(split.train_indices)
+    share = ClientShare(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))
+    small = limit_train_images(share, 20, seed=0)
+    assert len(small.train_indices) == 20 and set(small.train_indices) <= set(share.train_indices)
     assert list(small.train_indices) == sorted(small.train_indices)
     assert {labels[i] for i in small.train_indices} == {0, 1}
-    assert small.eval_indices == split.eval_indices
-    assert limit_train_images(split, 20, seed=0) == small
-    assert limit_train_images(split, 20, seed=1) != small
-    assert limit_train_images(split, 0, seed=0) == split
-    assert limit_train_images(split, 500, seed=0) == split
+    assert small.eval_indices == share.eval_indices
+    assert limit_train_images(share, 20, seed=0) == small
+    assert limit_train_images(share, 20, seed=1) != small
+    assert limit_train_images(share, 0, seed=0) == share
+    assert limit_train_images(share, 500, seed=0) == share

@@ -317,17 +317,17 @@ def score_point(
     pipe = CollaFusePipeline.from_pretrained(folder / "model").to(settings.device)
     pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    resolution, per_client = config.data.resolution, settings.num_samples // len(run.splits)
+    resolution, per_client = config.data.resolution, settings.num_samples // len(run.shares)
     clients, gen_all, real_all, worst = {}, [], [], []
-    for split in run.splits:
-        cid = split.client_id
-        key = (cid, split.eval_indices)
+    for share in run.shares:
+        cid = share.client_id
+        key = (cid, share.eval_indices)
         if key not in shared.references:
             shared.references[key] = cached_reference_stats(
-                shared.inception, run.dataset, split.eval_indices, resolution, 64, f"client {cid}"
+                shared.inception, run.dataset, share.eval_indices, resolution, 64, f"client {cid}"
             )
         real = shared.references[key]
-        eval_labels = [run.dataset.records[i].label for i in split.eval_indices]
+        eval_labels = [run.dataset.records[i].label for i in share.eval_indices]
         labels = sample_labels(eval_labels, per_client, config.train.seed * 1_000_003 + cid)
         images = generate_images(
             pipe,
@@ -340,7 +340,7 @@ def score_point(
         )
         features = extract_features(shared.inception, images, 64, f"inception client {cid}")
         features = np.asarray(features, np.float32)
-        training = load_real_images(run.dataset, split.train_indices, resolution)
+        training = load_real_images(run.dataset, share.train_indices, resolution)
         memo = memorisation(images, training)
         order = memo["ratio"].argsort()[: settings.worst_cases]
         worst += [(float(memo["ratio"][i]), images[i], training[memo["nearest"][i]]) for i in order]

@@ -66,8 +66,8 @@ def model_partition(
         raise ValueError("collafuse.json has no run_config: cannot rebuild the clients' data")
     config = config_from_dict(collafuse_config["run_config"])
     dataset = load_run_dataset(config)
-    splits = partition_clients(config, dataset)
-    by_id = {s.client_id: s for s in splits}
+    shares = partition_clients(config, dataset)
+    by_id = {s.client_id: s for s in shares}
     for cid, info in collafuse_config.get("clients", {}).items():
         expected = info.get("num_eval_images")
         if expected is not None and expected != len(by_id[int(cid)].eval_indices):
@@ -118,7 +118,7 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
     if not (root / "collafuse.json").is_file():
         raise FileNotFoundError(f"{root} is not a CollaFuse model folder (no collafuse.json)")
     collafuse_config = json.loads((root / "collafuse.json").read_text())
-    config, dataset, splits = model_partition(collafuse_config)
+    config, dataset, shares = model_partition(collafuse_config)
     from ..http.deploy import sampling_scheduler
 
     pipe = CollaFusePipeline.from_pretrained(root).to(settings.device)
@@ -131,14 +131,14 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
     resolution, bs = config.data.resolution, settings.batch_size
     clients, all_generated, all_real = {}, [], []
     for cid in sorted(int(c) for c in collafuse_config["clients"]):
-        split = splits[cid]
+        share = shares[cid]
         real = {
-            name: cached_reference_stats(ext, dataset, split.eval_indices, resolution, bs, name)
+            name: cached_reference_stats(ext, dataset, share.eval_indices, resolution, bs, name)
             for name, ext in extractors.items()
         }
-        eval_labels = [dataset.records[i].label for i in split.eval_indices]
+        eval_labels = [dataset.records[i].label for i in share.eval_indices]
         label_seed = settings.seed * 1_000_003 + cid
-        labels = sample_labels(eval_labels or list(split.classes), settings.num_samples, label_seed)
+        labels = sample_labels(eval_labels or list(share.classes), settings.num_samples, label_seed)
         images = generate_images(
             pipe,
             cid,

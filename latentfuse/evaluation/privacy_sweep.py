@@ -110,7 +110,7 @@ def _model_attacks(
 ) -> dict:
     """The attackers that use the server's trained denoiser: membership and reconstruction.
     `inputs`: the client's latents, labels, held-out latent set and first releases."""
-    client, split = run.clients[index], run.splits[index]
+    client, share = run.clients[index], run.shares[index]
     cid, t_cut = client.client_id, client.split.t_cut
     alphas = run.scheduler.alphas_cumprod.double()
     z0, labels, held_out, first = inputs
@@ -130,9 +130,9 @@ def _model_attacks(
     )
     sources = pick(len(z0), settings.num_reconstructions)
     resolution = run.config.data.resolution
-    originals = load_real_images(run.dataset, [split.train_indices[i] for i in sources], resolution)
+    originals = load_real_images(run.dataset, [share.train_indices[i] for i in sources], resolution)
     sample = pick(len(z0), settings.num_mean_images)
-    mean_image = load_real_images(run.dataset, [split.train_indices[i] for i in sample], resolution)
+    mean_image = load_real_images(run.dataset, [share.train_indices[i] for i in sample], resolution)
     mean_image = (mean_image.float() / 127.5 - 1).mean(0, keepdim=True)
     recon = reconstruction(
         server_unet,
@@ -155,7 +155,7 @@ def _release_attacks(
 ) -> tuple[dict, tuple]:
     """The attackers that use only the releases (and candidates): re-identification and
     release membership. Returns their figures and what the model attackers reuse."""
-    client, split = run.clients[index], run.splits[index]
+    client, share = run.clients[index], run.shares[index]
     cid, abar_r, clip = client.client_id, client.split.abar_release, client.clip_norm
     z0, labels = client.z0, client.labels  # the truth, and what E(x) gives an attacker
     first = client.make_release(0).latents
@@ -167,7 +167,7 @@ def _release_attacks(
     held_out = cached_latents(
         run.vae,
         run.dataset,
-        split.eval_indices,
+        share.eval_indices,
         cache_dir() / "latents" / f"{dataset_fingerprint(run.dataset)[:12]}-eval-client{cid}",
         run.config.data.resolution,
         vae_hash=run.vae_hash,

@@ -204,7 +204,7 @@ def client_disclosure(
     run: Run, client_index: int, shared: _Shared, settings: SweepSettings
 ) -> dict:
     """Disclosure a-c of one client's releases: release FID, the attack, re-identification."""
-    client, split = run.clients[client_index], run.splits[client_index]
+    client, share = run.clients[client_index], run.shares[client_index]
     cid, resolution, bs = client.client_id, run.config.data.resolution, settings.batch_size
     release = client.make_release(0)  # fresh: the first epoch's release
     wanted = settings.num_releases if settings.num_releases is not None else settings.num_samples
@@ -213,10 +213,10 @@ def client_disclosure(
     index = torch.from_numpy(np.sort(rng.choice(client.num_images, n, replace=False)))
     latents = release.latents[index].to(settings.device)
     labels = None if release.labels is None else release.labels[index]
-    sources = [split.train_indices[i] for i in index.tolist()]
+    sources = [share.train_indices[i] for i in index.tolist()]
     originals = load_real_images(run.dataset, sources, resolution).float() / 127.5 - 1
     real = cached_reference_stats(
-        shared.inception, run.dataset, split.eval_indices, resolution, bs, "inception"
+        shared.inception, run.dataset, share.eval_indices, resolution, bs, "inception"
     )
     fid = release_fid(run.vae, latents, real, shared.inception, batch_size=bs)
     labels = _attacker_labels(shared.attacker_labels, labels, cid, n)

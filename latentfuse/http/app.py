@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..checkpointing import atomic_write_json
+from .auth import parse_client_id
 from .service import ServerService
 from .wire import SAFETENSORS_TYPE, WireError
 
@@ -58,7 +61,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(service: ServerService, endpoint_file: Path | None = None, url: str = "") -> FastAPI:
+def path_client(text: str) -> int:
+    """The client id of a URL path, spelt strictly (ASCII digits, no sign, no leading zero);
+    WireError 404 otherwise (no other spelling names a client)."""
+    client_id = parse_client_id(text)
+    if client_id is None:
+        raise WireError(f"no such client path {text!r}", 404, "not_found")
+    return client_id
+
+
+def create_app(
+    service: ServerService,
+    endpoint_file: Path | None = None,
+    url: str = "",
+    api_docs: bool = False,
+) -> FastAPI:
     """The app; its lifespan starts and stops the training thread (and writes `endpoint_file`)."""
 
     @contextlib.asynccontextmanager
@@ -72,13 +89,29 @@ def create_app(service: ServerService, endpoint_file: Path | None = None, url: s
         finally:
             await run_in_threadpool(service.stop)
 
-    app = FastAPI(title="latentfuse server", version=__version__, lifespan=lifespan)
+    docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="latentfuse server", version=__version__, lifespan=lifespan, **docs)
     limit = service.deploy.max_body_bytes
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, error: WireError) -> JSONResponse:
         """A refused request: its status and {"error", "detail"} JSON."""
         return JSONResponse(error.payload(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unknown path, a wrong method) in the same shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "refused")
+        return JSONResponse(
+            {"error": code, "detail": str(error.detail)},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        """A request FastAPI could not parse, in the same shape (400, as every bad input)."""
+        return JSONResponse({"error": "bad_request", "detail": "malformed request"}, 400)
 
     @app.get("/healthz")
     async def health() -> dict[str, Any]:
@@ -92,24 +125,27 @@ def create_app(service: ServerService, endpoint_file: Path | None = None, url: s
         return service.status()
 
     @app.get("/v1/clients/{client_id}/uploads")
-    async def uploads(client_id: int, request: Request) -> dict[str, Any]:
+    async def uploads(client_id: str, request: Request) -> dict[str, Any]:
         """The upload ids (and sha256) the server holds from this client."""
-        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
-        return {"client_id": client_id, "uploads": service.committed(client_id)}
+        client = path_client(client_id)
+        await run_in_threadpool(service.authenticate, client, bearer_token(request))
+        return {"client_id": client, "uploads": service.committed(client)}
 
     @app.put("/v1/clients/{client_id}/releases/{upload_id}")
-    async def put_release(client_id: int, upload_id: str, request: Request) -> dict[str, Any]:
+    async def put_release(client_id: str, upload_id: str, request: Request) -> dict[str, Any]:
         """Store one release upload durably; a replayed upload id gets 409."""
-        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
+        client = path_client(client_id)
+        await run_in_threadpool(service.authenticate, client, bearer_token(request))
         body = await read_body(request, limit)
-        return await run_in_threadpool(service.submit, client_id, upload_id, body)
+        return await run_in_threadpool(service.submit, client, upload_id, body)
 
     @app.post("/v1/clients/{client_id}/sample")
-    async def sample(client_id: int, request: Request) -> Response:
+    async def sample(client_id: str, request: Request) -> Response:
         """Run the server's steps of a sampling request; the hand-off as safetensors."""
-        await run_in_threadpool(service.authenticate, client_id, bearer_token(request))
+        client = path_client(client_id)
+        await run_in_threadpool(service.authenticate, client, bearer_token(request))
         body = await read_body(request, limit)
-        payload = await run_in_threadpool(service.sample, client_id, body)
+        payload = await run_in_threadpool(service.sample, client, body)
         return Response(payload, media_type=SAFETENSORS_TYPE)
 
     return app
@@ -137,6 +173,7 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     endpoint_file: Path | None = None,
+    api_docs: bool = False,
 ) -> None:
     """Run the app under uvicorn until interrupted (TLS when a certificate is given)."""
     import uvicorn
@@ -154,7 +191,7 @@ def serve(
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
     url = f"{scheme}://{shown}:{bound}"
-    app = create_app(service, endpoint_file, url)
+    app = create_app(service, endpoint_file, url, api_docs=api_docs)
     config = uvicorn.Config(
         app,
         ssl_certfile=tls_cert,

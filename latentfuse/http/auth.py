@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterable
@@ -20,7 +22,20 @@ from pathlib import Path
 
 from .persist import atomic_write_bytes
 
+logger = logging.getLogger(__name__)
+
 CLIENTS_FORMAT = 1
+# A client id as the server reads it, in a token prefix or a URL: ASCII digits, no sign, no
+# leading zero (so one id has one spelling), at most 9 digits.
+CLIENT_ID = re.compile(r"(0|[1-9][0-9]{0,8})")
+TOKEN_PREFIX = re.compile(r"lf(0|[1-9][0-9]{0,8})\.")
+
+
+def parse_client_id(text: str) -> int | None:
+    """The client id `text` spells strictly (see CLIENT_ID), else None."""
+    return int(text) if CLIENT_ID.fullmatch(text) else None
+
+
 KDF = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 20_000
 TOKEN_BYTES = 32
@@ -51,10 +66,42 @@ def make_credential(token: str, iterations: int = DEFAULT_ITERATIONS) -> Credent
 class TokenBook:
     """The clients a server knows and their credentials; checks a bearer token for a client id."""
 
-    def __init__(self, credentials: dict[int, Credential]):
+    def __init__(self, credentials: dict[int, Credential], path: Path | None = None):
         self.credentials = dict(credentials)
         self._accepted: dict[int, bytes] = {}  # client id -> sha256 of a token already verified
         self._lock = threading.Lock()
+        self.path: Path | None = path
+        self._stamp = self._file_stamp()
+        # An unknown id costs the same key derivation as a known one with a wrong token.
+        self._decoy = make_credential(secrets.token_urlsafe(TOKEN_BYTES), self._iterations())
+
+    def _iterations(self) -> int:
+        counts = [c.iterations for c in self.credentials.values()]
+        return max(counts) if counts else DEFAULT_ITERATIONS
+
+    def _file_stamp(self) -> tuple | None:
+        try:
+            stat = self.path.stat() if self.path is not None else None
+        except OSError:
+            return None
+        return None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def refresh(self) -> bool:
+        """Re-read clients.json if it changed on disk (a token issued, reissued or revoked while
+        the server runs); the cache of accepted tokens is dropped. Whether it reloaded. A file
+        that cannot be read keeps the current book (and says so)."""
+        stamp = self._file_stamp()
+        if self.path is None or stamp == self._stamp:
+            return False
+        try:
+            fresh = TokenBook.load(self.path)
+        except (OSError, ValueError) as error:
+            logger.error("clients file %s not reloaded: %s", self.path, error)
+            return False
+        with self._lock:
+            self.credentials, self._accepted, self._stamp = fresh.credentials, {}, stamp
+        logger.info("clients file %s reloaded: %d clients", self.path, len(self.credentials))
+        return True
 
     @property
     def client_ids(self) -> list[int]:
@@ -64,7 +111,10 @@ class TokenBook:
     def verify(self, client_id: int, token: str) -> bool:
         """Whether `token` is client `client_id`'s token (False for an unknown client)."""
         credential = self.credentials.get(client_id)
-        if credential is None or not token:
+        if not token:
+            return False
+        if credential is None:  # same work and answer as a wrong token for a known client
+            self._decoy.matches(token)
             return False
         quick = hashlib.sha256(token.encode()).digest()
         with self._lock:
@@ -80,11 +130,8 @@ class TokenBook:
     @staticmethod
     def claimed_id(token: str) -> int | None:
         """The client id a token names in its `lf<id>.` prefix (unverified), else None."""
-        prefix, dot, _ = token.partition(".")
-        digits = prefix[2:]
-        if not dot or not prefix.startswith("lf") or not digits.isdigit() or len(digits) > 9:
-            return None
-        return int(digits)
+        match = TOKEN_PREFIX.match(token)
+        return int(match.group(1)) if match else None
 
     def to_json(self) -> dict:
         """The clients.json payload (hashes and salts only)."""
@@ -124,7 +171,7 @@ class TokenBook:
                 raise ValueError(f"{path}: bad entry for client {key!r}: {error}") from None
         if not credentials:
             raise ValueError(f"{path} lists no clients")
-        return cls(credentials)
+        return cls(credentials, path)
 
 
 def issue_tokens(

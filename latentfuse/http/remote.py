@@ -127,6 +127,8 @@ class RemoteServer:
             raise ValueError(f"--server must be an http:// or https:// URL, got {url!r}")
         self.client_id, self.retry = client_id, retry or RetryPolicy()
         verify: Any = True
+        if tls_ca is not None and url.startswith("http://"):
+            raise ValueError(f"--tls-ca applies to https:// servers; {url!r} is plain HTTP")
         if tls_ca is not None:  # trust this CA (or self-signed certificate) only
             verify = ssl.create_default_context(cafile=str(tls_ca))
         if url.startswith("http://") and urlsplit(url).hostname not in LOOPBACK:

@@ -155,7 +155,8 @@ class ServerService:
                     os.killpg(self._process.pid, signal.SIGKILL)
                     self._process.wait()
             self._process = None
-        logger.info("stopped with %d uploads held", len(self.database))
+        step = self.trainer_status().get("step", 0)
+        logger.info("stopped at step %d with %d uploads held", step, len(self.database))
 
     # ---- requests ------------------------------------------------------------------------------
     def authenticate(self, client_id: int, token: str | None) -> None:
@@ -164,13 +165,14 @@ class ServerService:
             raise WireError(
                 "missing bearer token (Authorization: Bearer <token>)", 401, "unauthorized"
             )
-        if client_id not in self.tokens.credentials:
-            raise WireError(f"unknown client {client_id}", 401, "unauthorized")
+        self.tokens.refresh()  # a token reissued or revoked while the server runs
+        # One answer, and one key derivation, whether the id is unknown or the token wrong.
         if not self.tokens.verify(client_id, token):
-            raise WireError(f"bad token for client {client_id}", 401, "unauthorized")
+            raise WireError(f"invalid token for client {client_id}", 401, "unauthorized")
 
     def authenticate_any(self, token: str | None) -> int:
         """The id of the client whose token this is; WireError 401 if none."""
+        self.tokens.refresh()
         client_id = self.tokens.claimed_id(token) if token else None
         if client_id is None or not self.tokens.verify(client_id, token):
             raise WireError("missing or unknown bearer token", 401, "unauthorized")
