@@ -147,6 +147,13 @@ class Engine:
         }
         self.ema_lock = threading.Lock()
         self.step = 0
+        self.skipped = dict.fromkeys(names, 0)  # optimiser steps skipped for a non-finite gradient
+
+    def _finite_gradients(self, name: str) -> bool:
+        """Whether every gradient of model `name` is finite (after DDP's all-reduce the same
+        answer on every process, so all skip together)."""
+        grads = [p.grad for p in self.wrapped[name].parameters() if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
     def module(self, name: str) -> torch.nn.Module:
         """The trained (unwrapped) module `name`."""
@@ -175,8 +182,19 @@ class Engine:
                     total = total + loss
                     losses[name] += loss.detach().item() / accumulation
                 accelerator.backward(total)
-                # update weights (Accelerate skips the step until the last micro-batch)
+                # update weights (Accelerate skips the step until the last micro-batch); a
+                # model whose gradient is not finite keeps its last good weights
                 for name, optimizer in self.optimizers.items():
+                    if accelerator.sync_gradients and not self._finite_gradients(name):
+                        self.skipped[name] += 1
+                        logger.warning(
+                            "%s: non-finite gradient at step %d, step skipped (%d so far)",
+                            name,
+                            self.step,
+                            self.skipped[name],
+                        )
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(
                             self.step, self.learning_rates[name], train.warmup_steps

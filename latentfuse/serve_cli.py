@@ -26,7 +26,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--config", help="TOML run config with a [deploy] table")
-    serve.add_argument("--clients", required=True, help="clients.json: the token hashes")
+    serve.add_argument("--clients", help="clients.json: the token hashes (required to serve)")
     serve.add_argument("--state-dir", help="releases, checkpoints (survives restarts)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
@@ -63,6 +63,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="comma-separated client ids: write their tokens to --token-dir, hashes to --clients",
     )
     serve.add_argument("--token-dir", default="tokens", help="where --make-tokens writes tokens")
+    serve.add_argument(
+        "--remove-releases",
+        metavar="ID",
+        type=int,
+        help="operator command: remove client ID's releases from --state-dir (all, or those "
+        "after --after) and exit; a running trainer drops them at its next step",
+    )
+    serve.add_argument("--after", metavar="UPLOAD_ID", help="with --remove-releases")
     serve.add_argument("overrides", nargs="*", help="section.key=value overrides")
     serve.set_defaults(func=run_serve)
 
@@ -83,16 +91,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def remove_releases(args: argparse.Namespace) -> int:
+    """`serve --remove-releases ID [--after UPLOAD_ID] --state-dir DIR`."""
+    from .http.store import ReleaseDatabase
+    from .http.trainer import DATABASE
+
+    if not args.state_dir:
+        raise ValueError("--remove-releases needs --state-dir")
+    database = ReleaseDatabase(Path(args.state_dir) / DATABASE, None)
+    gone = database.remove(args.remove_releases, args.after)
+    which = f"after upload {args.after!r}" if args.after else "all"
+    print(
+        f"removed {gone} releases of client {args.remove_releases} ({which}); held now: "
+        f"{database.counts()}"
+    )
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Issue tokens (`--make-tokens`), or build the server and serve until interrupted."""
     from .http.auth import TokenBook, issue_tokens
 
+    if args.make_tokens and not args.clients:
+        raise ValueError("--make-tokens needs --clients (where to write the token hashes)")
     if args.make_tokens:
         written = issue_tokens(args.clients, args.token_dir, _parse_ids(args.make_tokens))
         for client_id, path in written.items():
             print(f"client {client_id}: token written to {path}")
         print(f"hashes written to {args.clients}; give each client only its own token file")
         return 0
+    if args.remove_releases is not None:
+        return remove_releases(args)
+    if args.after is not None:
+        raise ValueError("--after goes with --remove-releases")
+    if not args.clients:
+        raise ValueError("serve needs --clients (the clients.json of --make-tokens)")
     if not args.config or not args.state_dir:
         raise ValueError("serve needs --config and --state-dir (or --make-tokens)")
     if not args.tls_cert and not _is_loopback(args.host) and not args.insecure_http:

@@ -116,6 +116,9 @@ class ReleaseStore:
         self._labels = tensors["labels"].long().clone()
 
 
+BALANCES = ("releases", "clients")
+
+
 class Server:
     """The server's side of training: releases in, batches for the exact objective out."""
 
@@ -126,9 +129,12 @@ class Server:
         weighting: str = "none",
         label_mode: str = "class",
         seed: int = 0,
+        balance: str = "releases",
     ):
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         self.splits, self.objective, self.weighting = splits, objective, weighting
-        self.label_mode = label_mode
+        self.label_mode, self.balance = label_mode, balance
         self.store = ReleaseStore()
         self.generator = torch.Generator().manual_seed(seed * 15_485_863 + 17)
 
@@ -157,7 +163,7 @@ class Server:
             raise RuntimeError("the server holds no releases yet")
         flat = self.store.flat()
         g = self.generator
-        index = torch.randint(len(flat["latents"]), (batch_size,), generator=g)
+        index = self._draw_rows(flat["client_ids"], batch_size)
         client_ids, t_cut = flat["client_ids"][index], flat["t_cut"][index]
         any_split = next(iter(self.splits.values()))
         s = sample_server_timesteps(t_cut, any_split.num_train_timesteps, g)
@@ -186,6 +192,20 @@ class Server:
             "target": target,
             "weight": weight.to(device),
         }
+
+    def _draw_rows(self, client_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Row indices into the flat store: uniform over releases (`releases`: a client weighs
+        by its share of the data, as in central training), or a client uniformly first, then
+        one of its releases (`clients`: one client, however much it uploads, draws 1/k of a
+        batch in expectation among k clients)."""
+        g = self.generator
+        if self.balance == "releases":
+            return torch.randint(len(client_ids), (batch_size,), generator=g)
+        present, counts = torch.unique_consecutive(client_ids, return_counts=True)  # sorted
+        starts = torch.cumsum(counts, 0) - counts
+        pick = torch.randint(len(present), (batch_size,), generator=g)
+        within = (torch.rand(batch_size, generator=g, dtype=torch.float64) * counts[pick]).long()
+        return starts[pick] + torch.minimum(within, counts[pick] - 1)
 
     def common_lam(
         self, s: torch.Tensor, lam: torch.Tensor, client_ids: torch.Tensor

@@ -87,6 +87,21 @@ class DiffusionSplit:
         abar_r = self.abar_release
         return (abar_r**0.5) * z0 + ((1 - abar_r) ** 0.5) * eps_c
 
+    def release_bounds(self, dim: int, max_abs: float, max_norm: float = 0.0) -> dict[str, float]:
+        """What a release of this level can hold when z0 (dim elements) has elements within
+        +-`max_abs` and norm <= `max_norm` (0: max_abs sqrt(dim)): z_r = sqrt(abar_r) z0 +
+        sqrt(1 - abar_r) eps. With eps ~ N(0, I): |eps_i| <= 7 and | ||eps|| - sqrt(dim) | <= 7
+        (||eps|| - sqrt(dim) has std ~0.71), so a false refusal has odds below 1e-11 per element.
+        Returns the per-element bound and the norm's interval."""
+        abar = self.abar_release
+        signal, noise = abar**0.5, (1 - abar) ** 0.5
+        z0_norm = min(max_norm, max_abs * dim**0.5) if max_norm > 0 else max_abs * dim**0.5
+        return {
+            "max_abs": signal * max_abs + noise * 7.0,
+            "min_norm": max(0.0, noise * (dim**0.5 - 7.0) - signal * z0_norm),
+            "max_norm": signal * z0_norm + noise * (dim**0.5 + 7.0),
+        }
+
     def _abar(self, s: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod.to(s.device)[s]
 

@@ -1,4 +1,5 @@
-"""A server that one bad client cannot break (issue 14): authentication hygiene so far.
+"""A server that one bad client cannot break (issue 14): authentication hygiene, robust learning
+from releases.
 
 Each test plays the attacker of one row of docs/deployment.md's bad-input table against a
 server on loopback and checks the answer and that nothing changed.
@@ -10,11 +11,18 @@ import shutil
 
 import httpx
 import pytest
+import torch
 
 from latentfuse.http.app import BackgroundServer, create_app
 from latentfuse.http.auth import Credential, TokenBook, issue_tokens, parse_client_id
 from latentfuse.http.remote import RemoteServer, read_token
-from tests.test_http_app import make_service, world  # noqa: F401  (fixture, by name)
+from latentfuse.transport import ReleaseBatch
+from tests.test_http_app import (  # noqa: F401  (world: a fixture, by name)
+    make_service,
+    release_body,
+    sample_body,
+    world,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +37,13 @@ def server(tiny, tmp_path_factory):
     service = make_service(tiny, tmp_path_factory.mktemp("state"))
     with BackgroundServer(service) as url:
         yield service, url
+
+
+def get_body(url: str, path: str, token: str, body: bytes) -> httpx.Response:
+    """A PUT (releases) or POST (sample) with a body."""
+    method = "PUT" if "/releases/" in path else "POST"
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.request(method, f"{url}{path}", headers=headers, content=body, timeout=60)
 
 
 def get(url: str, path: str, token: str | None = None, method: str = "GET") -> httpx.Response:
@@ -127,3 +142,138 @@ def test_tls_ca_with_a_plain_http_url_is_an_error():
 def test_token_book_without_a_file_never_reloads():
     book = TokenBook({})
     assert book.refresh() is False
+
+
+# ---- robust learning from releases (item 1) ----------------------------------------------------
+@pytest.mark.parametrize("value", [1e30, 1e20, -1e6, 60.0])
+def test_a_poisoned_release_is_refused_before_it_is_stored(server, tiny, value):
+    service, url = server
+    before = service.database.counts(), len(service.database)
+    latents = tiny["run"].clients[0].make_release(0).latents[:2].clone()
+    latents[0] = value  # a whole latent: finite, but no z0 of the autoencoder's range gives it
+    body = release_body(tiny, latents=latents)
+    response = get_body(url, "/v1/clients/0/releases/poison", tiny["tokens"][0], body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "implausible_release"
+    assert (service.database.counts(), len(service.database)) == before
+    handoff_request = get_body(url, "/v1/clients/0/sample", tiny["tokens"][0], sample_body())
+    assert handoff_request.status_code == 200  # the model keeps sampling
+
+
+@pytest.mark.parametrize("t_cut", [0, 1, 100, 500, 999])
+def test_honest_releases_are_never_refused(t_cut):
+    """Releases of latents like the shipped autoencoder's (std 1, a few elements at 6-7) and of
+    a data set with std 2.5 pass at every level; their bounds are not vacuous."""
+    from latentfuse.split import DiffusionSplit
+
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    split = DiffusionSplit(alphas, t_cut)
+    generator = torch.Generator().manual_seed(t_cut)
+    dim = 4 * 16 * 16
+    bounds = split.release_bounds(dim, 16.0, 4.0 * dim**0.5)
+    for std in (1.0, 2.5):
+        z0 = std * torch.randn(2000, dim, generator=generator, dtype=torch.float64)
+        z0[:, 0] = min(6.8 * std, 15.9)  # the largest element the range (16) allows
+        releases = split.release(z0, torch.randn(z0.shape, generator=generator, dtype=z0.dtype))
+        norms = releases.norm(dim=1)
+        assert releases.abs().max() <= bounds["max_abs"]
+        assert bounds["min_norm"] <= norms.min() and norms.max() <= bounds["max_norm"]
+    assert bounds["max_norm"] < 4.0 * dim**0.5 + 7 + 1e-9  # a latent of rms 10 is refused
+
+
+def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights():
+    from accelerate import Accelerator
+
+    from latentfuse.config import TrainConfig, UNetConfig
+    from latentfuse.engine import Engine
+    from latentfuse.models import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(block_out_channels=(32,), layers_per_block=1), 8, 4, 3)
+    engine = Engine(Accelerator(cpu=True), {"m": unet}, {"m": 1e-3}, TrainConfig(), {})
+
+    def batch(target: float) -> dict:
+        return {
+            "m": {
+                "sample": torch.randn(2, 4, 8, 8),
+                "timestep": torch.tensor([1, 2]),
+                "class_labels": torch.tensor([0, 1]),
+                "target": torch.full((2, 4, 8, 8), target),
+                "weight": torch.ones(2),
+            }
+        }
+
+    before = {k: v.clone() for k, v in engine.module("m").state_dict().items()}
+    engine.train_step(lambda: batch(float("nan")))
+    after = engine.module("m").state_dict()
+    assert engine.skipped == {"m": 1} and engine.step == 1
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    engine.train_step(lambda: batch(0.0))  # a finite batch trains again
+    assert engine.skipped == {"m": 1}
+    assert not all(torch.equal(before[k], engine.module("m").state_dict()[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in engine.module("m").state_dict().values())
+
+
+def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny, tmp_path):
+    from latentfuse.http.store import DuplicateUpload
+    from latentfuse.http.trainer import ServerTrainer
+    from tests.test_http_app import tiny_deploy
+
+    trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
+    releases = [c.make_release(0) for c in tiny["run"].clients]
+    for batch in releases:  # client 0 in one upload; client 1 in two
+        ids = batch.image_ids
+        halves = [(ids, slice(None))] if batch.client_id == 0 else [(ids[:2], slice(0, 2))]
+        halves += [] if batch.client_id == 0 else [(ids[2:], slice(2, None))]
+        for n, (part, rows) in enumerate(halves):
+            piece = ReleaseBatch(
+                batch.client_id, part, batch.latents[rows], batch.labels[rows], batch.t_cut, 0
+            )
+            trainer.database.append(f"u{n}", piece, bytes([n]))
+    trainer.sync()
+    sizes = [len(b.image_ids) for b in releases]
+    assert trainer.server.store.counts() == {0: sizes[0], 1: sizes[1]}
+    trainer.train_step()
+    assert trainer.database.remove(1, after_upload="u0") == sizes[1] - 2
+    trainer.sync()
+    assert trainer.server.store.counts() == {0: sizes[0], 1: 2}
+    assert trainer.database.remove(1) == 2
+    trainer.sync()
+    assert trainer.server.store.counts() == {0: sizes[0]}
+    trainer.train_step()  # trains on what is left
+    with pytest.raises(DuplicateUpload):  # a replay of a removed upload does not bring it back
+        trainer.database.append("u1", releases[1], b"again")
+    with pytest.raises(ValueError, match="no upload 'nope'"):
+        trainer.database.remove(0, after_upload="nope")
+
+
+@pytest.mark.parametrize(("balance", "share"), [("clients", 0.5), ("releases", 10 / 1010)])
+def test_one_client_draws_its_share_of_a_batch_whatever_it_uploads(balance, share):
+    from latentfuse.server import Server
+    from latentfuse.split import DiffusionSplit
+
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    splits = {c: DiffusionSplit(alphas, 100) for c in (0, 1)}
+    server = Server(splits, balance=balance, label_mode="none")
+    server.receive(ReleaseBatch(0, tuple(range(1000)), torch.zeros(1000, 4, 2, 2), None, 100, 0))
+    server.receive(ReleaseBatch(1, tuple(range(10)), torch.ones(10, 4, 2, 2), None, 100, 0))
+    owners = server.store.flat()["client_ids"]
+    drawn = torch.cat([server._draw_rows(owners, 512) for _ in range(40)])
+    small = (owners[drawn] == 1).double().mean().item()
+    assert abs(small - share) < 4 * (share * (1 - share) / len(drawn)) ** 0.5 + 1e-3
+
+
+def test_the_remove_command_reports_what_it_removed(tmp_path, capsys):
+    from latentfuse.cli import main
+    from latentfuse.http.store import ReleaseDatabase
+
+    database = ReleaseDatabase(tmp_path / "releases.db", (4, 2, 2))
+    for client in (0, 1):
+        batch = ReleaseBatch(client, (0, 1, 2), torch.zeros(3, 4, 2, 2), None, 100, 0)
+        database.append("u0", batch, b"x")
+    assert main(["serve", "--remove-releases", "1", "--state-dir", str(tmp_path)]) == 0
+    assert "removed 3 releases of client 1 (all); held now: {0: 3}" in capsys.readouterr().out
+    assert (
+        main(["serve", "--remove-releases", "0", "--after", "nope", "--state-dir", str(tmp_path)])
+        == 2
+    )

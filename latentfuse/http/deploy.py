@@ -26,6 +26,16 @@ class DeployConfig:
     max_sample_batch: int = 64  # images per sampling request
     max_concurrent_sampling: int = 2  # sampling requests computed at once (others wait)
     fp16_wire: bool = False  # send latents as float16 (halves the bytes; not bit-exact)
+    # The server's batches: "clients" draws a client first, so one client's share of a batch
+    # is 1/k in expectation among k clients whatever it uploads; "releases" draws uniformly
+    # over releases (a client weighs by its data, as in central training).
+    balance: str = "clients"
+    # What a release may hold: z0 of the autoencoder's range after scaling (per element, and
+    # the root-mean-square over a latent), checked at ingest as the bounds of
+    # sqrt(abar_r) z0 + sqrt(1 - abar_r) eps. The shipped CIFAR-10 autoencoder's latents reach
+    # 6.8 and rms 1.71 (10,000 images); the defaults leave room for data with std 2-3.
+    max_latent_abs: float = 16.0
+    max_latent_rms: float = 4.0
 
     def __post_init__(self) -> None:
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
@@ -48,6 +58,14 @@ class DeployConfig:
                 "config: deploy.max_sample_batch must be an int >= 1, "
                 f"got {self.max_sample_batch!r}"
             )
+        if self.balance not in ("releases", "clients"):
+            raise ValueError(
+                f"config: deploy.balance must be 'releases' or 'clients', got {self.balance!r}"
+            )
+        for name in ("max_latent_abs", "max_latent_rms"):
+            value = getattr(self, name)
+            if not (type(value) in (int, float) and 0 < value < float("inf")):
+                raise ValueError(f"config: deploy.{name} must be a number > 0, got {value!r}")
         if type(self.fp16_wire) is not bool:
             raise ValueError(f"config: deploy.fp16_wire must be a bool, got {self.fp16_wire!r}")
 

@@ -210,6 +210,32 @@ class ServerService:
             raise WireError(
                 f"labels must lie in [0, {self.deploy.num_classes}), got {batch.labels.tolist()}"
             )
+        self.check_statistics(client_id, batch)
+
+    def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
+        """WireError 400 for a release no z0 of the autoencoder's range could give at the
+        client's level (DiffusionSplit.release_bounds): finite, bounded per element and in
+        norm. A poisoned release (say, every element 1e30) is refused before it is stored."""
+        latents = batch.latents.double().flatten(1)
+        if not torch.isfinite(latents).all():
+            raise WireError("release latents must be finite")
+        dim, clip = latents.shape[1], self.config.privacy.clip_norm
+        max_norm = self.deploy.max_latent_rms * dim**0.5
+        bounds = self.splits[client_id].release_bounds(
+            dim, self.deploy.max_latent_abs, min(max_norm, clip) if clip > 0 else max_norm
+        )
+        norms, peaks = latents.norm(dim=1), latents.abs().amax(dim=1)
+        for i, (norm, peak) in enumerate(zip(norms.tolist(), peaks.tolist(), strict=True)):
+            if peak > bounds["max_abs"] or not bounds["min_norm"] <= norm <= bounds["max_norm"]:
+                raise WireError(
+                    f"release of image {batch.image_ids[i]} is impossible at client "
+                    f"{client_id}'s level: max |z_r| {peak:.4g} (bound {bounds['max_abs']:.4g}),"
+                    f" norm {norm:.4g} (bounds [{bounds['min_norm']:.4g}, "
+                    f"{bounds['max_norm']:.4g}]) with deploy.max_latent_abs="
+                    f"{self.deploy.max_latent_abs:g}, "
+                    f"max_latent_rms={self.deploy.max_latent_rms:g}",
+                    code="implausible_release",
+                )
 
     def _duplicate(self, error: DuplicateUpload, digest: str) -> WireError:
         same = error.entry is not None and error.entry.sha256 == digest
@@ -374,5 +400,6 @@ class ServerService:
             "uploads": len(self.database),
             "last_checkpoint": trainer.get("last_checkpoint"),
             "resumed_from_step": trainer.get("resumed_from_step"),
+            "skipped_steps": trainer.get("skipped_steps", 0),
             "trainer": self.mode,
         }

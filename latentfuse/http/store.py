@@ -43,7 +43,15 @@ CREATE TABLE IF NOT EXISTS uploads (
     num_images INTEGER NOT NULL,
     epoch INTEGER NOT NULL,
     unix_time REAL NOT NULL,
+    removed INTEGER NOT NULL DEFAULT 0,
     UNIQUE (client_id, upload_id)
+);
+CREATE TABLE IF NOT EXISTS removals (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    client_id INTEGER NOT NULL,
+    after_seq INTEGER NOT NULL,
+    releases INTEGER NOT NULL,
+    unix_time REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS releases (
     client_id INTEGER NOT NULL,
@@ -83,9 +91,20 @@ class ReleaseDatabase:
     """The durable store of acknowledged uploads and held releases (thread-safe: one SQLite
     connection per thread; SQLite serialises the writers)."""
 
-    def __init__(self, path: str | Path, latent_shape: tuple[int, ...], readonly: bool = False):
-        self.path, self.latent_shape = Path(path), tuple(int(x) for x in latent_shape)
-        self.readonly = readonly
+    def __init__(
+        self, path: str | Path, latent_shape: tuple[int, ...] | None, readonly: bool = False
+    ):
+        """`latent_shape` None: the shape the database records (it must exist)."""
+        self.path, self.readonly = Path(path), readonly
+        if latent_shape is None:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no release database at {self.path}")
+            with sqlite3.connect(self.path) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'latent_shape'").fetchone()
+            if row is None:
+                raise ValueError(f"{self.path} records no latent shape")
+            latent_shape = tuple(json.loads(row[0]))
+        self.latent_shape = tuple(int(x) for x in latent_shape)
         if readonly and not self.path.is_file():
             raise FileNotFoundError(f"no release database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +181,45 @@ class ReleaseDatabase:
         labels = batch.labels.tolist() if batch.labels is not None else [None] * len(latents)
         for image_id, label, latent in zip(batch.image_ids, labels, latents, strict=True):
             yield batch.client_id, int(image_id), seq, label, batch.t_cut, latent.tobytes()
+
+    def remove(self, client_id: int, after_upload: str | None = None) -> int:
+        """Remove a client's releases: all of them, or those its uploads after `after_upload`
+        committed (an operator's answer to a poisoned or revoked client). The uploads stay on
+        record as removed, so a replay of one is still a duplicate; trainers rebuild their
+        store at their next step (`removal_version`). Returns the releases removed."""
+        db = self._connect()
+        after = 0
+        if after_upload is not None:
+            entry = self.lookup(client_id, after_upload)
+            if entry is None:
+                raise ValueError(f"client {client_id} has no upload {after_upload!r}")
+            after = entry.seq
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            gone = db.execute(
+                "DELETE FROM releases WHERE client_id = ? AND seq > ?", (client_id, after)
+            ).rowcount
+            db.execute(
+                "UPDATE uploads SET removed = 1 WHERE client_id = ? AND seq > ?",
+                (client_id, after),
+            )
+            db.execute(
+                "INSERT INTO removals (client_id, after_seq, releases, unix_time) "
+                "VALUES (?, ?, ?, ?)",
+                (client_id, after, gone, time.time()),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        logger.info(
+            "removed %d releases of client %d (uploads after seq %d)", gone, client_id, after
+        )
+        return gone
+
+    def removal_version(self) -> int:
+        """How many removals the database has seen (a trainer rebuilds when it changes)."""
+        return self._connect().execute("SELECT COALESCE(MAX(id), 0) FROM removals").fetchone()[0]
 
     # ---- reads ---------------------------------------------------------------------------------
     def lookup(self, client_id: int, upload_id: str) -> UploadEntry | None:

@@ -28,7 +28,7 @@ from ..config import RunConfig
 from ..engine import Batch, Engine, make_accelerator
 from ..models import build_unet
 from ..schedule import client_split, make_scheduler
-from ..server import Server
+from ..server import ReleaseStore, Server
 from .deploy import DeployConfig, latent_shape
 from .store import ReleaseDatabase
 
@@ -85,6 +85,7 @@ class ServerTrainer:
             config.split.weighting,
             config.server_labels,
             seed=config.train.seed,
+            balance=deploy.balance,
         )
         self.database = ReleaseDatabase(self.state_dir / DATABASE, latent_shape(config))
         self.null_label = (
@@ -101,6 +102,7 @@ class ServerTrainer:
             config.to_dict(),
         )
         self.seen = 0  # uploads up to this sequence number are in the server's store
+        self.removals = self.database.removal_version()
         self.state = "idle"
         self.resumed_from: int | None = None
         self.last_checkpoint: dict | None = None
@@ -116,11 +118,15 @@ class ServerTrainer:
     def sync(self, stop: threading.Event | None = None) -> bool:
         """Take the uploads committed since the last call into the store; whether to stop. The
         main process decides both for every process (a signal may reach them at other times)."""
-        decision = [0, False]
+        decision = [0, False, 0]
         if self.accelerator.is_main_process:
-            decision = [self.database.max_seq(), stop is not None and stop.is_set()]
+            stopping = stop is not None and stop.is_set()
+            decision = [self.database.max_seq(), stopping, self.database.removal_version()]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(decision)  # every process reads the same uploads
+        if decision[2] != self.removals:  # an operator removed releases: start the store over
+            self.server.store, self.seen, self.removals = ReleaseStore(), 0, decision[2]
+            logger.info("releases were removed: the store is read again")
         for batch in self.database.read_since(self.seen, decision[0]):
             self.server.receive(batch)
         self.seen = max(self.seen, decision[0])
@@ -189,6 +195,7 @@ class ServerTrainer:
             "last_loss": self.last_loss,
             "last_checkpoint": self.last_checkpoint,
             "resumed_from_step": self.resumed_from,
+            "skipped_steps": self.engine.skipped.get("server", 0),
             "processes": self.accelerator.num_processes,
             "pid": os.getpid(),
             "unix_time": time.time(),
