@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 
 def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -35,6 +38,26 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return target
+
+
+def recover_dir(target: str | os.PathLike) -> Path:
+    """Finish what a process killed inside `atomic_write_dir` left: the previous complete
+    folder (`.<name>.old`) is renamed back when `target` is missing (it is the newest complete
+    one), a leftover `.old` beside a complete `target` is removed, and unfinished temporary
+    folders (`.<name>.tmp-*`, never complete, never acknowledged) are removed. Nothing else in
+    the parent folder is touched."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        logger.warning("%s was missing: restored the previous complete copy %s", target, old)
+        old.rename(target)
+    elif target.exists() and old.is_dir():
+        shutil.rmtree(old)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        if tmp.is_dir():
+            logger.warning("removing %s, an unfinished write of %s", tmp, target)
+            shutil.rmtree(tmp)
     return target
 
 

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from .checkpointing import load_state, save_state
+from .checkpointing import load_state, recover_dir, save_state
 from .config import TrainConfig
 from .models import EMA
 
@@ -242,10 +242,16 @@ class Engine:
 
         ConfigMismatch if the checkpoint was written under a different configuration.
         """
-        directory = Path(directory)
+        directory = recover_dir(directory)
         if not (directory / "state.json").is_file():
             return None
-        saved = json.loads((directory / "state.json").read_text())["extra"]
+        try:
+            saved = json.loads((directory / "state.json").read_text())["extra"]
+        except (ValueError, KeyError) as error:
+            raise ValueError(
+                f"{directory / 'state.json'} is corrupt ({error}): restore the checkpoint "
+                "from a backup, or move the folder aside to start training over"
+            ) from None
         if "config" in saved:
             differences = config_differences(saved["config"], self.config_record)
             if differences:
@@ -263,11 +269,17 @@ class Engine:
                 f"{directory} holds no weights for {missing} (it holds {held}): it was written "
                 "by another run or an older layout; start a new folder"
             )
-        extra, tensors = load_state(
-            directory,
-            {n: self.module(n) for n in self.wrapped},
-            {n: o.optimizer for n, o in self.optimizers.items()},
-        )
+        try:
+            extra, tensors = load_state(
+                directory,
+                {n: self.module(n) for n in self.wrapped},
+                {n: o.optimizer for n, o in self.optimizers.items()},
+            )
+        except (OSError, RuntimeError, ValueError, KeyError) as error:  # safetensors, shapes
+            raise ValueError(
+                f"checkpoint {directory} cannot be read ({type(error).__name__}: {error}): "
+                "restore it from a backup, or move it aside to start training over"
+            ) from None
         device = self.accelerator.device
         for name, ema in self.emas.items():  # the EMA lives where its model lives
             ema.load_tensors(tensors, f"ema.{name}")

@@ -277,3 +277,65 @@ def test_the_remove_command_reports_what_it_removed(tmp_path, capsys):
         main(["serve", "--remove-releases", "0", "--after", "nope", "--state-dir", str(tmp_path)])
         == 2
     )
+
+
+# ---- no acknowledged data deleted automatically (item 3) -------------------------------------
+def test_an_interrupted_checkpoint_write_is_recovered_and_nothing_else_touched(tmp_path):
+    from latentfuse.checkpointing import recover_dir
+
+    target, old = tmp_path / "checkpoint", tmp_path / ".checkpoint.old"
+    old.mkdir()
+    (old / "state.json").write_text("{}")
+    stray = tmp_path / ".checkpoint.tmp-abc"
+    stray.mkdir()
+    (stray / "big.safetensors").write_bytes(b"0" * 1000)
+    (tmp_path / "operator-notes.txt").write_text("mine")
+    recover_dir(target)  # killed between the two renames: the previous copy is the newest
+    assert (target / "state.json").is_file() and not old.exists() and not stray.exists()
+    assert (tmp_path / "operator-notes.txt").read_text() == "mine"
+    old.mkdir()  # killed before the old copy was removed: the complete target stays
+    recover_dir(target)
+    assert target.is_dir() and not old.exists()
+
+
+def test_a_corrupt_checkpoint_refuses_to_start_naming_the_file(tiny, tmp_path):
+    from latentfuse.http.trainer import ServerTrainer
+    from tests.test_http_app import tiny_deploy
+
+    trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
+    trainer.database.append("u0", tiny["run"].clients[0].make_release(0), b"x")
+    trainer.sync()
+    trainer.train_step()
+    trainer.save_checkpoint()
+    (tmp_path / "checkpoint" / "state.json").write_text("{half")
+    with pytest.raises(ValueError, match=r"state\.json is corrupt"):
+        ServerTrainer(tiny["config"], tiny_deploy(), tmp_path).load_checkpoint()
+
+
+def test_a_database_older_than_the_model_refuses_to_start(tiny, tmp_path):
+    from latentfuse.http.trainer import ServerTrainer
+    from tests.test_http_app import tiny_deploy
+
+    trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
+    backup = tmp_path / "backup.db"
+    shutil.copy(tmp_path / "releases.db", backup)  # an empty database, backed up
+    for n, client in enumerate(tiny["run"].clients):
+        trainer.database.append(f"u{n}", client.make_release(0), b"x")
+    trainer.sync()
+    trainer.train_step()
+    trainer.save_checkpoint()
+    trainer.database.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"releases.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(backup, tmp_path / "releases.db")  # an operator restores the old backup
+    with pytest.raises(ValueError, match="older than the model"):
+        ServerTrainer(tiny["config"], tiny_deploy(), tmp_path).load_checkpoint()
+
+
+def test_an_unreadable_database_refuses_to_start_naming_it(tmp_path):
+    from latentfuse.http.store import ReleaseDatabase
+
+    (tmp_path / "releases.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match=r"releases\.db is unreadable"):
+        ReleaseDatabase(tmp_path / "releases.db", (4, 2, 2))
+    assert (tmp_path / "releases.db").read_bytes() == b"not a database" * 100

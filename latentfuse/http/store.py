@@ -109,10 +109,16 @@ class ReleaseDatabase:
             raise FileNotFoundError(f"no release database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        if not readonly:
-            with self._connect() as db:
-                db.executescript(SCHEMA)
-        self._check_shape()
+        try:
+            if not readonly:
+                with self._connect() as db:
+                    db.executescript(SCHEMA)
+            self._check_shape()
+        except sqlite3.DatabaseError as error:
+            raise ValueError(
+                f"release database {self.path} is unreadable ({error}); restore it from a "
+                f"backup, or salvage it with `sqlite3 {self.path} .recover`; nothing was changed"
+            ) from None
 
     def _connect(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

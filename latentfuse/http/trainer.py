@@ -150,7 +150,11 @@ class ServerTrainer:
     # ---- weights and state out -----------------------------------------------------------------
     def save_checkpoint(self) -> None:
         """The engine's checkpoint plus the server's generator, then the published weights."""
-        extra = {"releases_held": len(self.server.store), "unix_time": time.time()}
+        extra = {
+            "releases_held": len(self.server.store),
+            "seen": self.seen,  # the newest upload trained on: a restored older database shows
+            "unix_time": time.time(),
+        }
         tensors = {"generator.server": self.server.generator.get_state()}
         self.engine.save(self.checkpoint_dir, extra, tensors)
         self.last_checkpoint = {"step": self.step, **extra}
@@ -175,6 +179,14 @@ class ServerTrainer:
         if loaded is None:
             return False
         extra, tensors = loaded
+        newest = self.database.max_seq()
+        if extra.get("seen", 0) > newest:
+            raise ValueError(
+                f"{self.database.path} holds uploads up to {newest}, but {self.checkpoint_dir} "
+                f"was trained on uploads up to {extra['seen']}: the database is older than the "
+                "model (restored from an old backup?). Restore the newer database, or move the "
+                "checkpoint aside to train from the start; nothing was changed"
+            )
         self.server.generator.set_state(tensors["generator.server"])
         self.resumed_from = self.step
         self.last_checkpoint = {
