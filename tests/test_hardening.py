@@ -16,6 +16,7 @@ import torch
 from latentfuse.http.app import BackgroundServer, create_app
 from latentfuse.http.auth import Credential, TokenBook, issue_tokens, parse_client_id
 from latentfuse.http.remote import RemoteServer, read_token
+from latentfuse.http.wire import WireError
 from latentfuse.transport import ReleaseBatch
 from tests.test_http_app import (  # noqa: F401  (world: a fixture, by name)
     make_service,
@@ -36,6 +37,10 @@ def server(tiny, tmp_path_factory):
     """A sampling-only server and its URL."""
     service = make_service(tiny, tmp_path_factory.mktemp("state"))
     with BackgroundServer(service) as url:
+        for client in tiny["run"].clients:
+            token = tiny["tokens"][client.client_id]
+            with RemoteServer(url, token, client.client_id) as connection:
+                connection.upload_release(client.make_release(0), 8)
         yield service, url
 
 
@@ -339,3 +344,41 @@ def test_an_unreadable_database_refuses_to_start_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"releases\.db is unreadable"):
         ReleaseDatabase(tmp_path / "releases.db", (4, 2, 2))
     assert (tmp_path / "releases.db").read_bytes() == b"not a database" * 100
+
+
+# ---- quotas and classes (item 6) ---------------------------------------------------------------
+def test_a_client_samples_only_the_classes_it_released(server, tiny):
+    service, url = server
+    own = sorted(service.database.labels(0))
+    foreign = sorted(set(range(4)) - set(own))
+    assert own and foreign
+    ok = get_body(
+        url,
+        "/v1/clients/0/sample",
+        tiny["tokens"][0],
+        sample_body(class_labels=own, seeds=list(range(len(own)))),
+    )
+    assert ok.status_code == 200
+    refused = get_body(
+        url, "/v1/clients/0/sample", tiny["tokens"][0], sample_body(class_labels=foreign[:1])
+    )
+    assert refused.status_code == 403 and "may sample the classes it released" in refused.text
+
+
+def test_quotas_of_releases_held_and_bytes_uploaded(tiny, tmp_path):
+    service = make_service(tiny, tmp_path / "state", max_releases_per_client=3)
+    batch = tiny["run"].clients[0].make_release(0)
+    first = release_body(tiny)  # images 0 and 1
+    assert service.submit(0, "a", first)["held"] == 2
+    assert service.submit(0, "b", first)["held"] == 2  # the same images again: still 2 held
+    three = release_body(
+        tiny, image_ids=(2, 3), latents=batch.latents[2:4], labels=batch.labels[2:4]
+    )
+    with pytest.raises(WireError, match="quota of 3") as caught:
+        service.submit(0, "c", three)
+    assert caught.value.status == 403 and service.database.counts() == {0: 2}
+    sized = make_service(tiny, tmp_path / "bytes", max_upload_bytes_per_client=2 * len(first))
+    sized.submit(0, "a", first)
+    sized.submit(0, "b", first)  # re-sending counts: the quota is of bytes received
+    with pytest.raises(WireError, match="bytes"):
+        sized.submit(0, "c", first)

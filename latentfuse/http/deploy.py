@@ -36,6 +36,13 @@ class DeployConfig:
     # 6.8 and rms 1.71 (10,000 images); the defaults leave room for data with std 2-3.
     max_latent_abs: float = 16.0
     max_latent_rms: float = 4.0
+    # Quotas per client: releases held, and bytes of the uploads it made (re-sending the same
+    # images under new upload ids counts again); 0: no quota.
+    max_releases_per_client: int = 0
+    max_upload_bytes_per_client: int = 0
+    # Sampling: a client may ask for the classes it released (server_labels = "class"), or for
+    # any class when this is true.
+    sample_any_class: bool = False
 
     def __post_init__(self) -> None:
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
@@ -66,6 +73,15 @@ class DeployConfig:
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 < value < float("inf")):
                 raise ValueError(f"config: deploy.{name} must be a number > 0, got {value!r}")
+        for name in ("max_releases_per_client", "max_upload_bytes_per_client"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
+                raise ValueError(
+                    f"config: deploy.{name} must be an int >= 0, got {getattr(self, name)!r}"
+                )
+        if type(self.sample_any_class) is not bool:
+            raise ValueError(
+                f"config: deploy.sample_any_class must be a bool, got {self.sample_any_class!r}"
+            )
         if type(self.fp16_wire) is not bool:
             raise ValueError(f"config: deploy.fp16_wire must be a bool, got {self.fp16_wire!r}")
 

@@ -212,6 +212,35 @@ class ServerService:
             )
         self.check_statistics(client_id, batch)
 
+    def check_quota(self, client_id: int, batch: ReleaseBatch, size: int) -> None:
+        """WireError 403 `quota_exceeded` when the upload would take the client past its
+        releases-held or uploaded-bytes quota (deploy.max_releases_per_client,
+        deploy.max_upload_bytes_per_client)."""
+        releases, sent = (
+            self.deploy.max_releases_per_client,
+            self.deploy.max_upload_bytes_per_client,
+        )
+        if not releases and not sent:
+            return
+        usage = self.database.usage(client_id)
+        if (
+            releases
+            and usage["releases"] + self.database.new_images(client_id, batch.image_ids) > releases
+        ):
+            raise WireError(
+                f"client {client_id} holds {usage['releases']} releases; this upload would pass "
+                f"its quota of {releases}",
+                403,
+                "quota_exceeded",
+            )
+        if sent and usage["bytes"] + size > sent:
+            raise WireError(
+                f"client {client_id} has uploaded {usage['bytes']} bytes; this upload would pass "
+                f"its quota of {sent}",
+                403,
+                "quota_exceeded",
+            )
+
     def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
         """WireError 400 for a release no z0 of the autoencoder's range could give at the
         client's level (DiffusionSplit.release_bounds): finite, bounded per element and in
@@ -257,6 +286,7 @@ class ServerService:
             raise self._duplicate(DuplicateUpload(client_id, upload_id, committed), digest)
         batch = decode_release(body, self.deploy.max_body_bytes, self.deploy.upload_chunk_size)
         self.check_release(client_id, batch)
+        self.check_quota(client_id, batch, len(body))
         try:
             entry = self.database.append(upload_id, batch, body)
         except DuplicateUpload as error:  # a concurrent twin committed first
@@ -333,6 +363,16 @@ class ServerService:
                 f"class_labels must lie in [0, {self.deploy.num_classes}), "
                 f"got {list(request.class_labels)}"
             )
+        if self.config.server_labels == "class" and not self.deploy.sample_any_class:
+            own = self.database.labels(client_id)
+            foreign = sorted(set(request.class_labels) - own)
+            if foreign:
+                raise WireError(
+                    f"client {client_id} may sample the classes it released ({sorted(own)}), "
+                    f"not {foreign} (deploy.sample_any_class = true allows every class)",
+                    403,
+                    "forbidden",
+                )
         scheduler = sampling_scheduler(request.scheduler, self.scheduler.config)
         pipe = CollaFuseServerPipeline(scheduler, self.sampling_unet(), self.description)
         pipe.set_progress_bar_config(disable=True)

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     num_images INTEGER NOT NULL,
     epoch INTEGER NOT NULL,
     unix_time REAL NOT NULL,
+    bytes INTEGER NOT NULL DEFAULT 0,
     removed INTEGER NOT NULL DEFAULT 0,
     UNIQUE (client_id, upload_id)
 );
@@ -160,9 +161,10 @@ class ReleaseDatabase:
         try:
             db.execute("BEGIN IMMEDIATE")
             cursor = db.execute(
-                "INSERT INTO uploads (client_id, upload_id, sha256, num_images, epoch, unix_time)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (batch.client_id, upload_id, sha256, count, batch.epoch, time.time()),
+                "INSERT INTO uploads "
+                "(client_id, upload_id, sha256, num_images, epoch, unix_time, bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (batch.client_id, upload_id, sha256, count, batch.epoch, time.time(), len(body)),
             )
             db.executemany(
                 "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?, ?)",
@@ -259,6 +261,36 @@ class ReleaseDatabase:
             "SELECT client_id, COUNT(*) FROM releases GROUP BY client_id ORDER BY client_id"
         )
         return {int(c): int(n) for c, n in rows}
+
+    def usage(self, client_id: int) -> dict[str, int]:
+        """What a client holds against its quotas: releases held, bytes uploaded (all uploads
+        on record, removed ones included: they were received)."""
+        db = self._connect()
+        held = db.execute("SELECT COUNT(*) FROM releases WHERE client_id = ?", (client_id,))
+        sent = db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE client_id = ?", (client_id,)
+        )
+        return {"releases": held.fetchone()[0], "bytes": sent.fetchone()[0]}
+
+    def new_images(self, client_id: int, image_ids: tuple[int, ...]) -> int:
+        """How many of `image_ids` the client holds no release of yet."""
+        db, known = self._connect(), 0
+        for start in range(0, len(image_ids), 500):  # SQLite's bound-parameter limit
+            part = image_ids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            known += db.execute(
+                f"SELECT COUNT(*) FROM releases WHERE client_id = ? AND image_id IN ({marks})",
+                (client_id, *part),
+            ).fetchone()[0]
+        return len(image_ids) - known
+
+    def labels(self, client_id: int) -> set[int]:
+        """The class labels of the releases a client holds."""
+        rows = self._connect().execute(
+            "SELECT DISTINCT label FROM releases WHERE client_id = ? AND label IS NOT NULL",
+            (client_id,),
+        )
+        return {int(label) for (label,) in rows}
 
     def max_seq(self) -> int:
         """The newest upload's sequence number (0 when none)."""
