@@ -7,6 +7,7 @@ server on loopback and checks the answer and that nothing changed.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import httpx
@@ -382,3 +383,111 @@ def test_quotas_of_releases_held_and_bytes_uploaded(tiny, tmp_path):
     sized.submit(0, "b", first)  # re-sending counts: the quota is of bytes received
     with pytest.raises(WireError, match="bytes"):
         sized.submit(0, "c", first)
+
+
+# ---- every malformed input is a 4xx (item 5) ---------------------------------------------------
+def _random_json(rng, depth: int = 0):
+    """A random JSON value: huge integers, floats at the edges, deep nesting, wrong types."""
+    kind = rng.randrange(9 if depth < 4 else 6)
+    if kind == 0:
+        return rng.choice([0, -1, 1, 2**63, -(2**63) - 1, int("9" * rng.choice([20, 400, 4300]))])
+    if kind == 1:
+        return rng.choice([0.0, -0.0, 1e308, -1e308, 1e-320, 0.5, 3.0])
+    if kind == 2:
+        return rng.choice(["", "a", "ddim", "²", "0", "ddpm", "x" * 1000])
+    if kind == 3:
+        return rng.choice([None, True, False])
+    if kind == 4:
+        return [rng.randrange(-3, 10) for _ in range(rng.randrange(0, 6))]
+    if kind == 5:
+        return {}
+    if kind == 6:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(1, 4))]
+    if kind == 7:
+        return {str(rng.randrange(5)): _random_json(rng, depth + 1) for _ in range(2)}
+    nested = 0
+    for _ in range(rng.choice([10, 200, 5000])):
+        nested = [nested]
+    return nested
+
+
+SAMPLE_FIELDS = (
+    "wire_version",
+    "kind",
+    "client_id",
+    "seeds",
+    "class_labels",
+    "num_inference_steps",
+    "guidance_scale",
+    "scheduler",
+)
+
+
+def fuzz_sample_body(rng) -> bytes:
+    """A sampling request with one to three fields replaced by random JSON (or raw junk)."""
+    if rng.random() < 0.1:
+        return rng.choice([b"", b"{", b"[" * 100_000, b"\xff\xfe", b"null", b'"x"', b"1e999"])
+    fields = json.loads(sample_body())
+    for name in rng.sample(SAMPLE_FIELDS, rng.randrange(1, 4)):
+        fields[name] = _random_json(rng)
+    try:
+        return json.dumps(fields).encode()
+    except RecursionError:
+        return b"[" * 5000 + b"]" * 5000
+
+
+def fuzz_release_body(rng, valid: bytes) -> bytes:
+    """A release upload with its safetensors header or metadata mangled."""
+    size = int.from_bytes(valid[:8], "little")
+    header = json.loads(valid[8 : 8 + size])
+    meta = json.loads(header["__metadata__"]["latentfuse"])
+    choice = rng.randrange(6)
+    if choice == 0:  # a metadata field
+        meta[
+            rng.choice(["wire_version", "kind", "schema_version", "client_id", "t_cut", "epoch"])
+        ] = _random_json(rng)
+    elif choice == 1:  # a tensor entry replaced
+        header[rng.choice(["latents", "image_ids", "labels"])] = _random_json(rng)
+    elif choice == 2:  # a tensor entry's field
+        name = rng.choice(["latents", "image_ids", "labels"])
+        header[name][rng.choice(["dtype", "shape", "data_offsets"])] = _random_json(rng)
+    elif choice == 3:  # the metadata itself
+        header["__metadata__"] = _random_json(rng)
+    elif choice == 4:  # truncated or padded
+        return valid[: rng.randrange(len(valid))] if rng.random() < 0.5 else valid + b"\0" * 7
+    else:  # raw junk
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+    try:
+        if choice != 3:
+            header["__metadata__"] = {"latentfuse": json.dumps(meta)}
+        raw = json.dumps(header).encode()
+    except (RecursionError, ValueError):
+        raw = b"{" * 3000
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + valid[8 + size :]
+
+
+def test_fuzzed_requests_never_get_a_500_nor_change_state(server, tiny):
+    import random
+
+    service, url = server
+    rng, token = random.Random(14), tiny["tokens"][0]
+    before = (service.database.counts(), [e.upload_id for e in service.database.uploads()])
+    statuses, valid, stored = {}, release_body(tiny), []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+        for case in range(400):
+            if case % 2:
+                response = client.post("/v1/clients/0/sample", content=fuzz_sample_body(rng))
+            else:
+                body = fuzz_release_body(rng, valid)
+                response = client.put(f"/v1/clients/0/releases/fuzz{case}", content=body)
+                if response.status_code == 200:  # mangled, yet a valid release (epoch 3, ...)
+                    stored.append(f"fuzz{case}")
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (case, response.text[:500])
+            if response.status_code >= 400:
+                assert set(response.json()) >= {"error", "detail"}, response.text[:300]
+    after = (service.database.counts(), [e.upload_id for e in service.database.uploads()])
+    assert after[1] == before[1] + stored  # only what was acknowledged was stored
+    assert after[0] == before[0]  # (the accepted ones re-sent images already held)
+    print(f"\nfuzz: 400 cases, statuses {dict(sorted(statuses.items()))}, stored {stored}")

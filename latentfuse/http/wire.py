@@ -9,7 +9,6 @@ shapes, finiteness) before a tensor is built; nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,19 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """A bounded repr for an error message (a 5,000-digit int has no repr in Python 3.11)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+JSON_ERRORS = (UnicodeDecodeError, ValueError, RecursionError)  # JSONDecodeError is a ValueError
+MAX_GUIDANCE = 100.0
+
+
 def read_header(body: bytes, kind: str, max_bytes: int) -> tuple[dict[str, dict], dict[str, Any]]:
     """The tensor table and the latentfuse metadata of a safetensors body, before loading it."""
     if len(body) > max_bytes:
@@ -70,18 +82,25 @@ def read_header(body: bytes, kind: str, max_bytes: int) -> tuple[dict[str, dict]
         raise WireError(f"{kind} body is not safetensors: header length {size} is out of range")
     try:
         header = json.loads(body[8 : 8 + size])
-        meta = json.loads(header.pop("__metadata__", {}).get(META_KEY, "null"))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as error:
-        raise WireError(f"{kind} body has an unreadable safetensors header: {error}") from None
+        if not isinstance(header, dict):
+            raise TypeError(f"the header is a {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not isinstance(metadata.get(META_KEY, ""), str):
+            raise TypeError("__metadata__ must map names to strings")
+        meta = json.loads(metadata.get(META_KEY, "null"))
+    except (*JSON_ERRORS, TypeError) as error:
+        raise WireError(
+            f"{kind} body has an unreadable safetensors header: {_show(str(error), 200)}"
+        ) from None
     if not isinstance(meta, dict):
         raise WireError(f"{kind} body lacks the '{META_KEY}' JSON metadata in its header")
     if meta.get("wire_version") != WIRE_VERSION:
         raise WireError(
-            f"wire_version must be {WIRE_VERSION}, got {meta.get('wire_version')!r}",
+            f"wire_version must be {WIRE_VERSION}, got {_show(meta.get('wire_version'))}",
             code="unsupported_version",
         )
     if meta.get("kind") != kind:
-        raise WireError(f"expected a {kind!r} message, got kind {meta.get('kind')!r}")
+        raise WireError(f"expected a {kind!r} message, got kind {_show(meta.get('kind'))}")
     return header, meta
 
 
@@ -98,16 +117,23 @@ def load_tensors(
         spec = specs[name]
         if not isinstance(entry, dict) or entry.get("dtype") not in spec.dtypes:
             got = entry.get("dtype") if isinstance(entry, dict) else entry
-            raise WireError(f"{kind} tensor {name!r} must have dtype in {spec.dtypes}, got {got!r}")
-        if len(entry.get("shape", [])) != spec.ndim:
             raise WireError(
-                f"{kind} tensor {name!r} must have {spec.ndim} dimensions, got shape "
-                f"{entry.get('shape')}"
+                f"{kind} tensor {name!r} must have dtype in {spec.dtypes}, got {_show(got)}"
+            )
+        shape = entry.get("shape")
+        if not (
+            isinstance(shape, list)
+            and len(shape) == spec.ndim
+            and all(_is_int(n) and 0 <= n < 2**31 for n in shape)
+        ):
+            raise WireError(
+                f"{kind} tensor {name!r} must have {spec.ndim} dimensions (sizes >= 0), "
+                f"got shape {_show(shape)}"
             )
     try:
         return load(body)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise WireError(f"{kind} body is not valid safetensors: {error}") from None
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as error:
+        raise WireError(f"{kind} body is not valid safetensors: {_show(str(error), 200)}") from None
 
 
 def _encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
@@ -154,13 +180,17 @@ def decode_release(body: bytes, max_bytes: int, max_images: int) -> ReleaseBatch
     header, meta = read_header(body, "release", max_bytes)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise WireError(
-            f"release schema_version must be {SCHEMA_VERSION}, got {meta.get('schema_version')!r}",
+            f"release schema_version must be {SCHEMA_VERSION}, "
+            f"got {_show(meta.get('schema_version'))}",
             code="unsupported_version",
         )
     for field in ("client_id", "t_cut", "epoch"):
         if not _is_int(meta.get(field)) or meta[field] < 0:
-            raise WireError(f"release field {field!r} must be an int >= 0, got {meta.get(field)!r}")
-    count = (header.get("image_ids") or {}).get("shape", [0])
+            raise WireError(
+                f"release field {field!r} must be an int >= 0, got {_show(meta.get(field))}"
+            )
+    entry = header.get("image_ids")
+    count = entry.get("shape", [0]) if isinstance(entry, dict) else [0]
     if isinstance(count, list) and count and _is_int(count[0]) and count[0] > max_images:
         raise WireError(f"a release may carry at most {max_images} images, got {count[0]}", 413)
     tensors = load_tensors(body, header, RELEASE_SPECS, "release")
@@ -191,26 +221,32 @@ class SampleRequest:
 
     def __post_init__(self) -> None:
         if not _is_int(self.client_id) or self.client_id < 0:
-            raise ValueError(f"client_id must be an int >= 0, got {self.client_id!r}")
+            raise ValueError(f"client_id must be an int >= 0, got {_show(self.client_id)}")
         if not self.seeds or not all(_is_int(s) and 0 <= s <= MAX_SEED for s in self.seeds):
             raise ValueError(
-                f"seeds must be a non-empty list of ints in [0, 2^63), got {self.seeds!r}"
+                f"seeds must be a non-empty list of ints in [0, 2^63), got {_show(self.seeds)}"
             )
         labels = self.class_labels
         if len(labels) != len(self.seeds) or not all(_is_int(y) and y >= 0 for y in labels):
             raise ValueError(
-                f"class_labels must be {len(self.seeds)} ints >= 0 (one per seed), got {labels!r}"
+                f"class_labels must be {len(self.seeds)} ints >= 0 (one per seed), "
+                f"got {_show(labels)}"
             )
         steps = self.num_inference_steps
         if not _is_int(steps) or not 1 <= steps <= MAX_INFERENCE_STEPS:
             raise ValueError(
-                f"num_inference_steps must be in [1, {MAX_INFERENCE_STEPS}], got {steps!r}"
+                f"num_inference_steps must be in [1, {MAX_INFERENCE_STEPS}], got {_show(steps)}"
             )
         scale = self.guidance_scale
-        if type(scale) not in (int, float) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {scale!r}")
-        if self.scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {self.scheduler!r}")
+        if type(scale) not in (int, float) or not -MAX_GUIDANCE <= scale <= MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance_scale must be a number in [-{MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}], "
+                f"got {_show(scale)}"
+            )
+        if not isinstance(self.scheduler, str) or self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(
+                f"scheduler must be one of {SCHEDULER_NAMES}, got {_show(self.scheduler)}"
+            )
 
 
 def encode_sample_request(request: SampleRequest) -> bytes:
@@ -234,8 +270,8 @@ def decode_sample_request(body: bytes, max_bytes: int) -> SampleRequest:
         )
     try:
         values = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WireError(f"sample request is not JSON: {error}") from None
+    except JSON_ERRORS as error:
+        raise WireError(f"sample request is not JSON: {_show(str(error), 200)}") from None
     if not isinstance(values, dict) or values.pop("wire_version", None) != WIRE_VERSION:
         raise WireError(f"sample request must be a JSON object with wire_version {WIRE_VERSION}")
     if values.pop("kind", None) != "sample":
@@ -249,12 +285,12 @@ def decode_sample_request(body: bytes, max_bytes: int) -> SampleRequest:
         )
     for name in ("seeds", "class_labels"):
         if not isinstance(values[name], list):
-            raise WireError(f"sample request {name} must be a list, got {values[name]!r}")
+            raise WireError(f"sample request {name} must be a list, got {_show(values[name])}")
         values[name] = tuple(values[name])
     try:
         return SampleRequest(**values)
-    except ValueError as error:
-        raise WireError(f"bad sample request: {error}") from None
+    except (ValueError, TypeError) as error:
+        raise WireError(f"bad sample request: {_show(str(error), 300)}") from None
 
 
 HANDOFF_SPECS = {
