@@ -491,3 +491,104 @@ def test_fuzzed_requests_never_get_a_500_nor_change_state(server, tiny):
     assert after[1] == before[1] + stored  # only what was acknowledged was stored
     assert after[0] == before[0]  # (the accepted ones re-sent images already held)
     print(f"\nfuzz: 400 cases, statuses {dict(sorted(statuses.items()))}, stored {stored}")
+
+
+# ---- admission control and fairness (item 2) ---------------------------------------------------
+def flood_and_probe(url: str, tiny: dict, flood: int) -> tuple[dict, list[int]]:
+    """Client 0 fires `flood` sampling requests at once while client 1 makes a status call, an
+    upload and a small sample; the flood's statuses (with Retry-After seen) and client 1's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    own0 = sorted({int(y) for y in tiny["run"].clients[0].labels.tolist()})[:1]
+    own1 = sorted({int(y) for y in tiny["run"].clients[1].labels.tolist()})[:1]
+    heavy = sample_body(0, seeds=[1, 2, 3, 4], class_labels=own0 * 4, num_inference_steps=20)
+    statuses, retry_after = {}, 0
+
+    def flooder(_: int) -> None:
+        nonlocal retry_after
+        response = get_body(url, "/v1/clients/0/sample", tiny["tokens"][0], heavy)
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        retry_after += "retry-after" in response.headers
+
+    other = []
+    with ThreadPoolExecutor(flood) as pool:
+        futures = [pool.submit(flooder, i) for i in range(flood)]
+        token = tiny["tokens"][1]
+        other.append(get(url, "/v1/status", token).status_code)
+        upload = release_body(tiny, client_id=1)
+        other.append(get_body(url, "/v1/clients/1/releases/fair", token, upload).status_code)
+        small = sample_body(1, class_labels=own1)
+        other.append(get_body(url, "/v1/clients/1/sample", token, small).status_code)
+        for future in futures:
+            future.result()
+    return {**statuses, "retry_after": retry_after}, other
+
+
+def test_a_flooding_client_gets_429s_and_the_others_are_served(tiny, tmp_path):
+    service = make_service(tiny, tmp_path / "state", max_sampling_per_client=1)
+    with BackgroundServer(service) as url:
+        for client in tiny["run"].clients:
+            with RemoteServer(url, tiny["tokens"][client.client_id], client.client_id) as c:
+                c.upload_release(client.make_release(0), 8)
+        flood, other = flood_and_probe(url, tiny, 12)
+        status = get(url, "/v1/status", tiny["tokens"][1]).json()
+    assert flood.get(429, 0) >= 1 and flood["retry_after"] >= flood.get(429, 0)
+    assert flood.get(200, 0) >= 1 and set(flood) <= {200, 429, "retry_after"}
+    assert other in ([200, 200, 200], [200, 409, 200])  # never refused for client 0's flood
+    assert status["refused"]["429"] == flood[429]
+
+
+def test_past_the_servers_capacity_requests_get_503(tiny, tmp_path):
+    service = make_service(
+        tiny,
+        tmp_path / "state",
+        max_sampling_per_client=20,
+        max_concurrent_sampling=1,
+        max_sampling_queue=1,
+    )
+    with BackgroundServer(service) as url:
+        with RemoteServer(url, tiny["tokens"][0], 0) as c:
+            c.upload_release(tiny["run"].clients[0].make_release(0), 8)
+        flood, _ = flood_and_probe(url, tiny, 12)
+    assert flood.get(503, 0) >= 1 and flood.get(200, 0) >= 1
+
+
+def test_upload_rate_and_sampling_budget_are_per_client(tiny, tmp_path):
+    service = make_service(
+        tiny, tmp_path / "state", uploads_per_minute=2, sampling_cost_per_minute=10
+    )
+    with BackgroundServer(service) as url:
+        token, body = tiny["tokens"][0], release_body(tiny)
+        codes = [get_body(url, f"/v1/clients/0/releases/r{i}", token, body) for i in range(3)]
+        assert [r.status_code for r in codes] == [200, 200, 429]  # new ids, same images
+        assert int(codes[2].headers["retry-after"]) >= 1
+        other = release_body(tiny, client_id=1)
+        assert (
+            get_body(url, "/v1/clients/1/releases/r0", tiny["tokens"][1], other).status_code == 200
+        )
+        own = sorted({int(y) for y in tiny["run"].clients[0].labels.tolist()})[:1]
+        cheap = sample_body(0, class_labels=own, num_inference_steps=4)  # cost 4
+        assert get_body(url, "/v1/clients/0/sample", token, cheap).status_code == 200
+        costly = sample_body(0, class_labels=own, num_inference_steps=8)  # cost 8 > 6 left
+        refused = get_body(url, "/v1/clients/0/sample", token, costly)
+        assert refused.status_code == 429 and refused.json()["error"] == "budget_exceeded"
+
+
+def test_health_is_answered_while_sampling_is_saturated(tiny, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    service = make_service(tiny, tmp_path / "state", max_sampling_per_client=8)
+    with BackgroundServer(service) as url:
+        with RemoteServer(url, tiny["tokens"][0], 0) as c:
+            c.upload_release(tiny["run"].clients[0].make_release(0), 8)
+        own = sorted({int(y) for y in tiny["run"].clients[0].labels.tolist()})[:1]
+        heavy = sample_body(0, seeds=[1, 2, 3, 4], class_labels=own * 4, num_inference_steps=30)
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(get_body, url, "/v1/clients/0/sample", tiny["tokens"][0], heavy)
+                for _ in range(8)
+            ]
+            health = get(url, "/healthz")
+            assert health.status_code == 200 and health.json()["ok"]
+            for future in futures:
+                assert future.result().status_code in (200, 429, 503)

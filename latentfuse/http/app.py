@@ -29,9 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..checkpointing import atomic_write_json
+from .admission import Admission, sampling_cost
 from .auth import parse_client_id
 from .service import ServerService
-from .wire import SAFETENSORS_TYPE, WireError
+from .wire import SAFETENSORS_TYPE, WireError, decode_sample_request
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,14 @@ def create_app(
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="latentfuse server", version=__version__, lifespan=lifespan, **docs)
     limit = service.deploy.max_body_bytes
+    admission = app.state.admission = Admission(service.deploy)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, error: WireError) -> JSONResponse:
         """A refused request: its status and {"error", "detail"} JSON."""
-        return JSONResponse(error.payload(), status_code=error.status)
+        retry = error.extra.get("retry_after")
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return JSONResponse(error.payload(), status_code=error.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -122,7 +126,7 @@ def create_app(
     async def status(request: Request) -> dict[str, Any]:
         """Training step and state, releases held per client, the last checkpoint."""
         await run_in_threadpool(service.authenticate_any, bearer_token(request))
-        return service.status()
+        return {**service.status(), "refused": dict(admission.refused)}
 
     @app.get("/v1/clients/{client_id}/uploads")
     async def uploads(client_id: str, request: Request) -> dict[str, Any]:
@@ -136,6 +140,7 @@ def create_app(
         """Store one release upload durably; a replayed upload id gets 409."""
         client = path_client(client_id)
         await run_in_threadpool(service.authenticate, client, bearer_token(request))
+        admission.upload(client)  # before the body is read: a refused upload costs nothing
         body = await read_body(request, limit)
         return await run_in_threadpool(service.submit, client, upload_id, body)
 
@@ -145,7 +150,10 @@ def create_app(
         client = path_client(client_id)
         await run_in_threadpool(service.authenticate, client, bearer_token(request))
         body = await read_body(request, limit)
-        payload = await run_in_threadpool(service.sample, client, body)
+        wanted = decode_sample_request(body, limit)  # small JSON: its cost, before a thread
+        cost = sampling_cost(len(wanted.seeds), wanted.num_inference_steps, wanted.guidance_scale)
+        with admission.sampling_request(client, cost):
+            payload = await run_in_threadpool(service.sample, client, body)
         return Response(payload, media_type=SAFETENSORS_TYPE)
 
     return app

@@ -25,6 +25,10 @@ class DeployConfig:
     max_images_per_client: int = 200_000  # image ids must lie below this (bounds server memory)
     max_sample_batch: int = 64  # images per sampling request
     max_concurrent_sampling: int = 2  # sampling requests computed at once (others wait)
+    max_sampling_queue: int = 4  # sampling requests waiting beyond those (503 past it)
+    max_sampling_per_client: int = 1  # one client's sampling requests in the server (429 past)
+    sampling_cost_per_minute: int = 100_000  # per client: images x steps (x2 guided); 0: none
+    uploads_per_minute: int = 600  # per client (429 past it); 0: no limit
     fp16_wire: bool = False  # send latents as float16 (halves the bytes; not bit-exact)
     # The server's batches: "clients" draws a client first, so one client's share of a batch
     # is 1/k in expectation among k clients whatever it uploads; "releases" draws uniformly
@@ -55,6 +59,7 @@ class DeployConfig:
             "max_body_bytes",
             "max_images_per_client",
             "max_concurrent_sampling",
+            "max_sampling_per_client",
         ):
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:
                 raise ValueError(
@@ -73,7 +78,13 @@ class DeployConfig:
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 < value < float("inf")):
                 raise ValueError(f"config: deploy.{name} must be a number > 0, got {value!r}")
-        for name in ("max_releases_per_client", "max_upload_bytes_per_client"):
+        for name in (
+            "max_releases_per_client",
+            "max_upload_bytes_per_client",
+            "max_sampling_queue",
+            "sampling_cost_per_minute",
+            "uploads_per_minute",
+        ):
             if type(getattr(self, name)) is not int or getattr(self, name) < 0:
                 raise ValueError(
                     f"config: deploy.{name} must be an int >= 0, got {getattr(self, name)!r}"

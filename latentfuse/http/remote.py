@@ -155,18 +155,21 @@ class RemoteServer:
         """Send with retries on transport errors and 5xx; RemoteError on any other 4xx."""
         start, attempt = time.monotonic(), 0
         while True:
+            asked = 0.0  # the server's Retry-After, honoured when longer than our back-off
             try:
                 response = self.http.request(method, path, **kwargs)
                 if response.status_code not in RETRY_STATUSES:
                     break
                 problem = f"HTTP {response.status_code}"
+                retry_after = response.headers.get("retry-after", "")
+                asked = float(retry_after) if retry_after.isdecimal() else 0.0
             except httpx.TransportError as error:
                 if "CERTIFICATE_VERIFY_FAILED" in str(error):  # retrying cannot fix it
                     raise RemoteError(
                         f"{method} {path}: TLS verification failed: {error}"
                     ) from None
                 problem = f"{type(error).__name__}: {error}"
-            wait = self.retry.delay(attempt)
+            wait = max(self.retry.delay(attempt), min(asked, self.retry.cap))
             if time.monotonic() - start + wait > self.retry.budget:
                 raise RemoteError(
                     f"{method} {path}: server unreachable for {self.retry.budget:.0f} s ({problem})"
