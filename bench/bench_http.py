@@ -209,6 +209,106 @@ def load_bench(clients: int, uploads: int, images: int, train: bool, threads: in
     }
 
 
+def _p95(values: list[float]) -> float:
+    values = sorted(values)
+    return 1000 * values[int(0.95 * (len(values) - 1))]
+
+
+def probe(url: str, token: str, rounds: int) -> dict[str, float]:
+    """Client 1's p95 (ms) of a status call, an upload and a 1-image 10-step sample."""
+    times: dict[str, list[float]] = {"status": [], "upload": [], "sample": []}
+    generator = torch.Generator().manual_seed(1)
+    headers = {"Authorization": f"Bearer {token}"}
+    small = json.dumps(
+        {
+            "wire_version": 1,
+            "kind": "sample",
+            "client_id": 1,
+            "seeds": [1],
+            "class_labels": [0],
+            "num_inference_steps": 10,
+        }
+    ).encode()
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
+        for k in range(rounds):
+            batch = ReleaseBatch(
+                1, (k,), torch.randn(1, 4, 16, 16, generator=generator), torch.tensor([0]), 100, 0
+            )
+            requests = {
+                "status": ("GET", "/v1/status", None),
+                "upload": (
+                    "PUT",
+                    f"/v1/clients/1/releases/p{k}-{time.time_ns()}",
+                    encode_release(batch),
+                ),
+                "sample": ("POST", "/v1/clients/1/sample", small),
+            }
+            for name, (method, path, body) in requests.items():
+                start = time.perf_counter()
+                response = client.request(method, path, content=body)
+                times[name].append(time.perf_counter() - start)
+                response.raise_for_status()
+    return {name: _p95(values) for name, values in times.items()}
+
+
+def fairness_bench(flood: int, rounds: int, threads: int) -> dict:
+    """Client 1's p95s unloaded, then while client 0 keeps `flood` sampling requests (16 images
+    x 10 steps) in flight; and what the flood was answered."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        vae = root / "vae"
+        vae.mkdir()
+        (vae / "config.json").write_text(
+            json.dumps({"block_out_channels": [32, 32], "latent_channels": 4})
+        )
+        config = root / "fair.toml"
+        config.write_text(LOAD_CONFIG.format(vae=vae, clients=2, images=16))
+        issue_tokens(root / "clients.json", root / "tokens", range(2))
+        tokens = [read_token(root / "tokens" / f"client-{c}.token") for c in range(2)]
+        process = start_server(config, root, "--no-train", threads=threads)
+        try:
+            generator = torch.Generator().manual_seed(0)
+            with RemoteServer(process.url, tokens[0], 0) as remote:  # client 0 holds class 0
+                latents = torch.randn(16, 4, 16, 16, generator=generator)
+                remote.upload_release(
+                    ReleaseBatch(
+                        0, tuple(range(16)), latents, torch.zeros(16, dtype=torch.long), 100, 0
+                    ),
+                    16,
+                )
+            unloaded = probe(process.url, tokens[1], rounds)
+            heavy = json.dumps(
+                {
+                    "wire_version": 1,
+                    "kind": "sample",
+                    "client_id": 0,
+                    "seeds": list(range(16)),
+                    "class_labels": [0] * 16,
+                    "num_inference_steps": 10,
+                }
+            ).encode()
+            stop_flag, answers = threading.Event(), {}
+
+            def flooder() -> None:
+                headers = {"Authorization": f"Bearer {tokens[0]}"}
+                with httpx.Client(base_url=process.url, headers=headers, timeout=300) as c:
+                    while not stop_flag.is_set():
+                        code = c.post("/v1/clients/0/sample", content=heavy).status_code
+                        answers[code] = answers.get(code, 0) + 1
+
+            workers = [threading.Thread(target=flooder) for _ in range(flood)]
+            for worker in workers:
+                worker.start()
+            time.sleep(1.0)
+            loaded = probe(process.url, tokens[1], rounds)
+            stop_flag.set()
+            for worker in workers:
+                worker.join()
+        finally:
+            stop(process)
+    return {"unloaded": unloaded, "loaded": loaded, "flood_answers": answers}
+
+
 def keepalive_latency(nodelay: bool, requests: int) -> float:
     """Median ms of keep-alive GET /healthz-like requests to uvicorn on a socket made by
     `bind_socket(nodelay=...)`."""
@@ -248,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", action="store_true", help="run the upload load test")
     parser.add_argument(
+        "--fairness", action="store_true", help="another client's p95 while one client floods"
+    )
+    parser.add_argument("--flood", type=int, default=100, help="fairness: requests in flight")
+    parser.add_argument("--rounds", type=int, default=20, help="fairness: probes per phase")
+    parser.add_argument(
         "--nodelay", action="store_true", help="keep-alive latency with and without TCP_NODELAY"
     )
     parser.add_argument("--train", action="store_true", help="load test: server trains meanwhile")
@@ -262,6 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.fairness:
+        r = fairness_bench(args.flood, args.rounds, args.threads)
+        for name in ("status", "upload", "sample"):
+            a, b = r["unloaded"][name], r["loaded"][name]
+            print(
+                f"client 1 {name}: p95 unloaded {a:.1f} ms, during the flood {b:.1f} ms, "
+                f"ratio {b / a:.2f} (target <= 2)"
+            )
+        print(f"client 0's flood ({args.flood} in flight) was answered {r['flood_answers']}")
+        return 0
     if args.nodelay:
         before, after = keepalive_latency(False, 200), keepalive_latency(True, 200)
         print(

@@ -12,6 +12,7 @@ id. Errors are JSON: {"error": code, "detail": message}.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -35,6 +36,8 @@ from .service import ServerService
 from .wire import SAFETENSORS_TYPE, WireError, decode_sample_request
 
 logger = logging.getLogger(__name__)
+
+REFUSAL_DELAY_S = 0.5  # how long a 429/503 is held before it is sent
 
 
 def bearer_token(request: Request) -> str | None:
@@ -95,11 +98,20 @@ def create_app(
     limit = service.deploy.max_body_bytes
     admission = app.state.admission = Admission(service.deploy)
 
+    async def authenticate(client: int, token: str | None) -> None:
+        """A known token in the event loop; a key derivation (the slow path) in a thread."""
+        if not service.authenticated_before(client, token):
+            await run_in_threadpool(service.authenticate, client, token)
+
     @app.exception_handler(WireError)
     async def wire_error(request: Request, error: WireError) -> JSONResponse:
         """A refused request: its status and {"error", "detail"} JSON."""
         retry = error.extra.get("retry_after")
         headers = {"Retry-After": str(retry)} if retry is not None else None
+        if error.status in (429, 503):
+            # A client that ignores Retry-After and retries at once would keep the event loop
+            # busy with refusals; holding the answer a moment costs the server nothing.
+            await asyncio.sleep(REFUSAL_DELAY_S)
         return JSONResponse(error.payload(), status_code=error.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -125,21 +137,24 @@ def create_app(
     @app.get("/v1/status")
     async def status(request: Request) -> dict[str, Any]:
         """Training step and state, releases held per client, the last checkpoint."""
-        await run_in_threadpool(service.authenticate_any, bearer_token(request))
+        token = bearer_token(request)
+        claimed = service.tokens.claimed_id(token) if token else None
+        if claimed is None or not service.authenticated_before(claimed, token):
+            await run_in_threadpool(service.authenticate_any, token)
         return {**service.status(), "refused": dict(admission.refused)}
 
     @app.get("/v1/clients/{client_id}/uploads")
     async def uploads(client_id: str, request: Request) -> dict[str, Any]:
         """The upload ids (and sha256) the server holds from this client."""
         client = path_client(client_id)
-        await run_in_threadpool(service.authenticate, client, bearer_token(request))
+        await authenticate(client, bearer_token(request))
         return {"client_id": client, "uploads": service.committed(client)}
 
     @app.put("/v1/clients/{client_id}/releases/{upload_id}")
     async def put_release(client_id: str, upload_id: str, request: Request) -> dict[str, Any]:
         """Store one release upload durably; a replayed upload id gets 409."""
         client = path_client(client_id)
-        await run_in_threadpool(service.authenticate, client, bearer_token(request))
+        await authenticate(client, bearer_token(request))
         admission.upload(client)  # before the body is read: a refused upload costs nothing
         body = await read_body(request, limit)
         return await run_in_threadpool(service.submit, client, upload_id, body)
@@ -148,7 +163,7 @@ def create_app(
     async def sample(client_id: str, request: Request) -> Response:
         """Run the server's steps of a sampling request; the hand-off as safetensors."""
         client = path_client(client_id)
-        await run_in_threadpool(service.authenticate, client, bearer_token(request))
+        await authenticate(client, bearer_token(request))
         body = await read_body(request, limit)
         wanted = decode_sample_request(body, limit)  # small JSON: its cost, before a thread
         cost = sampling_cost(len(wanted.seeds), wanted.num_inference_steps, wanted.guidance_scale)

@@ -108,6 +108,17 @@ class TokenBook:
         """The known client ids, sorted."""
         return sorted(self.credentials)
 
+    def verified_before(self, client_id: int, token: str) -> bool:
+        """Whether `token` is one already accepted for `client_id` (a hash lookup, no key
+        derivation: cheap enough for the event loop)."""
+        if not token:
+            return False
+        with self._lock:
+            known = self._accepted.get(client_id)
+        return known is not None and hmac.compare_digest(
+            known, hashlib.sha256(token.encode()).digest()
+        )
+
     def verify(self, client_id: int, token: str) -> bool:
         """Whether `token` is client `client_id`'s token (False for an unknown client)."""
         credential = self.credentials.get(client_id)

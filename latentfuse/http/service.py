@@ -170,6 +170,12 @@ class ServerService:
         if not self.tokens.verify(client_id, token):
             raise WireError(f"invalid token for client {client_id}", 401, "unauthorized")
 
+    def authenticated_before(self, client_id: int, token: str | None) -> bool:
+        """Whether `token` was accepted for `client_id` before (no key derivation): the routes
+        check this in the event loop and take a worker thread only for the slow path."""
+        self.tokens.refresh()
+        return bool(token) and self.tokens.verified_before(client_id, token)
+
     def authenticate_any(self, token: str | None) -> int:
         """The id of the client whose token this is; WireError 401 if none."""
         self.tokens.refresh()
