@@ -312,7 +312,8 @@ def test_killing_the_trainer_stops_neither_ingest_nor_sampling_and_a_restart_res
     token = {
         c.client_id: read_token(root / "tokens" / f"client-{c.client_id}.token") for c in clients
     }
-    request = SampleRequest(0, (1, 2), (0, 1), num_inference_steps=4)
+    own = sorted({int(y) for y in clients[0].labels.tolist()})  # a client samples its classes
+    request = SampleRequest(0, (1, 2), (own[0], own[-1]), num_inference_steps=4)
     trainer = None
     try:
         with RemoteServer(url, token[0], 0) as first:
