@@ -29,17 +29,38 @@ SERVER_ONLY = {
 SHARED = {"latentfuse.transport", "latentfuse.split", "latentfuse.engine", "latentfuse.config"}
 
 
+ENTRY_MODULES = (
+    "latentfuse.http.client_job",
+    "latentfuse.http.remote_sample",
+    "latentfuse.http.app",
+    "latentfuse.http.service",
+)
+
+
 @functools.cache
-def loaded_modules(module: str) -> frozenset[str]:
-    """The latentfuse modules in sys.modules after importing `module` in a fresh interpreter."""
-    code = (
-        f"import importlib, json, sys; importlib.import_module({module!r}); "
+def _all_loaded() -> dict[str, frozenset[str]]:
+    """Import every entry module, each in its own fresh interpreter, all at once."""
+    template = (
+        "import importlib, json, sys; importlib.import_module({!r}); "
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('latentfuse'))))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
-    )
-    return frozenset(json.loads(out.stdout.strip().splitlines()[-1]))
+    children = {
+        module: subprocess.Popen(
+            [sys.executable, "-c", template.format(module)], stdout=subprocess.PIPE, text=True
+        )
+        for module in ENTRY_MODULES
+    }
+    out = {}
+    for module, child in children.items():
+        stdout, _ = child.communicate(timeout=300)
+        assert child.returncode == 0, module
+        out[module] = frozenset(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def loaded_modules(module: str) -> frozenset[str]:
+    """The latentfuse modules in sys.modules after importing `module` in a fresh interpreter."""
+    return _all_loaded()[module]
 
 
 @pytest.mark.parametrize("module", ["latentfuse.http.client_job", "latentfuse.http.remote_sample"])
