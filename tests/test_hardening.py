@@ -592,3 +592,48 @@ def test_health_is_answered_while_sampling_is_saturated(tiny, tmp_path):
             assert health.status_code == 200 and health.json()["ok"]
             for future in futures:
                 assert future.result().status_code in (200, 429, 503)
+
+
+# ---- found by an attacker's review -------------------------------------------------------------
+@pytest.mark.parametrize("field", ["epoch", "t_cut", "client_id"])
+def test_release_integers_past_the_store_are_400_not_500(server, tiny, field):
+    import json as json_
+
+    _, url = server
+    body = release_body(tiny)
+    size = int.from_bytes(body[:8], "little")
+    header = json_.loads(body[8 : 8 + size])
+    meta = json_.loads(header["__metadata__"]["latentfuse"])
+    meta[field] = 2**63
+    header["__metadata__"]["latentfuse"] = json_.dumps(meta)
+    raw = json_.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    mangled = len(raw).to_bytes(8, "little") + raw + body[8 + size :]
+    response = get_body(url, "/v1/clients/0/releases/big-int", tiny["tokens"][0], mangled)
+    assert response.status_code == 400, response.text
+
+
+def test_an_upload_id_with_a_trailing_newline_is_refused(server, tiny):
+    _, url = server
+    body = release_body(tiny)
+    response = get_body(url, "/v1/clients/0/releases/abc%0A", tiny["tokens"][0], body)
+    assert response.status_code == 400 and "upload id" in response.text
+
+
+def test_a_huge_sampling_request_is_413_before_it_is_parsed(server, tiny):
+    _, url = server
+    body = b'{"seeds": [' + b"1," * 400_000 + b"1]}"
+    response = get_body(url, "/v1/clients/0/sample", tiny["tokens"][0], body)
+    assert response.status_code == 413
+
+
+def test_a_client_listed_after_start_but_outside_the_run_is_401(tiny, tmp_path):
+    root = tmp_path / "deploy"
+    shutil.copytree(tiny["root"], root, ignore=shutil.ignore_patterns("state*"))
+    service = make_service({**tiny, "root": root}, tmp_path / "state")
+    with BackgroundServer(service) as url:
+        issue_tokens(root / "clients.json", root / "tokens", [7], iterations=1000)
+        token = read_token(root / "tokens" / "client-7.token")
+        for _ in range(2):  # the second time through the accepted-token fast path
+            response = get_body(url, "/v1/clients/7/releases/a1", token, release_body(tiny, 0))
+            assert response.status_code == 401

@@ -38,6 +38,7 @@ from .wire import SAFETENSORS_TYPE, WireError, decode_sample_request
 logger = logging.getLogger(__name__)
 
 REFUSAL_DELAY_S = 0.5  # how long a 429/503 is held before it is sent
+SAMPLE_BODY_LIMIT = 64 * 1024  # a sampling request is small JSON (at most a few hundred seeds)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -164,8 +165,10 @@ def create_app(
         """Run the server's steps of a sampling request; the hand-off as safetensors."""
         client = path_client(client_id)
         await authenticate(client, bearer_token(request))
-        body = await read_body(request, limit)
-        wanted = decode_sample_request(body, limit)  # small JSON: its cost, before a thread
+        body = await read_body(request, SAMPLE_BODY_LIMIT)  # parsed in the event loop: small
+        wanted = decode_sample_request(
+            body, SAMPLE_BODY_LIMIT
+        )  # small JSON: its cost, before a thread
         cost = sampling_cost(len(wanted.seeds), wanted.num_inference_steps, wanted.guidance_scale)
         with admission.sampling_request(client, cost):
             payload = await run_in_threadpool(service.sample, client, body)

@@ -135,6 +135,8 @@ class TokenBook:
         if not credential.matches(token):
             return False
         with self._lock:
+            if self.credentials.get(client_id) is not credential:  # reloaded meanwhile
+                return False
             self._accepted[client_id] = quick
         return True
 

@@ -166,15 +166,17 @@ class ServerService:
                 "missing bearer token (Authorization: Bearer <token>)", 401, "unauthorized"
             )
         self.tokens.refresh()  # a token reissued or revoked while the server runs
-        # One answer, and one key derivation, whether the id is unknown or the token wrong.
-        if not self.tokens.verify(client_id, token):
+        # One answer, and one key derivation, whether the id is unknown or the token wrong; an
+        # id outside the run's clients (listed in clients.json since) is refused the same way.
+        if not self.tokens.verify(client_id, token) or client_id not in self.splits:
             raise WireError(f"invalid token for client {client_id}", 401, "unauthorized")
 
     def authenticated_before(self, client_id: int, token: str | None) -> bool:
         """Whether `token` was accepted for `client_id` before (no key derivation): the routes
         check this in the event loop and take a worker thread only for the slow path."""
         self.tokens.refresh()
-        return bool(token) and self.tokens.verified_before(client_id, token)
+        known = bool(token) and self.tokens.verified_before(client_id, token)
+        return known and client_id in self.splits
 
     def authenticate_any(self, token: str | None) -> int:
         """The id of the client whose token this is; WireError 401 if none."""
@@ -284,7 +286,7 @@ class ServerService:
 
     def submit(self, client_id: int, upload_id: str, body: bytes) -> dict[str, Any]:
         """Check, then commit one release upload (one transaction); the acknowledgement."""
-        if not UPLOAD_ID.match(upload_id):
+        if not UPLOAD_ID.fullmatch(upload_id):
             raise WireError(f"upload id {upload_id!r} must match {UPLOAD_ID.pattern}")
         digest = hashlib.sha256(body).hexdigest()
         committed = self.database.lookup(client_id, upload_id)

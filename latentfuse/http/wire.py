@@ -184,15 +184,17 @@ def decode_release(body: bytes, max_bytes: int, max_images: int) -> ReleaseBatch
             f"got {_show(meta.get('schema_version'))}",
             code="unsupported_version",
         )
-    for field in ("client_id", "t_cut", "epoch"):
-        if not _is_int(meta.get(field)) or meta[field] < 0:
+    for field in ("client_id", "t_cut", "epoch"):  # stored as SQLite integers: < 2^63
+        if not _is_int(meta.get(field)) or not 0 <= meta[field] < 2**31:
             raise WireError(
-                f"release field {field!r} must be an int >= 0, got {_show(meta.get(field))}"
+                f"release field {field!r} must be an int in [0, 2^31), got {_show(meta.get(field))}"
             )
     entry = header.get("image_ids")
     count = entry.get("shape", [0]) if isinstance(entry, dict) else [0]
     if isinstance(count, list) and count and _is_int(count[0]) and count[0] > max_images:
-        raise WireError(f"a release may carry at most {max_images} images, got {count[0]}", 413)
+        raise WireError(
+            f"a release may carry at most {max_images} images, got {count[0]}", 413, "too_large"
+        )
     tensors = load_tensors(body, header, RELEASE_SPECS, "release")
     try:
         return ReleaseBatch(
