@@ -637,3 +637,27 @@ def test_a_client_listed_after_start_but_outside_the_run_is_401(tiny, tmp_path):
         for _ in range(2):  # the second time through the accepted-token fast path
             response = get_body(url, "/v1/clients/7/releases/a1", token, release_body(tiny, 0))
             assert response.status_code == 401
+
+
+def test_concurrent_uploads_cannot_pass_a_quota_together(tmp_path):
+    import threading
+
+    from latentfuse.http.store import QuotaExceeded, ReleaseDatabase
+
+    database = ReleaseDatabase(tmp_path / "r.db", (4, 2, 2))
+    barrier, refused = threading.Barrier(20), []
+
+    def upload(i: int) -> None:
+        barrier.wait()
+        batch = ReleaseBatch(0, (i,), torch.zeros(1, 4, 2, 2), None, 100, 0)
+        try:
+            database.append(f"u{i}", batch, b"x", max_releases=10)
+        except QuotaExceeded:
+            refused.append(i)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert database.counts() == {0: 10} and len(refused) == 10

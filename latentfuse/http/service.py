@@ -34,7 +34,7 @@ from ..transport import ReleaseBatch
 from .auth import TokenBook
 from .deploy import DeployConfig, latent_shape, sampling_scheduler
 from .persist import UPLOAD_ID
-from .store import DuplicateUpload, ReleaseDatabase, migrate_release_log
+from .store import DuplicateUpload, QuotaExceeded, ReleaseDatabase, migrate_release_log
 from .train_server import trainer_environment
 from .trainer import (
     DATABASE,
@@ -220,35 +220,6 @@ class ServerService:
             )
         self.check_statistics(client_id, batch)
 
-    def check_quota(self, client_id: int, batch: ReleaseBatch, size: int) -> None:
-        """WireError 403 `quota_exceeded` when the upload would take the client past its
-        releases-held or uploaded-bytes quota (deploy.max_releases_per_client,
-        deploy.max_upload_bytes_per_client)."""
-        releases, sent = (
-            self.deploy.max_releases_per_client,
-            self.deploy.max_upload_bytes_per_client,
-        )
-        if not releases and not sent:
-            return
-        usage = self.database.usage(client_id)
-        if (
-            releases
-            and usage["releases"] + self.database.new_images(client_id, batch.image_ids) > releases
-        ):
-            raise WireError(
-                f"client {client_id} holds {usage['releases']} releases; this upload would pass "
-                f"its quota of {releases}",
-                403,
-                "quota_exceeded",
-            )
-        if sent and usage["bytes"] + size > sent:
-            raise WireError(
-                f"client {client_id} has uploaded {usage['bytes']} bytes; this upload would pass "
-                f"its quota of {sent}",
-                403,
-                "quota_exceeded",
-            )
-
     def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
         """WireError 400 for a release no z0 of the autoencoder's range could give at the
         client's level (DiffusionSplit.release_bounds): finite, bounded per element and in
@@ -294,11 +265,15 @@ class ServerService:
             raise self._duplicate(DuplicateUpload(client_id, upload_id, committed), digest)
         batch = decode_release(body, self.deploy.max_body_bytes, self.deploy.upload_chunk_size)
         self.check_release(client_id, batch)
-        self.check_quota(client_id, batch, len(body))
+        d = self.deploy
         try:
-            entry = self.database.append(upload_id, batch, body)
+            entry = self.database.append(
+                upload_id, batch, body, d.max_releases_per_client, d.max_upload_bytes_per_client
+            )
         except DuplicateUpload as error:  # a concurrent twin committed first
             raise self._duplicate(error, digest) from None
+        except QuotaExceeded as error:
+            raise WireError(str(error), 403, "quota_exceeded") from None
         return {
             "upload_id": upload_id,
             "seq": entry.seq,

@@ -88,6 +88,10 @@ class DuplicateUpload(ValueError):
         self.entry = entry
 
 
+class QuotaExceeded(ValueError):
+    """An upload would take its client past a quota."""
+
+
 class ReleaseDatabase:
     """The durable store of acknowledged uploads and held releases (thread-safe: one SQLite
     connection per thread; SQLite serialises the writers)."""
@@ -153,13 +157,24 @@ class ReleaseDatabase:
             self._local.db = None
 
     # ---- writes --------------------------------------------------------------------------------
-    def append(self, upload_id: str, batch: ReleaseBatch, body: bytes) -> UploadEntry:
+    def append(
+        self,
+        upload_id: str,
+        batch: ReleaseBatch,
+        body: bytes,
+        max_releases: int = 0,
+        max_bytes: int = 0,
+    ) -> UploadEntry:
         """Make one upload durable in one transaction: its record and its releases (a release of
-        an image already held replaces it). DuplicateUpload if the key is committed."""
+        an image already held replaces it). DuplicateUpload if the key is committed;
+        QuotaExceeded if the client would hold more than `max_releases` releases or have sent
+        more than `max_bytes` bytes (0: no quota), checked inside the transaction, so
+        concurrent uploads cannot pass a quota together."""
         sha256, count = hashlib.sha256(body).hexdigest(), len(batch.image_ids)
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
+            self._check_quota(batch, len(body), max_releases, max_bytes)
             cursor = db.execute(
                 "INSERT INTO uploads "
                 "(client_id, upload_id, sha256, num_images, epoch, unix_time, bytes)"
@@ -181,6 +196,24 @@ class ReleaseDatabase:
                 db.execute("ROLLBACK")
             raise
         return UploadEntry(cursor.lastrowid, batch.client_id, upload_id, sha256, count, batch.epoch)
+
+    def _check_quota(
+        self, batch: ReleaseBatch, size: int, max_releases: int, max_bytes: int
+    ) -> None:
+        if not max_releases and not max_bytes:
+            return
+        usage = self.usage(batch.client_id)
+        held = usage["releases"] + self.new_images(batch.client_id, batch.image_ids)
+        if max_releases and held > max_releases:
+            raise QuotaExceeded(
+                f"client {batch.client_id} holds {usage['releases']} releases; this upload would "
+                f"pass its quota of {max_releases}"
+            )
+        if max_bytes and usage["bytes"] + size > max_bytes:
+            raise QuotaExceeded(
+                f"client {batch.client_id} has uploaded {usage['bytes']} bytes; this upload "
+                f"would pass its quota of {max_bytes}"
+            )
 
     @staticmethod
     def _release_rows(batch: ReleaseBatch, seq: int) -> Iterator[tuple]:
