@@ -166,9 +166,14 @@ def create_app(
         client = path_client(client_id)
         await authenticate(client, bearer_token(request))
         body = await read_body(request, SAMPLE_BODY_LIMIT)  # parsed in the event loop: small
-        wanted = decode_sample_request(
-            body, SAMPLE_BODY_LIMIT
-        )  # small JSON: its cost, before a thread
+        wanted = decode_sample_request(body, SAMPLE_BODY_LIMIT)  # its cost, before a thread
+        if len(wanted.seeds) > service.deploy.max_sample_batch:  # 413 before any budget is spent
+            raise WireError(
+                f"at most {service.deploy.max_sample_batch} images per request, "
+                f"got {len(wanted.seeds)}",
+                413,
+                "too_large",
+            )
         cost = sampling_cost(len(wanted.seeds), wanted.num_inference_steps, wanted.guidance_scale)
         with admission.sampling_request(client, cost):
             payload = await run_in_threadpool(service.sample, client, body)
