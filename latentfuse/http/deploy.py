@@ -54,22 +54,24 @@ class DeployConfig:
                 f"config: deploy.class_names must be a non-empty list of distinct names, "
                 f"got {list(self.class_names)!r}"
             )
-        for name in (
-            "upload_chunk_size",
-            "max_body_bytes",
-            "max_images_per_client",
-            "max_concurrent_sampling",
-            "max_sampling_per_client",
-        ):
-            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
-                raise ValueError(
-                    f"config: deploy.{name} must be an int >= 1, got {getattr(self, name)!r}"
-                )
-        if type(self.max_sample_batch) is not int or self.max_sample_batch < 1:
-            raise ValueError(
-                "config: deploy.max_sample_batch must be an int >= 1, "
-                f"got {self.max_sample_batch!r}"
-            )
+        minimums = dict.fromkeys(
+            ("upload_chunk_size", "max_body_bytes", "max_images_per_client"), 1
+        ) | dict.fromkeys(("max_concurrent_sampling", "max_sampling_per_client"), 1)
+        minimums |= dict.fromkeys(
+            (
+                "max_releases_per_client",
+                "max_upload_bytes_per_client",
+                "max_sampling_queue",
+                "sampling_cost_per_minute",
+                "uploads_per_minute",
+            ),
+            0,
+        )
+        minimums["max_sample_batch"] = 1
+        for name, least in minimums.items():
+            value = getattr(self, name)
+            if type(value) is not int or value < least:
+                raise ValueError(f"config: deploy.{name} must be an int >= {least}, got {value!r}")
         if self.balance not in ("releases", "clients"):
             raise ValueError(
                 f"config: deploy.balance must be 'releases' or 'clients', got {self.balance!r}"
@@ -78,17 +80,6 @@ class DeployConfig:
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 < value < float("inf")):
                 raise ValueError(f"config: deploy.{name} must be a number > 0, got {value!r}")
-        for name in (
-            "max_releases_per_client",
-            "max_upload_bytes_per_client",
-            "max_sampling_queue",
-            "sampling_cost_per_minute",
-            "uploads_per_minute",
-        ):
-            if type(getattr(self, name)) is not int or getattr(self, name) < 0:
-                raise ValueError(
-                    f"config: deploy.{name} must be an int >= 0, got {getattr(self, name)!r}"
-                )
         if type(self.sample_any_class) is not bool:
             raise ValueError(
                 f"config: deploy.sample_any_class must be a bool, got {self.sample_any_class!r}"
