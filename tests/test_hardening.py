@@ -594,6 +594,100 @@ def test_health_is_answered_while_sampling_is_saturated(tiny, tmp_path):
                 assert future.result().status_code in (200, 429, 503)
 
 
+def test_uploads_in_flight_are_limited_per_client(tiny, tmp_path):
+    """Bodies that arrive slowly hold the client's upload places: its next upload is 429, and
+    another client's upload is served."""
+    import socket
+    from urllib.parse import urlparse
+
+    service = make_service(tiny, tmp_path / "state", max_uploads_in_flight_per_client=1)
+    with BackgroundServer(service) as url:
+        address = urlparse(url)
+        body = release_body(tiny)
+        slow = socket.create_connection((address.hostname, address.port), timeout=30)
+        try:
+            head = (
+                f"PUT /v1/clients/0/releases/slow HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {tiny['tokens'][0]}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            slow.sendall(head + body[:100])  # the rest never comes while we probe
+            for _ in range(100):  # until the server holds the slow body's place
+                if service_uploading(url, tiny) == 429:
+                    break
+            refused = get_body(url, "/v1/clients/0/releases/second", tiny["tokens"][0], body)
+            other = release_body(tiny, client_id=1)
+            served = get_body(url, "/v1/clients/1/releases/other", tiny["tokens"][1], other)
+            slow.sendall(body[100:])
+            finished = slow.recv(65536).split(b"\r\n", 1)[0]
+        finally:
+            slow.close()
+        again = get_body(url, "/v1/clients/0/releases/third", tiny["tokens"][0], body)
+    assert refused.status_code == 429 and refused.json()["error"] == "too_many_requests"
+    assert "uploads in progress" in refused.json()["detail"]
+    assert served.status_code == 200
+    assert finished == b"HTTP/1.1 200 OK"
+    assert again.status_code == 200  # the place is given back
+
+
+def service_uploading(url: str, tiny: dict) -> int:
+    """The status an empty-bodied upload of client 0 gets now (429 while its place is held)."""
+    import time
+
+    time.sleep(0.05)
+    return get_body(url, "/v1/clients/0/releases/probe", tiny["tokens"][0], b"").status_code
+
+
+def _own_sample_body(tiny: dict) -> bytes:
+    own = sorted({int(y) for y in tiny["run"].clients[0].labels.tolist()})[:1]
+    return sample_body(0, seeds=[3, 4], class_labels=own * 2, num_inference_steps=4)
+
+
+def test_sampling_processes_answer_as_the_web_process_does_at_a_lower_priority(tiny, tmp_path):
+    """deploy.sampling_processes moves sampling out of the web process (whose interpreter lock
+    uploads and status calls need): the same bytes, from a process at the set niceness."""
+    import os
+
+    from latentfuse.http.sampler import ProcessSampler
+
+    body = _own_sample_body(tiny)
+    local = make_service(tiny, tmp_path / "a")
+    apart = make_service(tiny, tmp_path / "b", sampling_processes=1, sampling_niceness=3)
+    try:
+        assert isinstance(apart.sampler, ProcessSampler)
+        for service in (local, apart):
+            service.submit(0, "u0", release_body(tiny))
+        assert apart.sample(0, body) == local.sample(0, body)
+        (pid,) = apart.sampler.pids()
+        assert pid != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    finally:
+        apart.stop()
+
+
+@pytest.mark.slow
+def test_a_sampling_process_that_dies_is_replaced(tiny, tmp_path):
+    import os
+    import signal
+
+    body = _own_sample_body(tiny)
+    apart = make_service(tiny, tmp_path / "b", sampling_processes=1)
+    try:
+        apart.submit(0, "u0", release_body(tiny))
+        expected = apart.sample(0, body)
+        (pid,) = apart.sampler.pids()
+        os.kill(pid, signal.SIGKILL)
+        try:  # in the process that died (503), or already in a new one
+            answer = apart.sample(0, body)
+        except WireError as error:
+            assert error.status == 503
+            answer = apart.sample(0, body)
+        assert answer == expected
+        assert apart.sampler.pids() != {pid}
+    finally:
+        apart.stop()
+
+
 # ---- found by an attacker's review -------------------------------------------------------------
 @pytest.mark.parametrize("field", ["epoch", "t_cut", "client_id"])
 def test_release_integers_past_the_store_are_400_not_500(server, tiny, field):

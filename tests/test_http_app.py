@@ -44,6 +44,7 @@ def tiny_deploy(**changes) -> DeployConfig:
         "max_body_bytes": 64 * 1024,
         "max_images_per_client": 1000,
         "max_sample_batch": 4,
+        "sampling_processes": 0,  # in-process: tests/test_hardening.py runs the processes
     }
     return DeployConfig(**(fields | changes))
 

@@ -6,7 +6,9 @@ nothing and waiting work is bounded:
   once (429 beyond), at most `deploy.max_concurrent_sampling` computing and
   `deploy.max_sampling_queue` waiting in all (503 beyond); a per-client budget of sampling cost
   per minute, cost = images x steps x (2 with classifier-free guidance) (429 beyond);
-- uploads: a per-client rate, `deploy.uploads_per_minute` (429 beyond).
+- uploads: a per-client rate, `deploy.uploads_per_minute`, and at most
+  `deploy.max_uploads_in_flight_per_client` of one client's bodies being read or stored at
+  once, so that concurrent large bodies cannot fill the server's memory (429 beyond either).
 Every refusal carries `Retry-After`. /healthz takes no part: it never waits for work.
 """
 
@@ -56,6 +58,7 @@ class Admission:
         self.deploy = deploy
         self.sampling: dict[int, int] = {}  # client -> its sampling requests in the server
         self.uploads: dict[int, TokenBucket] = {}
+        self.uploading: dict[int, int] = {}  # client -> its upload bodies in the server
         self.budgets: dict[int, TokenBucket] = {}
         self.refused: dict[str, int] = {"429": 0, "503": 0}
 
@@ -97,8 +100,19 @@ class Admission:
         finally:
             self.sampling[client_id] -= 1
 
-    def upload(self, client_id: int) -> None:
-        """Count one upload against the client's rate (or refuse)."""
+    @contextlib.contextmanager
+    def upload(self, client_id: int) -> Iterator[None]:
+        """Hold one of the client's upload places while its body is read and stored; count it
+        against the client's rate (or refuse)."""
+        mine, most = self.uploading.get(client_id, 0), self.deploy.max_uploads_in_flight_per_client
+        if mine >= most:
+            raise self._refuse(
+                f"client {client_id} has {mine} uploads in progress (at most {most}); "
+                "retry when one finishes",
+                429,
+                "too_many_requests",
+                1,
+            )
         rate = self.deploy.uploads_per_minute
         if rate:
             wait = self.uploads.setdefault(client_id, TokenBucket(rate)).take(1)
@@ -109,3 +123,8 @@ class Admission:
                     "too_many_requests",
                     wait,
                 )
+        self.uploading[client_id] = mine + 1
+        try:
+            yield
+        finally:
+            self.uploading[client_id] -= 1

@@ -156,9 +156,9 @@ def create_app(
         """Store one release upload durably; a replayed upload id gets 409."""
         client = path_client(client_id)
         await authenticate(client, bearer_token(request))
-        admission.upload(client)  # before the body is read: a refused upload costs nothing
-        body = await read_body(request, limit)
-        return await run_in_threadpool(service.submit, client, upload_id, body)
+        with admission.upload(client):  # before the body is read: a refusal costs nothing
+            body = await read_body(request, limit)
+            return await run_in_threadpool(service.submit, client, upload_id, body)
 
     @app.post("/v1/clients/{client_id}/sample")
     async def sample(client_id: str, request: Request) -> Response:
@@ -229,6 +229,7 @@ def serve(
         ssl_keyfile=tls_key,
         log_level="warning",
         timeout_keep_alive=30,
+        limit_concurrency=service.deploy.max_connections,  # 503 beyond: bounded memory
     )
     logger.info("latentfuse server listening on %s", url)
     uvicorn.Server(config).run(sockets=[sock])

@@ -29,6 +29,14 @@ class DeployConfig:
     max_sampling_per_client: int = 1  # one client's sampling requests in the server (429 past)
     sampling_cost_per_minute: int = 100_000  # per client: images x steps (x2 guided); 0: none
     uploads_per_minute: int = 600  # per client (429 past it); 0: no limit
+    max_uploads_in_flight_per_client: int = 2  # bodies of one client read at once (429 past)
+    max_connections: int = 1024  # connections and requests in the server at once (503 past)
+    # Sampling runs in this many child processes (0: in threads of the web process, where it
+    # holds the interpreter lock that uploads and status calls need), at this niceness (0-19)
+    # so that the operating system serves the front first. A trainer thread keeps sampling in
+    # the web process (its live weights are there).
+    sampling_processes: int = 2
+    sampling_niceness: int = 5
     fp16_wire: bool = False  # send latents as float16 (halves the bytes; not bit-exact)
     # The server's batches: "clients" draws a client first, so one client's share of a batch
     # is 1/k in expectation among k clients whatever it uploads; "releases" draws uniformly
@@ -56,7 +64,15 @@ class DeployConfig:
             )
         minimums = dict.fromkeys(
             ("upload_chunk_size", "max_body_bytes", "max_images_per_client"), 1
-        ) | dict.fromkeys(("max_concurrent_sampling", "max_sampling_per_client"), 1)
+        ) | dict.fromkeys(
+            (
+                "max_concurrent_sampling",
+                "max_sampling_per_client",
+                "max_uploads_in_flight_per_client",
+                "max_connections",
+            ),
+            1,
+        )
         minimums |= dict.fromkeys(
             (
                 "max_releases_per_client",
@@ -64,6 +80,8 @@ class DeployConfig:
                 "max_sampling_queue",
                 "sampling_cost_per_minute",
                 "uploads_per_minute",
+                "sampling_processes",
+                "sampling_niceness",
             ),
             0,
         )
@@ -72,6 +90,10 @@ class DeployConfig:
             value = getattr(self, name)
             if type(value) is not int or value < least:
                 raise ValueError(f"config: deploy.{name} must be an int >= {least}, got {value!r}")
+        if self.sampling_niceness > 19:
+            raise ValueError(
+                f"config: deploy.sampling_niceness must be in [0, 19], got {self.sampling_niceness}"
+            )
         if self.balance not in ("releases", "clients"):
             raise ValueError(
                 f"config: deploy.balance must be 'releases' or 'clients', got {self.balance!r}"

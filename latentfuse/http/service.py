@@ -27,29 +27,26 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..description import client_entry, model_description
-from ..pipelines import CollaFuseServerPipeline
-from ..schedule import make_scheduler
 from ..split import DiffusionSplit
 from ..transport import ReleaseBatch
 from .auth import TokenBook
-from .deploy import DeployConfig, latent_shape, sampling_scheduler
+from .deploy import DeployConfig, latent_shape
 from .persist import UPLOAD_ID
+from .sampler import LocalSampler, ProcessSampler
 from .store import DuplicateUpload, QuotaExceeded, ReleaseDatabase, migrate_release_log
 from .train_server import trainer_environment
 from .trainer import (
     DATABASE,
-    PUBLISHED,
     STATUS,
     ServerTrainer,
-    build_server_unet,
     server_splits,
 )
 from .wire import (
     WIRE_VERSION,
+    SampleRequest,
     WireError,
     decode_release,
     decode_sample_request,
-    encode_handoff,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,7 +97,6 @@ class ServerService:
             raise ValueError(
                 f"clients file lists ids {bad}, but data.num_clients={config.data.num_clients}"
             )
-        self.scheduler = make_scheduler(config)
         self.splits = server_splits(config)
         if all(s.is_independent for s in self.splits.values()):
             raise ValueError("every client has t_cut = T: there is nothing for a server to do")
@@ -115,9 +111,19 @@ class ServerService:
             self.trainer.load_checkpoint()
         self.trainer_command, self._process, self._exited_at = trainer_command, None, None
         self._stop, self._thread = threading.Event(), None
-        self._snapshot: tuple[object, torch.nn.Module] | None = None
-        self._snapshot_lock = threading.Lock()
-        self._sampling_slots = threading.BoundedSemaphore(deploy.max_concurrent_sampling)
+        self.sampler: LocalSampler | ProcessSampler
+        if self.trainer is not None or not deploy.sampling_processes:  # the live EMA is here
+            self.sampler = LocalSampler(
+                config, deploy, self.state_dir, self.description, self.init_from, self.trainer
+            )
+        else:
+            self.sampler = ProcessSampler(
+                config=config,
+                deploy=deploy,
+                state_dir=self.state_dir,
+                description=self.description,
+                init_from=self.init_from,
+            )
         logger.info("holding %d uploads (%s releases)", len(self.database), self.database.counts())
 
     # ---- life cycle ----------------------------------------------------------------------------
@@ -141,8 +147,10 @@ class ServerService:
             log.close()
 
     def stop(self) -> None:
-        """Stop training after its current step (it checkpoints on the way out)."""
+        """Stop training after its current step (it checkpoints on the way out), and the
+        sampling processes."""
         self._stop.set()
+        self.sampler.close()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -286,48 +294,8 @@ class ServerService:
         """upload id -> sha256 of every committed upload of `client_id` (to resume from)."""
         return {e.upload_id: e.sha256 for e in self.database.uploads(client_id)}
 
-    def _published(self) -> tuple[object, Path] | None:
-        """(version, folder) of the newest weights a trainer published, if any."""
-        record = self.state_dir / PUBLISHED / "published.json"
-        try:
-            return (
-                record.stat().st_mtime_ns,
-                json.loads(record.read_text())["step"],
-            ), record.parent
-        except (OSError, ValueError, KeyError):  # none yet, or being replaced this instant
-            return None
-
-    def sampling_unet(self) -> torch.nn.Module:
-        """The denoiser to sample with: the trainer thread's live EMA, else the newest published
-        weights (reloaded when a new version appears), else the initial weights."""
-        with self._snapshot_lock:
-            if self.trainer is not None:
-                version, load = ("live", self.trainer.step), self.trainer.ema_model
-            else:
-                published = self._published()
-                if published is not None:
-                    version, folder = published
-                    load = lambda: self._load_published(folder)  # noqa: E731
-                else:
-                    version = ("initial",)
-                    load = lambda: build_server_unet(  # noqa: E731
-                        self.config, self.deploy, self.init_from
-                    ).eval()
-            if self._snapshot is None or self._snapshot[0] != version:
-                self._snapshot = (version, load())
-            return self._snapshot[1]
-
-    def _load_published(self, folder: Path) -> torch.nn.Module:
-        from safetensors.torch import load_file
-
-        unet = build_server_unet(self.config, self.deploy)
-        weights = folder / "server_unet" / "diffusion_pytorch_model.safetensors"
-        unet.load_state_dict(load_file(weights))
-        return unet.eval().requires_grad_(False)
-
-    def sample(self, client_id: int, body: bytes) -> bytes:
-        """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
-        request = decode_sample_request(body, self.deploy.max_body_bytes)
+    def check_sample_request(self, client_id: int, request: SampleRequest) -> None:
+        """Refuse (WireError) a sampling request this client may not make."""
         if request.client_id != client_id:
             raise WireError(
                 f"request names client {request.client_id}, but client {client_id} sent it",
@@ -356,20 +324,23 @@ class ServerService:
                     403,
                     "forbidden",
                 )
-        scheduler = sampling_scheduler(request.scheduler, self.scheduler.config)
-        pipe = CollaFuseServerPipeline(scheduler, self.sampling_unet(), self.description)
-        pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator().manual_seed(s) for s in request.seeds]
-        with self._sampling_slots:  # bounds the memory and compute of concurrent requests
-            handoff = pipe(
-                client_id=client_id,
-                class_labels=list(request.class_labels),
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=float(request.guidance_scale),
-                generator=generators,
-            )
-        states = [g.get_state() for g in generators]
-        return encode_handoff(handoff, states, fp16=self.deploy.fp16_wire)
+
+    def sample(self, client_id: int, body: bytes) -> bytes:
+        """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
+        request = decode_sample_request(body, self.deploy.max_body_bytes)
+        self.check_sample_request(client_id, request)
+        return self.sampler.sample(client_id, request)
+
+    def sampling_unet(self) -> torch.nn.Module:
+        """The denoiser the web process would sample with now (tests compare weights)."""
+        return self._local_sampler().unet()
+
+    def _local_sampler(self) -> LocalSampler:
+        if isinstance(self.sampler, LocalSampler):
+            return self.sampler
+        return LocalSampler(
+            self.config, self.deploy, self.state_dir, self.description, self.init_from
+        )
 
     def limits(self) -> dict[str, int | bool]:
         """The limits a client needs to size its requests."""
