@@ -28,8 +28,10 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    split = args.split or None  # --split '' reads a folder that has no split sub-folders
-    dataset = load_dataset(args.data, split=split) if args.data else load_cifar10(args.split)
+    subfolder = args.subfolder or None  # --subfolder '' reads a folder without sub-folders
+    dataset = (
+        load_dataset(args.data, subfolder=subfolder) if args.data else load_cifar10(args.subfolder)
+    )
     generator = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(len(dataset), generator=generator)[: args.num_images].tolist()
     vae = load_vae(args.vae)
@@ -99,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recon.add_argument("--data", default=None, help="image folder or archive (default: CIFAR-10)")
     recon.add_argument(
-        "--split", default="train", help="split sub-folder (default: train; '' for none)"
+        "--subfolder",
+        default="train",
+        help="sub-folder of --data (default: train; '' for none); CIFAR-10: train or test",
     )
     recon.add_argument("--num-images", type=int, default=16)
     recon.add_argument("--resolution", type=int, default=32)

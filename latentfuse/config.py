@@ -16,6 +16,9 @@ PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
 RELEASE_POLICIES = ("once", "fresh")
 SERVER_LABELS = ("class", "client", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Keys renamed since configs were first saved, (table, old name) -> new name. Configs saved in
+# checkpoints, run folders and model folders, TOML files and overrides are read with either.
+RENAMED_KEYS = {("data", "split"): "subfolder"}
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -28,7 +31,8 @@ class DataConfig:
     """Where the images come from and how they are dealt to clients."""
 
     source: str = "cifar10"  # "cifar10" (the shared archive), a folder or an archive
-    split: str = "train"  # sub-folder of an ImageFolder source; "" for none (CelebA, AwA2)
+    subfolder: str = "train"  # sub-folder of an ImageFolder source; "" for none; CIFAR-10:
+    # "train" or "test" (called `split` before 0.2; saved configs are read either way)
     format: str = "auto"  # auto, imagefolder, celeba, awa2
     label_attribute: str = ""  # CelebA: the attribute used as class label ("" = none)
     groups: tuple[tuple[str, ...], ...] = ()  # partition "attributes": attributes per client
@@ -352,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise FileNotFoundError(f"config file not found: {path}")
         values = tomllib.loads(path.read_text())
     apply_overrides(values, overrides)
-    return _build(RunConfig, values, "")
+    return _build(RunConfig, current_names(values), "")
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple = ()) -> None:
@@ -368,5 +372,27 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple = ()) -
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Inverse of `RunConfig.to_dict`."""
-    return _build(RunConfig, values, "")
+    """Inverse of `RunConfig.to_dict` (also of a dict saved before a key was renamed)."""
+    return _build(RunConfig, current_names(values), "")
+
+
+def _rename(values: dict[str, Any], renames: dict[tuple[str, str], str]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (table, old), new in renames.items():
+        section = out.get(table)
+        if isinstance(section, dict) and old in section:
+            if new in section:
+                raise ValueError(f"config: [{table}] sets both {new!r} and its old name {old!r}")
+            section[new] = section.pop(old)
+    return out
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with renamed keys (`RENAMED_KEYS`) under their current names."""
+    return _rename(values, RENAMED_KEYS)
+
+
+def first_names(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with renamed keys under their first names: what hashes of saved
+    results were made of, so a rename does not orphan them."""
+    return _rename(values, {(table, new): old for (table, old), new in RENAMED_KEYS.items()})

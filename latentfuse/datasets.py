@@ -157,19 +157,21 @@ def resolve_image_root(source: str | os.PathLike, sha256: str | None = None) -> 
     return extract_archive(path, sha256) if is_archive(path) else path
 
 
-def load_cifar10(split: str = "train", source: str | os.PathLike | None = None) -> ImageDataset:
-    """CIFAR-10 as JPEGs (the shared archive by default); `split` is "train" or "test"."""
+def load_cifar10(subset: str = "train", source: str | os.PathLike | None = None) -> ImageDataset:
+    """CIFAR-10 as JPEGs (the shared archive by default); `subset` is "train" or "test"."""
     from .paths import CIFAR10_ARCHIVE, CIFAR10_SHA256
 
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset must be 'train' or 'test', got {subset!r}")
     source = Path(source) if source is not None else CIFAR10_ARCHIVE
     expected = CIFAR10_SHA256 if source == CIFAR10_ARCHIVE else None
     root = resolve_image_root(source, expected)
-    for candidate in (root / "cifar10" / split, root / split):
+    for candidate in (root / "cifar10" / subset, root / subset):
         if candidate.is_dir():
             return load_image_folder(candidate)
-    raise FileNotFoundError(f"no '{split}' split under {root} (expected cifar10/{split}/<class>/)")
+    raise FileNotFoundError(
+        f"no '{subset}' subset under {root} (expected cifar10/{subset}/<class>/)"
+    )
 
 
 def _require(path: Path, what: str, is_dir: bool = False) -> Path:
@@ -317,24 +319,27 @@ def _unwrap(root: Path) -> Path:
         root = children[0]
 
 
-def _find_split(root: Path, split: str) -> Path:
-    """The folder `root/<split>` or the single `root/*/<split>`."""
-    if not split or Path(split).name != split or split in (".", ".."):
-        raise ValueError(f"split must be a plain folder name such as 'train', got {split!r}")
-    if (root / split).is_dir():
-        return root / split
-    found = sorted(p for p in root.glob(f"*/{split}") if p.is_dir())
+def _find_subfolder(root: Path, name: str) -> Path:
+    """The folder `root/<name>` or the single `root/*/<name>`."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"subfolder must be a plain folder name such as 'train', got {name!r}")
+    if (root / name).is_dir():
+        return root / name
+    found = sorted(p for p in root.glob(f"*/{name}") if p.is_dir())
     if len(found) > 1:
-        raise ValueError(f"split {split!r} is ambiguous under {root}: {[str(p) for p in found]}")
+        raise ValueError(f"subfolder {name!r} is ambiguous under {root}: {[str(p) for p in found]}")
     if not found:
-        raise FileNotFoundError(f"no split folder {root / split} or {root}/*/{split}")
+        raise FileNotFoundError(
+            f"no sub-folder {root / name} or {root}/*/{name} (data.subfolder = {name!r}; "
+            'set data.subfolder="" for a folder whose class folders are at its top)'
+        )
     return found[0]
 
 
 def load_dataset(
     source: str | os.PathLike,
     format: str = "auto",
-    split: str | None = None,
+    subfolder: str | None = None,
     sha256: str | None = None,
     **kw: object,
 ) -> ImageDataset:
@@ -343,10 +348,12 @@ def load_dataset(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     root = _unwrap(resolve_image_root(source, sha256))
     found = detect_format(root) if format == "auto" else format
-    if split is not None and found != "imagefolder":
-        raise ValueError(f"split={split!r} applies to image folders, not {found} data ({root})")
-    if split is not None:
-        root = _unwrap(_find_split(root, split))
+    if subfolder is not None and found != "imagefolder":
+        raise ValueError(
+            f"subfolder={subfolder!r} applies to image folders, not {found} data ({root})"
+        )
+    if subfolder is not None:
+        root = _unwrap(_find_subfolder(root, subfolder))
         found = detect_format(root) if format == "auto" else format
     format = found
     unexpected = sorted(set(kw) - ({"label_attribute"} if format == "celeba" else set()))

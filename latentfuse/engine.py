@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from .checkpointing import load_state, recover_dir, save_state
-from .config import TrainConfig
+from .config import TrainConfig, current_names
 from .models import EMA
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys (`section.key`) whose values differ, less those a resume may change. Both sides
     are compared as JSON holds them (a tuple in memory is a list on disk)."""
-    a, b = (flatten(json.loads(json.dumps(x))) for x in (saved, current))
+    a, b = (flatten(json.loads(json.dumps(current_names(dict(x))))) for x in (saved, current))
     changed = [
         k for k in sorted(set(a) | set(b)) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)
     ]

@@ -56,10 +56,10 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
     """The data set named by `config.data.source`."""
     data = config.data
     if data.source == "cifar10":
-        return load_cifar10(data.split)
+        return load_cifar10(data.subfolder)
     extra = {"label_attribute": data.label_attribute} if data.label_attribute else {}
     return load_dataset(
-        resolve_path(data.source), format=data.format, split=data.split or None, **extra
+        resolve_path(data.source), format=data.format, subfolder=data.subfolder or None, **extra
     )
 
 

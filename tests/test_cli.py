@@ -22,7 +22,7 @@ def _reconstruct_args(vae_dir: Path, data: Path, out: Path, num_images: int) -> 
         str(vae_dir),
         "--data",
         str(data),
-        "--split",
+        "--subfolder",
         "",  # the ImageFolder fixture has no train/test sub-folders
         "--num-images",
         str(num_images),
@@ -97,7 +97,7 @@ def test_reconstruct_split_must_exist(
     tiny_vae_dir: Path, image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = _reconstruct_args(tiny_vae_dir, image_folder, tmp_path / "r.png", 4)
-    args[args.index("--split") + 1] = "train"  # the fixture has no train/ folder
+    args[args.index("--subfolder") + 1] = "train"  # the fixture has no train/ folder
     assert main(args) == 2
     assert "train" in capsys.readouterr().err
 

@@ -99,6 +99,27 @@ def test_the_shipped_config_holds_the_core_grid():
     )
 
 
+def test_committed_rows_keep_their_keys_under_the_current_code():
+    """A committed row counts as finished on a fresh machine only while its key is what this
+    code computes for its point: a renamed config key or a changed default would orphan it."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_collaboration import load
+
+    from latentfuse.evaluation.collaboration import point_config, point_key
+
+    config, settings = load(ROOT / "configs/collaboration-cifar10-cpu.toml", [])
+    rows = json.loads((ROOT / "results/collaboration.json").read_text())["rows"]
+    points = {p.name: p for p in benchmark_points(settings)}
+    keyed = [row for row in rows if "key" in row and row["name"] in points]
+    assert len(keyed) >= 18  # the rows committed when this test was written
+    for row in keyed:
+        assert point_key(point_config(config, points[row["name"]]), settings) == row["key"], row[
+            "name"
+        ]
+
+
 @pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     config = tiny_config(tiny_world, "data.eval_fraction=0.25")

@@ -155,3 +155,22 @@ def test_dict_round_trip(overrides):
 def test_duplicate_client_ids_rejected():
     with pytest.raises(ValueError, match="clients.id"):
         load_config(None, ["clients=[{id=1, t_cut=20}, {id=1, t_cut=50}]"])
+
+
+def test_a_renamed_key_is_read_under_its_old_name_everywhere(tmp_path):
+    """data.split became data.subfolder: saved configs, TOML files and overrides still work,
+    a resume does not see a difference, and setting both names is an error."""
+    from latentfuse.config import config_from_dict, first_names, load_config
+    from latentfuse.engine import config_differences
+
+    saved = first_names(load_config(overrides=['data.subfolder=""']).to_dict())
+    assert "split" in saved["data"] and "subfolder" not in saved["data"]
+    assert config_from_dict(saved).data.subfolder == ""
+    assert load_config(overrides=['data.split=""']).data.subfolder == ""
+    toml = tmp_path / "old.toml"
+    toml.write_text('[data]\nsplit = "valid"\n')
+    assert load_config(toml).data.subfolder == "valid"
+    current = load_config(overrides=['data.subfolder=""']).to_dict()
+    assert config_differences(saved, current) == []
+    with pytest.raises(ValueError, match="sets both 'subfolder' and its old name 'split'"):
+        load_config(toml, ['data.subfolder="train"'])

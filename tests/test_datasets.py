@@ -101,9 +101,9 @@ def test_load_dataset_split_folder(image_folder: Path, tmp_path: Path, layout: s
     root = tmp_path / "with_splits"
     for split in ("train", "test"):
         shutil.copytree(image_folder, root / layout.format(split=split))
-    assert len(load_dataset(root, split="train")) == 24
+    assert len(load_dataset(root, subfolder="train")) == 24
     with pytest.raises(FileNotFoundError, match="valid"):
-        load_dataset(root, split="valid")
+        load_dataset(root, subfolder="valid")
 
 
 def test_load_dataset_unpacks_archive(image_archive: Path, isolated_cache: Path) -> None:
@@ -241,8 +241,8 @@ def test_load_image_names_corrupt_file(image_folder: Path) -> None:
     ("kwargs", "message"),
     [
         ({"format": "lmdb"}, "format must be one of"),
-        ({"format": "awa2", "split": "train"}, "split=.train. applies to image folders, not awa2"),
-        ({"split": "../x"}, "plain folder name"),
+        ({"format": "awa2", "subfolder": "train"}, "subfolder=.train. applies to image folders"),
+        ({"subfolder": "../x"}, "plain folder name"),
     ],
 )
 def test_load_dataset_rejects_bad_arguments(image_folder: Path, kwargs: dict, message: str) -> None:
@@ -266,11 +266,12 @@ def test_load_dataset_rejects_plain_file(tmp_path: Path) -> None:
 def test_load_dataset_split_needs_image_folder(
     request: pytest.FixtureRequest, fixture: str, found: str
 ) -> None:
-    with pytest.raises(ValueError, match=f"split='train' applies to image folders, not {found}"):
-        load_dataset(request.getfixturevalue(fixture), split="train")
+    message = f"subfolder='train' applies to image folders, not {found}"
+    with pytest.raises(ValueError, match=message):
+        load_dataset(request.getfixturevalue(fixture), subfolder="train")
 
 
 @pytest.mark.skipif(not CIFAR10_ARCHIVE.is_file(), reason="CIFAR-10 archive not present")
 def test_load_dataset_reads_the_cifar10_archive_split() -> None:
-    dataset = load_dataset(CIFAR10_ARCHIVE, split="test", sha256=CIFAR10_SHA256)
+    dataset = load_dataset(CIFAR10_ARCHIVE, subfolder="test", sha256=CIFAR10_SHA256)
     assert len(dataset) == 10_000 and len(dataset.class_names) == 10

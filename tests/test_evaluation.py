@@ -173,7 +173,7 @@ def tiny_model(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     overrides = [
         f'vae="{tiny_world["vae"]}"',
         f'data.source="{tiny_world["images"]}"',
-        'data.split=""',
+        'data.subfolder=""',
         "data.num_clients=2",
         "server_unet.block_out_channels=[32]",
         "client_unet.block_out_channels=[32]",

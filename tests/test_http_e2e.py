@@ -38,7 +38,7 @@ def deploy_toml(files: dict[str, Path], path: Path, max_steps: int, checkpoint_e
         f"""vae = "{files["vae"]}"
 [data]
 source = "{files["images"]}"
-split = ""
+subfolder = ""
 num_clients = 2
 [split]
 t_cut = 100

@@ -43,7 +43,7 @@ def tiny_config(world: dict[str, Path], *overrides: str) -> RunConfig:
     base = [
         f'vae="{world["vae"]}"',
         f'data.source="{world["images"]}"',
-        'data.split=""',
+        'data.subfolder=""',
         "data.num_clients=2",
         "server_unet.block_out_channels=[32]",
         "client_unet.block_out_channels=[32]",
