@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Train until `train.max_steps` or a signal; 0 on success, 2 on bad input."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # set by accelerate launch: one process reports
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s rank {rank} %(name)s: %(message)s")
     try:
         config, deploy = load_deploy_config(args.config, args.overrides)
         trainer = ServerTrainer(config, deploy, args.state_dir, init_from=args.init_from)
