@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from .autoencoder import Autoencoder, load_vae, vae_fingerprint
+from .autoencoder import Autoencoder, latent_geometry, load_vae, vae_fingerprint
 from .client import Client
 from .config import RunConfig
 from .datasets import ImageDataset, load_cifar10, load_dataset
@@ -100,8 +100,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     scheduler = make_scheduler(config)
     fingerprint = dataset_fingerprint(dataset)[:12]
     clients, client_unets, cuts = [], {}, {}
-    channels = int(vae.config.latent_channels)
-    latent_size = config.data.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+    channels, factor = latent_geometry(vae.config)
+    latent_size = config.data.resolution // factor
     for share in shares:
         cid = share.client_id
         indices = share.train_indices  # data.max_images_per_client applied by the partition

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VAE_SCALING_FACTOR
-from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
 from latentfuse.autoencoder import (
     decode,
     encode,
+    latent_geometry,
     load_vae,
     psnr,
-    scaling_factor,
     vae_fingerprint,
 )
 from latentfuse.paths import CIFAR10_ARCHIVE
@@ -94,7 +94,7 @@ def test_load_vae_rejects_a_folder_without_config(tiny_vae_dir: Path) -> None:
 @pytest.mark.parametrize("sample", [False, True])
 def test_encode_applies_the_scaling_factor(tiny_vae_dir: Path, sample: bool) -> None:
     vae = load_vae(tiny_vae_dir)
-    assert scaling_factor(vae) == TINY_VAE_SCALING_FACTOR
+    assert vae.config.scaling_factor == TINY_VAE_SCALING_FACTOR
     images = _images(2)
     with torch.no_grad():
         dist = vae.encode(images).latent_dist
@@ -191,3 +191,109 @@ def test_shipped_vae_reconstructs_cifar10_train_images() -> None:
     mse = ((recon - images) / 2).pow(2).flatten(1).mean(1)  # on the [0, 1] scale
     mean_psnr = (-10 * torch.log10(mse)).mean().item()
     assert mean_psnr >= SHIPPED_MIN_PSNR_DB, f"mean PSNR {mean_psnr:.2f} dB"
+
+
+# ---- every autoencoder diffusers has, normalised as diffusers' pipelines do -------------------
+def _kl_8x(**config) -> AutoencoderKL:
+    """A tiny AutoencoderKL with 4 blocks: 8x downsampling, as Stable Diffusion's."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        **config,
+    ).eval()
+
+
+def _dc_4x() -> AutoencoderDC:
+    """A tiny AutoencoderDC with 3 stages: 4x downsampling, 8 latent channels."""
+    torch.manual_seed(0)
+    return AutoencoderDC(
+        latent_channels=8,
+        attention_head_dim=4,
+        encoder_block_types=("ResBlock",) * 3,
+        decoder_block_types=("ResBlock",) * 3,
+        encoder_block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()),
+        decoder_qkv_multiscales=((), (), ()),
+        scaling_factor=0.41,
+    ).eval()
+
+
+MEAN, STD = [0.1, -0.2, 0.3, 0.05], [0.9, 1.1, 0.7, 1.3]
+
+
+@pytest.mark.parametrize(
+    "config, to_model, to_decoder",
+    [
+        # Stable Diffusion 1.x/2.x: latents * scaling_factor; decode latents / scaling_factor
+        ({"scaling_factor": 0.18215}, lambda r: r * 0.18215, lambda z: z / 0.18215),
+        # SD3 / FLUX.1 (pipeline_stable_diffusion_3.py): (latents - shift) * scaling on encode,
+        # latents / scaling_factor + shift_factor before vae.decode
+        (
+            {"scaling_factor": 1.5305, "shift_factor": 0.0609},
+            lambda r: (r - 0.0609) * 1.5305,
+            lambda z: z / 1.5305 + 0.0609,
+        ),
+        # SDXL-type configs (pipeline_stable_diffusion_xl.py): latents * latents_std /
+        # scaling_factor + latents_mean before vae.decode; its img2img encodes the inverse
+        (
+            {"scaling_factor": 0.5, "latents_mean": MEAN, "latents_std": STD},
+            lambda r: (
+                (r - torch.tensor(MEAN).view(1, 4, 1, 1)) * 0.5 / torch.tensor(STD).view(1, 4, 1, 1)
+            ),
+            lambda z: (
+                z * torch.tensor(STD).view(1, 4, 1, 1) / 0.5 + torch.tensor(MEAN).view(1, 4, 1, 1)
+            ),
+        ),
+    ],
+    ids=["scaling", "shift", "mean-std"],
+)
+def test_latents_are_normalised_by_diffusers_arithmetic(tmp_path, config, to_model, to_decoder):
+    """64x64 images through an 8x AutoencoderKL saved with each convention and loaded back."""
+    _kl_8x(**config).save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path / "vae")
+    images = _images(2, size=64)
+    with torch.no_grad():
+        raw = vae.encode(images).latent_dist.mode()
+    latents = encode(vae, images)
+    assert latents.shape == (2, 4, 8, 8)
+    assert latent_geometry(json.loads((tmp_path / "vae" / "config.json").read_text())) == (4, 8)
+    torch.testing.assert_close(latents, to_model(raw))
+    with torch.no_grad():
+        expected = vae.decode(to_decoder(latents)).sample.clamp(-1, 1)
+    torch.testing.assert_close(decode(vae, latents), expected)
+
+
+def test_autoencoder_dc_and_tiny_load_encode_and_decode(tmp_path, tiny_taesd_dir):
+    _dc_4x().save_pretrained(tmp_path / "dc")
+    dc = load_vae(tmp_path / "dc")
+    assert isinstance(dc, AutoencoderDC)
+    assert latent_geometry(json.loads((tmp_path / "dc" / "config.json").read_text())) == (8, 4)
+    images = _images(2, size=64)
+    with torch.no_grad():
+        raw = dc.encode(images).latent
+    latents = encode(dc, images)
+    assert latents.shape == (2, 8, 16, 16)
+    torch.testing.assert_close(latents, raw * 0.41)  # Sana: latents / scaling_factor to decode
+    with torch.no_grad():
+        expected = dc.decode(latents / 0.41).sample.clamp(-1, 1)
+    torch.testing.assert_close(decode(dc, latents), expected)
+    tiny = load_vae(tiny_taesd_dir)
+    assert isinstance(tiny, AutoencoderTiny)
+    config = json.loads((tiny_taesd_dir / "config.json").read_text())
+    channels, factor = latent_geometry(config)
+    assert encode(tiny, _images(1)).shape == (1, channels, 32 // factor, 32 // factor)
+
+
+def test_an_unsupported_autoencoder_class_is_named(tmp_path, tiny_vae_dir):
+    config = json.loads((tiny_vae_dir / "config.json").read_text())
+    (tiny_vae_dir / "config.json").write_text(json.dumps(config | {"_class_name": "VQModel"}))
+    with pytest.raises(ValueError, match="VQModel is not supported"):
+        load_vae(tiny_vae_dir)

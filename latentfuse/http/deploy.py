@@ -150,6 +150,7 @@ def load_deploy_config(
 
 def latent_shape(config: RunConfig) -> tuple[int, int, int]:
     """(channels, height, width) of the latents, read from the autoencoder's config.json only."""
+    from ..autoencoder import latent_geometry
     from ..paths import resolve_path
 
     config_file = Path(resolve_path(config.vae)) / "config.json"
@@ -158,9 +159,9 @@ def latent_shape(config: RunConfig) -> tuple[int, int, int]:
             f"autoencoder config not found: {config_file} (the server reads only its config.json "
             "to learn the latent shape)"
         )
-    vae = json.loads(config_file.read_text())
-    size = config.data.resolution // (2 ** (len(vae["block_out_channels"]) - 1))
-    return int(vae["latent_channels"]), size, size
+    channels, factor = latent_geometry(json.loads(config_file.read_text()))
+    size = config.data.resolution // factor
+    return channels, size, size
 
 
 def sampling_scheduler(name: str, config: Any):
