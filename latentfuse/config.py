@@ -15,6 +15,7 @@ from .split import OBJECTIVES, WEIGHTINGS
 PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
 RELEASE_POLICIES = ("once", "fresh")
 SERVER_LABELS = ("class", "client", "none")
+VAE_SCALINGS = ("config", "auto")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Keys renamed since configs were first saved, (table, old name) -> new name. Configs saved in
 # checkpoints, run folders and model folders, TOML files and overrides are read with either.
@@ -237,6 +238,10 @@ class RunConfig:
     """Everything one training run needs."""
 
     vae: str = "checkpoints/cifar10-vae"
+    # "config": the autoencoder's own normalisation; "auto": its scaling_factor divided by the
+    # std of this data's latents (computed once from up to 1,024 training images, recorded in
+    # the run folder's vae_scaling.json and in the exported model's vae/config.json)
+    vae_scaling: str = "config"
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     server_unet: UNetConfig = field(default_factory=UNetConfig)
@@ -255,6 +260,9 @@ class RunConfig:
                 ">= 1 under split.release_policy = 'fresh' with privacy.clip_norm set "
                 "(the guarantee composes over a known number of releases)",
             )
+        _check(
+            self.vae_scaling in VAE_SCALINGS, "vae_scaling", self.vae_scaling, f"in {VAE_SCALINGS}"
+        )
         _check(
             self.server_labels in SERVER_LABELS,
             "server_labels",

@@ -62,23 +62,78 @@ def build_pipeline(run: Run, trainer: Trainer):
 
 
 def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
-    """One PNG grid per client from the EMA weights, same seeds every time."""
+    """One PNG grid per client from the EMA weights, same seeds every time: a row per class
+    the client holds (at most 4), each row labelled with its class name."""
     cfg = run.config.train
     pipe = build_pipeline(run, trainer)
     pipe.set_progress_bar_config(disable=True)
-    for client in run.clients:
-        generators = [
-            torch.Generator().manual_seed(cfg.seed * 1000 + i)
-            for i in range(cfg.num_preview_images)
-        ]
+    names = run.dataset.class_names
+    for client, share in zip(run.clients, run.shares, strict=True):
+        classes = list(share.classes)[:4] or [0]
+        per_row = max(1, cfg.num_preview_images // len(classes))
+        labels = [c for c in classes for _ in range(per_row)]
+        seeds = range(cfg.seed * 1000, cfg.seed * 1000 + len(labels))
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
         images = pipe(
             client_id=client.client_id,
+            class_labels=labels,
             generator=generators,
             output_type="pt",
             num_inference_steps=cfg.preview_inference_steps,
         ).images
-        grid = make_grid(images * 2 - 1, columns=min(8, len(images)))
-        save_image(grid, directory / f"step-{trainer.step:06d}-client-{client.client_id}.png")
+        grid = labelled_grid(images * 2 - 1, [names[c] for c in classes], per_row)
+        title = f"client {client.client_id}, step {trainer.step}"
+        save_image(
+            titled(grid, title),
+            directory / f"step-{trainer.step:06d}-client-{client.client_id}.png",
+        )
+
+
+def labelled_grid(images: torch.Tensor, row_names: list[str], columns: int):
+    """`make_grid` with each row's name written at its left."""
+    from PIL import Image, ImageDraw
+
+    grid = make_grid(images, columns=columns)
+    margin = 8 + 6 * max(len(n) for n in row_names)
+    out = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    out.paste(grid, (margin, 0))
+    draw, row_height = ImageDraw.Draw(out), grid.height / len(row_names)
+    for row, name in enumerate(row_names):
+        draw.text((4, int(row * row_height + row_height / 2 - 5)), name, fill="black")
+    return out
+
+
+def titled(image, title: str):
+    """`image` with a line of text above it."""
+    from PIL import Image, ImageDraw
+
+    out = Image.new("RGB", (max(image.width, 8 + 6 * len(title)), image.height + 14), "white")
+    out.paste(image, (0, 14))
+    ImageDraw.Draw(out).text((4, 2), title, fill="black")
+    return out
+
+
+def plot_losses(history: Path, out: Path) -> None:
+    """The loss curves of `losses.jsonl` (one line per network, log scale) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for name in sorted({k for row in rows for k in row if k != "step"}):
+        points = [(row["step"], row[name]) for row in rows if name in row]
+        axis.plot(*zip(*points, strict=True), label=name, linewidth=1)
+    axis.set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(out)
 
 
 def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
@@ -212,9 +267,12 @@ def _steps(run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest) -> N
             trainer.save_checkpoint()
         if progress and cfg.sample_every and trainer.step % cfg.sample_every == 0:
             write_previews(run, trainer, output_dir / "samples")
+            plot_losses(output_dir / "losses.jsonl", output_dir / "loss.png")
     bar.close()
     if progress:
         write_previews(run, trainer, output_dir / "samples")
+        if (output_dir / "losses.jsonl").is_file():
+            plot_losses(output_dir / "losses.jsonl", output_dir / "loss.png")
         export(
             run,
             trainer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from .autoencoder import Autoencoder, latent_geometry, load_vae, vae_fingerprint
+from .checkpointing import atomic_write_json
 from .client import Client
 from .config import RunConfig
 from .datasets import ImageDataset, load_cifar10, load_dataset
@@ -79,6 +81,52 @@ def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientSh
     return [limit_train_images(s, data.max_images_per_client, data.seed) for s in shares]
 
 
+SCALING_RECORD = "vae_scaling.json"
+
+
+def latent_std(vae: Autoencoder, dataset: ImageDataset, indices: list[int], resolution: int):
+    """(std over all elements, std per channel) of the normalised latents of `indices`."""
+    from .latents import encode_images
+
+    latents = encode_images(vae, dataset, indices, resolution)
+    return latents.std().item(), latents.transpose(0, 1).flatten(1).std(1).tolist()
+
+
+def data_scaling(
+    vae: Autoencoder,
+    dataset: ImageDataset,
+    shares: list[ClientShare],
+    config: RunConfig,
+    run_dir: str | Path | None,
+) -> float:
+    """`vae_scaling = "auto"`: the scaling_factor that gives this data's latents std 1, read
+    from the run folder's record when there is one (a resume keeps it), else computed from up
+    to 1,024 training images and recorded."""
+    record = Path(run_dir) / SCALING_RECORD if run_dir is not None else None
+    if record is not None and record.is_file():
+        return float(json.loads(record.read_text())["scaling_factor"])
+    pool = sorted(i for share in shares for i in share.train_indices)
+    generator = torch.Generator().manual_seed(config.data.seed)
+    picks = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:1024].tolist()]
+    before = float(vae.config.scaling_factor or 1.0)
+    std, per_channel = latent_std(vae, dataset, picks, config.data.resolution)
+    factor = before / std
+    logger.info("vae_scaling auto: latent std %.3f -> scaling_factor %.5g", std, factor)
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            record,
+            {
+                "scaling_factor": factor,
+                "autoencoder_scaling_factor": before,
+                "latent_std_before": std,
+                "latent_std_per_channel_before": per_channel,
+                "num_images": len(picks),
+            },
+        )
+    return factor
+
+
 def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:
     """A simulated client's secret key: kept in its own part of `run_dir` (made on first use),
     or, without a run folder, a fresh CSPRNG key that lives only in this process."""
@@ -96,6 +144,8 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     dataset = load_run_dataset(config)
     shares = partition_clients(config, dataset)
     vae = load_vae(resolve_path(config.vae))
+    if config.vae_scaling == "auto":
+        vae.register_to_config(scaling_factor=data_scaling(vae, dataset, shares, config, run_dir))
     vae_hash = vae_fingerprint(vae)
     scheduler = make_scheduler(config)
     fingerprint = dataset_fingerprint(dataset)[:12]
