@@ -11,6 +11,7 @@ from . import __version__
 from .client_cli import add_client_parser
 from .sample_cli import add_sample_parser
 from .serve_cli import add_serve_parser
+from .train_cli import add_train_parser
 
 logger = logging.getLogger("latentfuse")
 
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_evaluate)
+    add_train_parser(commands)
     add_sample_parser(commands)
     add_serve_parser(commands)
     add_client_parser(commands)
@@ -156,9 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"latentfuse {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # train: the last full step is checkpointed
+        print(f"latentfuse {args.command}: {stop or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -81,7 +82,10 @@ def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
             output_type="pt",
             num_inference_steps=cfg.preview_inference_steps,
         ).images
-        grid = labelled_grid(images * 2 - 1, [names[c] for c in classes], per_row)
+        columns = min(8, per_row)
+        rows_per_class = math.ceil(per_row / columns)
+        row_names = [names[c] for c in classes for _ in range(rows_per_class)]
+        grid = labelled_grid(images * 2 - 1, row_names, columns)
         title = f"client {client.client_id}, step {trainer.step}"
         save_image(
             titled(grid, title),
@@ -140,6 +144,10 @@ def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
     """Write the diffusers-layout model folder (atomically) into `output_dir/model`."""
     pipe = build_pipeline(run, trainer)
     pipe.collafuse_config["training"] = extra
+    # what sampling defaults to: a model trained with label dropout has learnt the unconditional
+    # score that classifier-free guidance needs, and looks class-like only with it
+    guided = run.config.train.label_dropout > 0 and run.config.server_labels == "class"
+    pipe.collafuse_config["guidance_scale"] = 3.0 if guided else 1.0
     return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
 
 
