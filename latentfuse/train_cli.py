@@ -103,7 +103,10 @@ def base_values(args: argparse.Namespace) -> dict[str, Any]:
     values = current_names(values)
     values.setdefault("data", {})["source"] = str(data.resolve())
     if "subfolder" not in values["data"] or not (args.resume or args.config):
-        values["data"]["subfolder"] = "train" if (data / "train").is_dir() else ""
+        # DIR/train beside DIR/test (or valid): read train/; a lone top folder is unwrapped by
+        # the loader itself, and class folders at the top need no sub-folder
+        tops = [p for p in data.iterdir() if p.is_dir()] if data.is_dir() else []
+        values["data"]["subfolder"] = "train" if (data / "train").is_dir() and len(tops) > 1 else ""
     if args.vae:
         values["vae"] = args.vae
     overrides = list(args.overrides)

@@ -1,0 +1,136 @@
+"""`latentfuse train` on a user's own folder (issue 15): defaults, summary, errors, scaling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from latentfuse.cli import main as latentfuse
+from latentfuse.shapes import make_shapes
+from latentfuse.train_cli import BUDGET_SECONDS, EPOCHS, MIN_STEPS, derive_steps
+
+TINY = [
+    "server_unet.block_out_channels=[32]",
+    "client_unet.block_out_channels=[32]",
+    "train.server_batch_size=8",
+    "train.client_batch_size=4",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.num_preview_images=2",
+    "train.preview_inference_steps=2",
+]
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> Path:
+    """A 3-class ImageFolder of 12 images a class, without a train/ level."""
+    return make_shapes(tmp_path / "shapes", classes=3, per_class=12, size=32)
+
+
+def train(data: Path, out: Path, vae: Path, *extra: str) -> int:
+    args = ["train", "--data", str(data), "--output-dir", str(out), "--vae", str(vae)]
+    return latentfuse([*args, "--max-steps", "2", *TINY, *extra])
+
+
+def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir) == 0
+    printed = capsys.readouterr().out
+    assert "3 clients: min(5, 3 classes)" in printed
+    assert "each client holds its own classes" in printed
+    assert "client 0: " in printed and "classes " in printed
+    assert "steps: 2 (as configured)" in printed
+    assert "std after the autoencoder's scaling" in printed
+    model = json.loads((out / "model" / "collafuse.json").read_text())
+    assert model["guidance_scale"] == 3.0  # trained with label dropout: sample guided
+    assert json.loads((out / "config.json").read_text())["data"]["subfolder"] == ""
+    assert (out / "loss.png").stat().st_size > 0
+    assert len(list((out / "samples").glob("step-000002-client-*.png"))) == 3
+
+
+def test_a_train_level_is_found_and_the_user_keeps_the_last_word(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "with-train"
+    root.mkdir()
+    shapes.rename(root / "train")
+    make_shapes(root / "test", classes=3, per_class=2, size=32)  # never read
+    out = tmp_path / "run"
+    assert train(root, out, tiny_vae_dir, "data.num_clients=2", "data.partition=iid") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["subfolder"] == "train"
+    assert (config["data"]["num_clients"], config["data"]["partition"]) == (2, "iid")
+    printed = capsys.readouterr().out
+    assert "clients: min(5" not in printed and "(36 images, 3 classes)" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "no/such/folder"], "--data: no such folder or archive: no/such/folder"),
+        (["--config", "no-such.toml"], "--config: no such file: no-such.toml"),
+        (["server_unet.no_such_key=1"], "unknown key(s) ['no_such_key'] in [server_unet]"),
+    ],
+)
+def test_mistakes_are_one_line_before_any_work(shapes, tmp_path, capsys, argv, message):
+    args = ["train", "--data", str(shapes), "--output-dir", str(tmp_path / "run")]
+    if argv[0] == "--data":
+        args[2] = argv[1]
+        argv = []
+    assert latentfuse(args + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentfuse train: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_vae_scaling_auto_is_computed_once_recorded_and_shipped(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir, "vae_scaling=auto") == 0
+    record = json.loads((out / "vae_scaling.json").read_text())
+    shipped = json.loads((out / "model" / "vae" / "config.json").read_text())
+    assert shipped["scaling_factor"] == pytest.approx(record["scaling_factor"])
+    assert record["scaling_factor"] == pytest.approx(0.5 / record["latent_std_before"])
+    printed = capsys.readouterr().out
+    std = float(printed.split("std after the autoencoder's scaling ")[1].split()[0])
+    assert std == pytest.approx(1.0, abs=0.1)  # the summary's sample of 512 (all 36 here)
+
+
+def test_the_latent_std_warning_names_the_fix(shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch):
+    """The tiny autoencoder's random latents times 0.5 are far from std 1 on these shapes."""
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    config = json.loads((tiny_vae_dir / "config.json").read_text())
+    (tiny_vae_dir / "config.json").write_text(json.dumps(config | {"scaling_factor": 20.0}))
+    assert train(shapes, tmp_path / "run", tiny_vae_dir) == 0
+    err = capsys.readouterr().err
+    assert "warning: the latents' std is" in err and "vae_scaling=auto" in err
+
+
+def _run_of(images_per_client: int, clients: int = 4, batch: int = 16) -> SimpleNamespace:
+    client = SimpleNamespace(num_images=images_per_client)
+    return SimpleNamespace(
+        clients=[client] * clients,
+        config=SimpleNamespace(train=SimpleNamespace(client_batch_size=batch)),
+    )
+
+
+def test_the_step_budget_follows_the_data_and_the_clock():
+    epochs = EPOCHS * 400 // 16
+    assert derive_steps(_run_of(400), seconds=0.01) == (
+        epochs,
+        f"{EPOCHS} epochs of 400 images a client at batch 16",
+    )
+    steps, why = derive_steps(_run_of(400), seconds=1.0)  # 2500 steps would take 42 minutes
+    assert steps == BUDGET_SECONDS and "fit in 20 minutes at 1.00 s a step" in why
+    assert derive_steps(_run_of(20), seconds=0.01)[0] == MIN_STEPS
