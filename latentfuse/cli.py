@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
+from .cli_common import HelpFormatter, check_model_path, default_guidance
 from .client_cli import add_client_parser
 from .sample_cli import add_sample_parser
 from .serve_cli import add_serve_parser
@@ -59,8 +61,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     Example: latentfuse evaluate --model checkpoints/cifar10-collafuse --num-samples 1000
     """
+    import json
+
     from .evaluation import EvaluationSettings, evaluate_model, write_results
 
+    check_model_path(args.model)
+    if args.guidance_scale is None:
+        description = Path(args.model) / "collafuse.json"
+        if not description.is_file():
+            raise FileNotFoundError(f"--model {args.model}: no collafuse.json (not a model folder)")
+        args.guidance_scale = default_guidance(json.loads(description.read_text()))
     settings = EvaluationSettings(
         num_samples=args.num_samples,
         num_inference_steps=args.num_inference_steps,
@@ -94,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"latentfuse {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
-    recon = commands.add_parser("reconstruct", help="reconstruct images through the autoencoder")
+    recon = commands.add_parser(
+        "reconstruct",
+        help="reconstruct images through the autoencoder",
+        description="Example: latentfuse reconstruct --num-images 16 --out reconstruction.png",
+        formatter_class=HelpFormatter,
+    )
     recon.add_argument(
         "--vae",
         default=None,
@@ -112,14 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--out", default="reconstruction.png")
     recon.set_defaults(func=_reconstruct)
     evaluate = commands.add_parser(
-        "evaluate", help="FID, KID and FCD of a trained model, per client and pooled"
+        "evaluate",
+        help="FID, KID and FCD of a trained model, per client and pooled",
+        description="Example: latentfuse evaluate --model checkpoints/cifar10-collafuse "
+        "--num-samples 1000 --out results.json",
+        formatter_class=HelpFormatter,
     )
     evaluate.add_argument("--model", required=True, help="trained model folder")
     evaluate.add_argument("--num-samples", type=int, default=1000, help="images per client")
     evaluate.add_argument("--out", default="results.json")
     evaluate.add_argument("--num-inference-steps", type=int, default=50)
     evaluate.add_argument(
-        "--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: none)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: what the model records it was made for)",
     )
     evaluate.add_argument(
         "--scheduler",

@@ -7,11 +7,20 @@ steps t >= t_cut, this client finishes them with its own denoiser and decoder (`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .cli_common import (
+    HelpFormatter,
+    check_image_path,
+    check_model_path,
+    default_guidance,
+    parse_client,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +34,7 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
         "--client 2 --num-images 16 --out grid.png\n"
         "         latentfuse sample --server https://server:8443 --token-file client-0.token "
         "--client-dir client-0/model --client-id 0 --tls-ca cert.pem --out grid.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sample.add_argument(
         "--model",
@@ -33,7 +42,7 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
         help="model folder written by train.py (or a hub id)",
     )
     sample.add_argument(
-        "--client", default="all", help="client id, or 'all' for one row block per client (default)"
+        "--client", default="all", help="client id, or 'all' for one row block per client"
     )
     sample.add_argument(
         "--class-label",
@@ -42,11 +51,18 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
         help="class label (default: drawn from the client's classes)",
     )
     sample.add_argument("--num-images", type=int, default=16, help="images per client")
-    sample.add_argument("--num-inference-steps", type=int, default=50)
-    sample.add_argument("--scheduler", default="ddim", choices=["ddpm", "ddim", "dpm", "euler"])
-    sample.add_argument("--guidance-scale", type=float, default=1.0)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="grid.png")
+    sample.add_argument("--num-inference-steps", type=int, default=50, help="denoising steps")
+    sample.add_argument(
+        "--scheduler", default="ddim", choices=["ddpm", "ddim", "dpm", "euler"], help="sampler"
+    )
+    sample.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: what the model records it was made for)",
+    )
+    sample.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    sample.add_argument("--out", default="grid.png", help="output image (.png, .jpg, ...)")
     remote = sample.add_argument_group("through a server (deployment)")
     remote.add_argument("--server", help="URL of `latentfuse serve`: it runs t >= t_cut")
     remote.add_argument("--token-file", help="this client's token file")
@@ -77,16 +93,23 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    check_image_path(args.out)
+    if args.client != "all" and not (args.client.isascii() and args.client.isdigit()):
+        parse_client(args.client, [])  # its one-line error, before the model is loaded
     if args.server:
         return run_remote_sample(args)
-    model = Path(args.model)
-    if not model.exists() and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
-        raise FileNotFoundError(f"model folder not found: {args.model}")
+    check_model_path(args.model)
+    description = Path(args.model) / "collafuse.json"
+    if description.is_file():  # a local model: its clients are known before it is loaded
+        known = sorted(int(c) for c in json.loads(description.read_text())["clients"])
+        parse_client(args.client, known)
     pipe = CollaFusePipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = _scheduler(args.scheduler, pipe.scheduler.config)
     clients = sorted(int(c) for c in pipe.collafuse_config["clients"])
-    chosen = clients if args.client == "all" else [int(args.client)]
+    chosen = parse_client(args.client, clients)
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(pipe.collafuse_config)
     start, blocks = time.time(), []
     for client_id in tqdm(chosen, desc="clients", disable=len(chosen) < 2):
         generators = [

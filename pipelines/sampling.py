@@ -7,6 +7,7 @@ from the server's latents (../shared/DESIGN.md section 2, Sampling).
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,9 @@ class Conditioning:
 def client_entry(description: dict[str, Any], client_id: int) -> dict[str, Any]:
     """The saved description of one client (t_cut, classes); ValueError for an unknown id."""
     clients = description.get("clients", {})
+    if isinstance(client_id, bool) or not isinstance(client_id, int):
+        kind = type(client_id).__name__
+        raise ValueError(f"client_id must be an int, got {client_id!r} ({kind})")
     if str(client_id) not in clients:
         known = sorted(int(k) for k in clients)
         raise ValueError(f"unknown client_id {client_id!r}; this model has clients {known}")
@@ -96,6 +100,18 @@ def check_output_type(output_type: str) -> None:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
+def check_label_values(class_labels: Labels) -> None:
+    """class_labels: an int, a list of ints or an integer tensor (a class index, not a name)."""
+    values = class_labels if isinstance(class_labels, list | tuple) else [class_labels]
+    allowed = (numbers.Integral, torch.Tensor, np.ndarray)
+    strange = [v for v in values if not isinstance(v, allowed) or isinstance(v, bool)]
+    if strange:
+        raise ValueError(
+            f"class_labels must be class indices (ints), got {strange[0]!r}; a model's class "
+            "names are pipe.collafuse_config['class_names']"
+        )
+
+
 def resolve_batch_size(batch_size: int | None, generator: Generators, class_labels: Labels) -> int:
     """The batch size that `batch_size`, a generator list and `class_labels` agree on."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -106,6 +122,7 @@ def resolve_batch_size(batch_size: int | None, generator: Generators, class_labe
     if isinstance(generator, list):
         sizes["generator list"] = len(generator)
     if class_labels is not None:
+        check_label_values(class_labels)
         count = torch.as_tensor(class_labels).numel()
         if count == 0:
             raise ValueError("class_labels is empty")

@@ -140,11 +140,46 @@ def test_sample_writes_a_grid_per_client(tiny_model, tmp_path, capsys, client, r
     ("argv", "message"),
     [
         (["--num-images", "0"], "--num-images"),
-        (["--model", "/nonexistent/model"], "not found"),
-        (["--client", "7"], "client"),
+        (["--model", "/nonexistent/model"], "no such folder (a local path, not a hub id)"),
+        (["--model", "tests/no-such-model"], "tests/no-such-model: no such folder"),
+        (["--client", "7"], "--client 7: this model has clients [0, 1]"),
+        (["--client", "two"], "--client must be a client id"),
+        (["--out", "grid.xyz"], "unknown image extension '.xyz'"),
     ],
 )
 def test_sample_bad_arguments(tiny_model, tmp_path, capsys, argv, message):
     base = ["sample", "--model", str(tiny_model), "--out", str(tmp_path / "g.png")]
     assert main(base + argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_sampling_defaults_to_the_guidance_the_model_records(tiny_model, tmp_path, monkeypatch):
+    """A trained model records the guidance it was made for; `sample` uses it unless told."""
+    import json
+
+    import latentfuse.pipelines as pipelines
+
+    assert json.loads((tiny_model / "collafuse.json").read_text())["guidance_scale"] == 3.0
+    seen = []
+    original = pipelines.CollaFusePipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.CollaFusePipeline, "__call__", spy)
+    out = str(tmp_path / "g.png")
+    base = ["sample", "--model", str(tiny_model), "--client", "0", "--num-images", "1"]
+    base += ["--num-inference-steps", "2", "--out", out]
+    assert main(base) == 0 and main([*base, "--guidance-scale", "1.5"]) == 0
+    assert seen == [3.0, 1.5]
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "reconstruct", "train"])
+def test_every_help_shows_defaults_and_an_example(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "Example: latentfuse " + command in text
+    assert "(default: " in text

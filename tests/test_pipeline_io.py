@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
 
@@ -182,3 +183,20 @@ def test_card_metrics_come_from_an_evaluate_results_file():
     assert "| client_0.fid | 199.5 |" in card and "| pooled.kid | 0.0123 |" in card
     with pytest.raises(ValueError, match="metrics: not a `latentfuse evaluate`.*'fid'"):
         metrics_from_results({"fid": 1.0})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"client_id": "0"}, "client_id must be an int, got '0' (str)"),
+        ({"client_id": 0, "class_labels": ["cat"]}, "class_labels must be class indices (ints)"),
+        ({"client_id": 0, "class_labels": "cat"}, "class_labels must be class indices (ints)"),
+        ({"client_id": 0, "class_labels": [1.5]}, "class_labels must be class indices (ints)"),
+    ],
+)
+def test_user_mistakes_are_named_before_any_work(kwargs, message):
+    from pipelines.sampling import check_label_values, client_entry
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        client_entry({"clients": {"0": {}}}, kwargs["client_id"])
+        check_label_values(kwargs["class_labels"])

@@ -65,6 +65,15 @@ def reference_cache_path(manifest: dict) -> Path:
     return cache_dir() / CACHE_FOLDER / f"{manifest['extractor']}-{key}"
 
 
+def reference_is_cached(
+    extractor: FeatureExtractor, dataset: ImageDataset, indices: Sequence[int], resolution: int
+) -> bool:
+    """Whether `cached_reference_stats` would read these statistics rather than compute them."""
+    manifest = reference_manifest(dataset, indices, resolution, extractor)
+    manifest_file = reference_cache_path(manifest) / "manifest.json"
+    return manifest_file.is_file() and json.loads(manifest_file.read_text()) == manifest
+
+
 def cached_reference_stats(
     extractor: FeatureExtractor,
     dataset: ImageDataset,

@@ -47,16 +47,21 @@ def sample_remote(
     num_images: int,
     num_inference_steps: int = 50,
     scheduler: str = "ddim",
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
     class_label: int | None = None,
 ) -> torch.Tensor:
-    """`num_images` images (b, 3, h, w) in [0, 1]; image i uses seed `seed * 100_000 + i`."""
+    """`num_images` images (b, 3, h, w) in [0, 1]; image i uses seed `seed * 100_000 + i`;
+    guidance None: what the client's model folder records."""
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
     pipe = CollaFuseClientPipeline.from_pretrained(client_dir, client_id=remote.client_id)
     pipe.scheduler = sampling_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if guidance_scale is None:
+        from ..cli_common import default_guidance
+
+        guidance_scale = default_guidance(pipe.collafuse_config)
     per_request = remote.limits()["max_sample_batch"]
     seeds = [seed * 100_000 + i for i in range(num_images)]
     images = []
