@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -88,11 +89,19 @@ class CollaFusePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         return_server_latents: bool = False,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
     ) -> CollaFusePipelineOutput | tuple:
         """Sample images for client `client_id` (labels drawn from its classes if not given).
 
         `batch_size` defaults to the length of a generator list or of `class_labels`, else 1.
         `return_server_latents` adds the hand-off latents (at the cut) and their decoding.
+        As in diffusers' pipelines: `num_images_per_prompt` images per label (or in all when no
+        labels are given), `latents` the initial noise (b, c, h, w), and
+        `callback_on_step_end(pipe, step, t, {"latents": ...})` after every step of the whole
+        chain (server and client steps), whose returned "latents" replace the chain's.
 
         Example:
             >>> pipe = CollaFusePipeline.from_pretrained("runs/demo/model")
@@ -100,6 +109,23 @@ class CollaFusePipeline(DiffusionPipeline):
             >>> images = pipe(client_id=1, generator=generators, num_inference_steps=50).images
         """
         check_output_type(output_type)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}"
+            )
+        unknown = set(callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may name only 'latents', got {sorted(unknown)}"
+            )
+        if latents is not None and batch_size is None and class_labels is None:
+            batch_size = latents.shape[0]  # the given noise sets the batch, as in diffusers
+        if num_images_per_prompt > 1:
+            if class_labels is not None:
+                repeated = torch.as_tensor(class_labels).reshape(-1)
+                class_labels = repeated.repeat_interleave(num_images_per_prompt).tolist()
+            elif not isinstance(generator, list):
+                batch_size = (batch_size or 1) * num_images_per_prompt
         config, device = self.collafuse_config, self._execution_device
         labels, server_steps, client_steps = start_chain(
             self.scheduler,
@@ -113,7 +139,16 @@ class CollaFusePipeline(DiffusionPipeline):
         )
         batch_size = len(labels)
         first = self.denoiser(client_id, "server" if len(server_steps) else "client")  # shape
-        latents = initial_latents(first, self.scheduler, batch_size, generator, device)
+        if latents is None:
+            latents = initial_latents(first, self.scheduler, batch_size, generator, device)
+        else:
+            size = first.config.sample_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            expected = (batch_size, first.config.in_channels, *size)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=first.dtype) * self.scheduler.init_noise_sigma
+        self._step_index, self._callback = 0, callback_on_step_end
         if len(server_steps):
             unet = self.denoiser(client_id, "server")
             cond = server_conditioning(unet, config, client_id, labels)
@@ -134,6 +169,22 @@ class CollaFusePipeline(DiffusionPipeline):
             return (images, *extra)
         return CollaFusePipelineOutput(images, *extra)
 
+    def _on_step(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """diffusers' callback_on_step_end, counted over the whole chain."""
+        index, self._step_index = self._step_index, self._step_index + 1
+        if self._callback is None:
+            return latents
+        returned = self._callback(self, index, t, {"latents": latents}) or {}
+        return returned.get("latents", latents)
+
+    def enable_model_cpu_offload(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: the per-client denoisers are not diffusers components, so the offload
+        hooks would never move them."""
+        raise NotImplementedError(
+            "CollaFusePipeline does not support enable_model_cpu_offload: its client denoisers "
+            "live outside diffusers' component list; move the pipeline with .to(device)"
+        )
+
     def _denoise(self, unet, latents, timesteps, cond, guidance_scale, generator) -> torch.Tensor:
         return denoise(
             self.scheduler,
@@ -144,6 +195,7 @@ class CollaFusePipeline(DiffusionPipeline):
             guidance_scale,
             generator,
             self.progress_bar,
+            self._on_step,
         )
 
     # ---- save / load / publish -----------------------------------------------------------------
@@ -164,7 +216,7 @@ class CollaFusePipeline(DiffusionPipeline):
         """Load what `train.py` or `save_pretrained` wrote, from a local folder or a hub id."""
         root = resolve_model_folder(pretrained_model_name_or_path)
         config = read_description(root)
-        dtype = kwargs.get("torch_dtype")
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")  # diffusers 0.42 asks for dtype
         unets = {int(cid): load_unet(root / CLIENTS_DIR / cid, dtype) for cid in config["clients"]}
         clients = {cid: unet for cid, unet in unets.items() if unet is not None}  # none if t_cut=0
         return super().from_pretrained(

@@ -254,14 +254,18 @@ def denoise(
     guidance_scale: float,
     generator: Generators,
     progress_bar: Callable[[Iterable], Iterable] = iter,
+    on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Run `timesteps` of the chain with `unet`, continuing `scheduler`'s state."""
+    """Run `timesteps` of the chain with `unet`, continuing `scheduler`'s state; `on_step(t,
+    latents)` after each step may replace the latents (diffusers' callback_on_step_end)."""
     accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if accepts_generator else {}
     for t in progress_bar(timesteps):
         model_input = scheduler.scale_model_input(latents, t)
         noise_pred = guided_noise(unet, model_input, t, cond, guidance_scale)
         latents = scheduler.step(noise_pred, t, latents, **extra).prev_sample
+        if on_step is not None:
+            latents = on_step(t, latents)
     return latents
 
 

@@ -200,3 +200,48 @@ def test_user_mistakes_are_named_before_any_work(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         client_entry({"clients": {"0": {}}}, kwargs["client_id"])
         check_label_values(kwargs["class_labels"])
+
+
+# ---- diffusers' call conventions ----------------------------------------------------------------
+@pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])
+def test_dtype_casts_every_denoiser_and_sampling_runs(trained_model, argument):
+    pipe = CollaFusePipeline.from_pretrained(trained_model, **{argument: torch.bfloat16})
+    dtypes = {pipe.server_unet.dtype, pipe.vae.dtype} | {
+        u.dtype for u in pipe.client_unets.values()
+    }
+    assert dtypes == {torch.bfloat16}
+    assert sample(pipe, 0).shape == (2, 3, 32, 32)
+
+
+def test_num_images_per_prompt_latents_and_step_callbacks(trained_model):
+    pipe = CollaFusePipeline.from_pretrained(trained_model)
+    pipe.set_progress_bar_config(disable=True)
+    label = int(pipe.collafuse_config["clients"]["0"]["classes"][0])
+    out = pipe(
+        client_id=0,
+        class_labels=[label],
+        num_images_per_prompt=3,
+        output_type="pt",
+        num_inference_steps=4,
+    )
+    assert out.images.shape[0] == 3
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    steps = []
+
+    def callback(p, index, t, tensors):
+        steps.append(index)
+        return {"latents": tensors["latents"] * 0} if index == 3 else tensors
+
+    kwargs = {"client_id": 0, "num_inference_steps": 4, "output_type": "latent"}
+    first = pipe(latents=noise, generator=torch.Generator().manual_seed(1), **kwargs).images
+    again = pipe(latents=noise, generator=torch.Generator().manual_seed(1), **kwargs).images
+    torch.testing.assert_close(first, again)  # the given noise, not a draw, starts the chain
+    zeroed = pipe(latents=noise, callback_on_step_end=callback, **kwargs).images
+    assert steps == [0, 1, 2, 3]  # server and client steps, counted over the whole chain
+    assert torch.count_nonzero(zeroed) == 0  # the callback's latents replace the chain's
+    with pytest.raises(ValueError, match=re.escape("latents must have shape (2, 4, 16, 16)")):
+        pipe(latents=noise[:, :, :8], **kwargs)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)
+    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
+        pipe.enable_model_cpu_offload()
