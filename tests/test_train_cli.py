@@ -134,3 +134,18 @@ def test_the_step_budget_follows_the_data_and_the_clock():
     steps, why = derive_steps(_run_of(400), seconds=1.0)  # 2500 steps would take 42 minutes
     assert steps == BUDGET_SECONDS and "fit in 20 minutes at 1.00 s a step" in why
     assert derive_steps(_run_of(20), seconds=0.01)[0] == MIN_STEPS
+
+
+@pytest.mark.slow
+def test_the_default_budget_learns_shapes_an_independent_classifier_recognises(tmp_path):
+    """Issue 15's bar: `latentfuse train` with every default on a 4-class shapes folder (at most
+    20 minutes of training here) samples images that a CNN trained only on real shapes
+    recognises as their conditioning label at >= 80% (bench/bench_train_shapes.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_train_shapes import run
+
+    result = run(tmp_path / "shapes", per_class=50, max_steps=None)
+    assert result["classifier_accuracy_on_real"] >= 0.95  # the judge can tell shapes apart
+    assert result["recognised"] >= 0.8, result
