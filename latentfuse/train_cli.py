@@ -52,6 +52,7 @@ EPOCHS = 100  # client epochs the step budget aims for
 BUDGET_SECONDS = 20 * 60  # ... unless that takes longer than this here
 MIN_STEPS = 500
 STD_RANGE = (0.5, 2.0)  # latent std outside this: warn and offer vae_scaling = "auto"
+MIN_PSNR_DB = 20.0  # reconstructions worse than this: the autoencoder does not fit the data
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -154,6 +155,19 @@ def step_seconds(run) -> float:
     return total * 1.15  # the optimiser, EMA and data steps: measured at 10-20% here
 
 
+def reconstruction_psnr(run, count: int) -> float:
+    """Mean PSNR (dB) of the autoencoder's reconstructions of up to `count` training images."""
+    import torch
+
+    from .autoencoder import decode, encode, psnr
+    from .datasets import load_image
+
+    indices = [i for share in run.shares for i in share.train_indices][:count]
+    resolution = run.config.data.resolution
+    images = torch.stack([load_image(run.dataset.records[i].path, resolution) for i in indices])
+    return psnr(images, decode(run.vae, encode(run.vae, images)).float()).mean().item()
+
+
 def derive_steps(run, seconds: float) -> tuple[int, str]:
     """The step budget and its reason."""
     cfg = run.config.train
@@ -226,6 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
         [i for s in run.shares for i in s.train_indices][:512],
         config.data.resolution,
     )
+    reconstruction_db = reconstruction_psnr(run, 64)
     seconds = step_seconds(run)
     user_steps = args.max_steps is not None or "train.max_steps" in fixed
     if user_steps or args.resume or args.config:
@@ -236,6 +251,16 @@ def run_train(args: argparse.Namespace) -> int:
             config, train=dataclasses.replace(config.train, max_steps=steps)
         )
     print(summary(run, steps, why, seconds, std, notes), flush=True)
+    print(f"autoencoder: reconstructs this data at {reconstruction_db:.1f} dB PSNR", flush=True)
+    if reconstruction_db < MIN_PSNR_DB:
+        print(
+            f"warning: the autoencoder reconstructs these images at only {reconstruction_db:.1f} "
+            f"dB (below {MIN_PSNR_DB:.0f}): samples cannot be sharper than its reconstructions "
+            "(`latentfuse reconstruct --vae ... --data ...` shows them). Pass --vae with an "
+            "autoencoder that fits this data.",
+            file=sys.stderr,
+            flush=True,
+        )
     low, high = STD_RANGE
     if config.vae_scaling == "config" and not low <= std[0] <= high:
         print(

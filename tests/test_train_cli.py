@@ -42,12 +42,15 @@ def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert train(shapes, out, tiny_vae_dir) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "3 clients: min(5, 3 classes)" in printed
     assert "each client holds its own classes" in printed
     assert "client 0: " in printed and "classes " in printed
     assert "steps: 2 (as configured)" in printed
     assert "std after the autoencoder's scaling" in printed
+    assert "autoencoder: reconstructs this data at " in printed  # a random one: badly
+    assert "warning: the autoencoder reconstructs these images at only" in captured.err
     model = json.loads((out / "model" / "collafuse.json").read_text())
     assert model["guidance_scale"] == 3.0  # trained with label dropout: sample guided
     assert json.loads((out / "config.json").read_text())["data"]["subfolder"] == ""
