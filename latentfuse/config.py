@@ -20,6 +20,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # Keys renamed since configs were first saved, (table, old name) -> new name. Configs saved in
 # checkpoints, run folders and model folders, TOML files and overrides are read with either.
 RENAMED_KEYS = {("data", "split"): "subfolder"}
+# Keys added since, with the value that means "as before": `first_form` leaves them out at that
+# value, so hashes of saved results stay valid when a key is added.
+ADDED_KEYS = {("vae_scaling",): "config"}
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -396,11 +399,26 @@ def _rename(values: dict[str, Any], renames: dict[tuple[str, str], str]) -> dict
 
 
 def current_names(values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config dict with renamed keys (`RENAMED_KEYS`) under their current names."""
-    return _rename(values, RENAMED_KEYS)
+    """A copy of a config dict with renamed keys (`RENAMED_KEYS`) under their current names and
+    keys added since (`ADDED_KEYS`) at their "as before" value where missing."""
+    out = _rename(values, RENAMED_KEYS)
+    for path, before in ADDED_KEYS.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node.setdefault(path[-1], before)
+    return out
 
 
-def first_names(values: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a config dict with renamed keys under their first names: what hashes of saved
-    results were made of, so a rename does not orphan them."""
-    return _rename(values, {(table, new): old for (table, old), new in RENAMED_KEYS.items()})
+def first_form(values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict in the form configs were first saved in: renamed keys under
+    their first names, keys added since left out while at their "as before" value. Hashes of
+    saved results are made of it, so renaming or adding a key does not orphan them."""
+    out = _rename(values, {(table, new): old for (table, old), new in RENAMED_KEYS.items()})
+    for path, before in ADDED_KEYS.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if node.get(path[-1], before) == before:
+            node.pop(path[-1], None)
+    return out

@@ -160,10 +160,10 @@ def test_duplicate_client_ids_rejected():
 def test_a_renamed_key_is_read_under_its_old_name_everywhere(tmp_path):
     """data.split became data.subfolder: saved configs, TOML files and overrides still work,
     a resume does not see a difference, and setting both names is an error."""
-    from latentfuse.config import config_from_dict, first_names, load_config
+    from latentfuse.config import config_from_dict, first_form, load_config
     from latentfuse.engine import config_differences
 
-    saved = first_names(load_config(overrides=['data.subfolder=""']).to_dict())
+    saved = first_form(load_config(overrides=['data.subfolder=""']).to_dict())
     assert "split" in saved["data"] and "subfolder" not in saved["data"]
     assert config_from_dict(saved).data.subfolder == ""
     assert load_config(overrides=['data.split=""']).data.subfolder == ""

@@ -31,7 +31,7 @@ from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
 from ..checkpointing import atomic_write_json
-from ..config import RunConfig, apply_overrides, config_from_dict, first_names
+from ..config import RunConfig, apply_overrides, config_from_dict, first_form
 from ..setup_run import build_run
 from .features import InceptionExtractor, extract_features
 from .generate import generate_images, sample_labels
@@ -392,9 +392,9 @@ PRIVACY_SETTINGS = PrivacySweepSettings(
 
 
 def point_key(config: RunConfig, settings: BenchmarkSettings) -> dict:
-    """What a point's row depends on: its run config (hashed, under the keys' first names, so
-    renaming a key keeps the rows) and the scoring settings."""
-    text = json.dumps(_jsonable(first_names(config.to_dict())), sort_keys=True)
+    """What a point's row depends on: its run config (hashed in its first form, so
+    renaming or adding a key keeps the rows) and the scoring settings."""
+    text = json.dumps(_jsonable(first_form(config.to_dict())), sort_keys=True)
     return {"config": hashlib.sha256(text.encode()).hexdigest()[:16], "score": _score_key(settings)}
 
 
