@@ -61,7 +61,34 @@ class CollaFusePipeline(DiffusionPipeline):
     @property
     def client_ids(self) -> list[int]:
         """The ids of this model's clients."""
+        self._load_clients_if_missing()
         return sorted(int(k) for k in self.collafuse_config.get("clients", {}))
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """diffusers' components plus the client denoisers and the description, so that
+        `CollaFusePipeline(**pipe.components)` is a working pipeline."""
+        self._load_clients_if_missing()
+        return {
+            **super().components,
+            "client_unets": self.client_unets,
+            "collafuse_config": self.collafuse_config,
+        }
+
+    def _load_clients_if_missing(self) -> None:
+        """A pipeline that diffusers' own loader built (`DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=...)`) has no clients yet: read them from its folder."""
+        if self.collafuse_config or not getattr(self.config, "_name_or_path", None):
+            return
+        root = Path(self.config._name_or_path)
+        if not (root / COLLAFUSE_CONFIG).is_file():
+            root = resolve_model_folder(self.config._name_or_path)
+        self.collafuse_config = read_description(root)
+        dtype = (self.server_unet or self.vae).dtype
+        for cid in self.collafuse_config["clients"]:
+            unet = load_unet(root / CLIENTS_DIR / cid, dtype)
+            if unet is not None:
+                self.client_unets[int(cid)] = unet.to(self.vae.device)
 
     def t_cut(self, client_id: int) -> int:
         """Client `client_id`'s cut point: it owns t < t_cut, the server t >= t_cut."""
@@ -109,6 +136,7 @@ class CollaFusePipeline(DiffusionPipeline):
             >>> images = pipe(client_id=1, generator=generators, num_inference_steps=50).images
         """
         check_output_type(output_type)
+        self._load_clients_if_missing()
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(
                 f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}"

@@ -245,3 +245,20 @@ def test_num_images_per_prompt_latents_and_step_callbacks(trained_model):
         pipe(callback_on_step_end_tensor_inputs=["prompt_embeds"], **kwargs)
     with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
         pipe.enable_model_cpu_offload()
+
+
+def test_diffusers_own_loader_and_components_give_a_working_pipeline(trained_model):
+    """`DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)` (diffusers' loader, not
+    ours) reads the clients too, and `CollaFusePipeline(**pipe.components)` samples the same."""
+    from diffusers import DiffusionPipeline
+
+    code = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_collafuse.py"
+    theirs = DiffusionPipeline.from_pretrained(
+        trained_model, custom_pipeline=str(code), trust_remote_code=True
+    )
+    ours = CollaFusePipeline.from_pretrained(trained_model)
+    assert theirs.client_ids == ours.client_ids == [0, 1]
+    rebuilt = CollaFusePipeline(**ours.components)
+    expected = sample(ours, 1)
+    torch.testing.assert_close(sample(theirs, 1), expected)
+    torch.testing.assert_close(sample(rebuilt, 1), expected)
