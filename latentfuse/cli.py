@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .cli_common import HelpFormatter, check_model_path, default_guidance
 from .client_cli import add_client_parser
+from .config_cli import add_config_parser
 from .sample_cli import add_sample_parser
 from .serve_cli import add_serve_parser
 from .train_cli import add_train_parser
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_evaluate)
     add_train_parser(commands)
+    add_config_parser(commands)
     add_sample_parser(commands)
     add_serve_parser(commands)
     add_client_parser(commands)

@@ -174,3 +174,23 @@ def test_a_renamed_key_is_read_under_its_old_name_everywhere(tmp_path):
     assert config_differences(saved, current) == []
     with pytest.raises(ValueError, match="sets both 'subfolder' and its old name 'split'"):
         load_config(toml, ['data.subfolder="train"'])
+
+
+@pytest.mark.parametrize("source", [None, "configs/cifar10.toml", "configs/smoke.toml"])
+def test_latentfuse_config_prints_every_key_as_toml_that_reads_back(source, capsys):
+    """`latentfuse config` is the key reference: its output is the same config again."""
+    from pathlib import Path
+
+    import tomllib
+
+    from latentfuse.cli import main
+    from latentfuse.config import config_from_dict, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    path = str(root / source) if source else None
+    client = "{id = 1, t_cut = 20, unet = {block_out_channels = [8]}}"
+    overrides = ["split.t_cut=50", f"clients=[{client}]"]
+    assert main(["config", *(["--config", path] if path else []), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "[train]" in printed and "max_steps = " in printed and "[[clients]]" in printed
+    assert config_from_dict(tomllib.loads(printed)) == load_config(path, overrides)
