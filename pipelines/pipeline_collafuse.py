@@ -146,9 +146,10 @@ class CollaFusePipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may name only 'latents', got {sorted(unknown)}"
             )
-        if latents is not None and batch_size is None and class_labels is None:
-            batch_size = latents.shape[0]  # the given noise sets the batch, as in diffusers
-        if num_images_per_prompt > 1:
+        noise_sets_batch = latents is not None and batch_size is None and class_labels is None
+        if noise_sets_batch:  # the given noise holds every image, as in diffusers
+            batch_size = latents.shape[0]
+        if num_images_per_prompt > 1 and not noise_sets_batch:
             if class_labels is not None:
                 repeated = torch.as_tensor(class_labels).reshape(-1)
                 class_labels = repeated.repeat_interleave(num_images_per_prompt).tolist()
