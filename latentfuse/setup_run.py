@@ -88,7 +88,11 @@ def latent_std(vae: Autoencoder, dataset: ImageDataset, indices: list[int], reso
     """(std over all elements, std per channel) of the normalised latents of `indices`."""
     from .latents import encode_images
 
-    latents = encode_images(vae, dataset, indices, resolution)
+    return latent_stats(encode_images(vae, dataset, indices, resolution))
+
+
+def latent_stats(latents: torch.Tensor) -> tuple[float, list[float]]:
+    """(std over all elements, std per channel) of latents (n, c, h, w)."""
     return latents.std().item(), latents.transpose(0, 1).flatten(1).std(1).tolist()
 
 

@@ -217,8 +217,10 @@ def run_train(args: argparse.Namespace) -> int:
     """Build, summarise, train, export; returns the exit status."""
     import dataclasses
 
+    import torch
+
     from .runner import train
-    from .setup_run import build_run, latent_std
+    from .setup_run import build_run, latent_stats
 
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
     values = base_values(args)
@@ -234,12 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
     config: RunConfig = config_from_dict(values)
     output_dir = Path(args.output_dir)
     run = build_run(config, output_dir)
-    std = latent_std(
-        run.vae,
-        run.dataset,
-        [i for s in run.shares for i in s.train_indices][:512],
-        config.data.resolution,
-    )
+    std = latent_stats(torch.cat([client.z0 for client in run.clients]))  # already encoded
     reconstruction_db = reconstruction_psnr(run, 64)
     seconds = step_seconds(run)
     user_steps = args.max_steps is not None or "train.max_steps" in fixed
