@@ -125,8 +125,10 @@ def decode(vae: Autoencoder, latents: torch.Tensor) -> torch.Tensor:
 
 
 def vae_fingerprint(vae: Autoencoder) -> str:
-    """A sha256 over the autoencoder's config and weights: changes whenever either does."""
-    digest = hashlib.sha256(repr(sorted(dict(vae.config).items())).encode())
+    """A sha256 over the autoencoder's config and weights: changes whenever either does, and
+    not with the folder it was loaded from (diffusers records that as `_name_or_path`)."""
+    config = {k: v for k, v in dict(vae.config).items() if k != "_name_or_path"}
+    digest = hashlib.sha256(repr(sorted(config.items())).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())

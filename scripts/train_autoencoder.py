@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -17,7 +16,13 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from latentfuse.autoencoder import psnr
+from latentfuse.autoencoder_training import (
+    AutoencoderLoss,
+    augment,
+    autoencoder_loss,
+    cosine_learning_rate,
+    reconstruction_metrics,
+)
 from latentfuse.checkpointing import atomic_write_dir, load_state, save_state
 from latentfuse.datasets import load_cifar10, load_image
 
@@ -51,31 +56,9 @@ def build_vae(cfg: dict) -> AutoencoderKL:
 
 def learning_rate(cfg: dict, step: int) -> float:
     """Linear warm-up, then cosine decay to `min_learning_rate`."""
-    if step < cfg["warmup_steps"]:
-        return cfg["learning_rate"] * (step + 1) / cfg["warmup_steps"]
-    progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] - cfg["warmup_steps"])
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg["min_learning_rate"] + (cfg["learning_rate"] - cfg["min_learning_rate"]) * cosine
-
-
-@torch.no_grad()
-def evaluate(vae: AutoencoderKL, images: torch.Tensor, batch: int = 250) -> dict:
-    """PSNR of 8-bit reconstructions (posterior mode) and the std of the raw latents."""
-    vae.eval()
-    scores, latents = [], []
-    for chunk in images.split(batch):
-        z = vae.encode(chunk).latent_dist.mode()
-        recon = vae.decode(z).sample.clamp(-1, 1)
-        recon = ((recon + 1) * 127.5).round() / 127.5 - 1  # as saved to an 8-bit image
-        scores.append(psnr(chunk, recon))
-        latents.append(z)
-    vae.train()
-    z = torch.cat(latents)
-    return {
-        "psnr": torch.cat(scores).mean().item(),
-        "latent_std": z.std().item(),
-        "latent_mean": z.mean().item(),
-    }
+    return cosine_learning_rate(
+        step, cfg["max_steps"], cfg["learning_rate"], cfg["min_learning_rate"], cfg["warmup_steps"]
+    )
 
 
 def write_release(vae: AutoencoderKL, cfg: dict, metrics: dict, wall: float, step: int) -> None:
@@ -119,6 +102,7 @@ def main() -> None:
     train = load_split(cfg["split"])
     held_out = load_split(cfg["eval_split"], cfg["num_eval_images"], seed=cfg["seed"])
     vae = build_vae(cfg)
+    weights = AutoencoderLoss(cfg["l1_weight"], cfg["mse_weight"], cfg["kl_weight"])
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg["learning_rate"], weight_decay=0.0)
     work = Path(cfg["work_dir"])
     step, wall = 0, 0.0
@@ -131,17 +115,10 @@ def main() -> None:
     start = time.time() - wall
     while step < cfg["max_steps"]:
         batch = train[torch.randint(len(train), (cfg["batch_size"],), generator=generator)]
-        flip = torch.rand(len(batch), generator=generator) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        batch = augment(batch, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
-        loss = (
-            cfg["l1_weight"] * (recon - batch).abs().mean()
-            + cfg["mse_weight"] * (recon - batch).pow(2).mean()
-            + cfg["kl_weight"] * posterior.kl().mean()
-        )
+        loss = autoencoder_loss(vae, batch, generator, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,7 +126,7 @@ def main() -> None:
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg["eval_every"] == 0 or step == cfg["max_steps"]:
-            metrics = evaluate(vae, held_out[:250])
+            metrics = reconstruction_metrics(vae, held_out[:250])
             logger.info(
                 "step %d loss %.4f held-out psnr %.2f dB", step, loss.item(), metrics["psnr"]
             )
@@ -161,7 +138,7 @@ def main() -> None:
                 {"step": step, "wall": time.time() - start},
             )
     wall = time.time() - start
-    metrics = evaluate(vae, held_out)
+    metrics = reconstruction_metrics(vae, held_out)
     logger.info("final: %s", metrics)
     write_release(vae, cfg, metrics, wall, step)
 

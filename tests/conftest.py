@@ -137,11 +137,18 @@ TINY_VAE_SCALING_FACTOR = 0.5
 @pytest.fixture
 def tiny_vae_dir(tmp_path: Path) -> Path:
     """A randomly initialised AutoencoderKL (32x32 -> 4x16x16) saved as a diffusers folder."""
+    folder = tmp_path / "tiny-vae"
+    tiny_autoencoder().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tiny_autoencoder():
+    """The randomly initialised AutoencoderKL of `tiny_vae_dir` (seed 0)."""
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -154,9 +161,6 @@ def tiny_vae_dir(tmp_path: Path) -> Path:
         scaling_factor=TINY_VAE_SCALING_FACTOR,
         mid_block_add_attention=False,
     )
-    folder = tmp_path / "tiny-vae"
-    vae.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,14 @@ def test_vae_fingerprint_changes(
     assert vae_fingerprint(vae) != before
 
 
+def test_vae_fingerprint_is_the_same_from_any_folder(tiny_vae_dir: Path, tmp_path: Path) -> None:
+    """A model folder's recorded vae_sha256 must match the copy shipped in it."""
+    import shutil
+
+    copy = shutil.copytree(tiny_vae_dir, tmp_path / "elsewhere" / "vae")
+    assert vae_fingerprint(load_vae(copy)) == vae_fingerprint(load_vae(tiny_vae_dir))
+
+
 def test_vae_fingerprint_sees_the_config_on_disk(tiny_vae_dir: Path) -> None:
     before = vae_fingerprint(load_vae(tiny_vae_dir))
     config_file = tiny_vae_dir / "config.json"

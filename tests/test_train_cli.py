@@ -31,9 +31,9 @@ def shapes(tmp_path: Path) -> Path:
     return make_shapes(tmp_path / "shapes", classes=3, per_class=12, size=32)
 
 
-def train(data: Path, out: Path, vae: Path, *extra: str) -> int:
+def train(data: Path, out: Path, vae: Path, *extra: str, fit: str = "never") -> int:
     args = ["train", "--data", str(data), "--output-dir", str(out), "--vae", str(vae)]
-    return latentfuse([*args, "--max-steps", "2", *TINY, *extra])
+    return latentfuse([*args, "--max-steps", "2", "--fit-vae", fit, *TINY, *extra])
 
 
 def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
@@ -118,6 +118,63 @@ def test_the_latent_std_warning_names_the_fix(shapes, tiny_vae_dir, tmp_path, ca
     assert train(shapes, tmp_path / "run", tiny_vae_dir) == 0
     err = capsys.readouterr().err
     assert "warning: the latents' std is" in err and "vae_scaling=auto" in err
+
+
+def test_an_autoencoder_that_does_not_fit_the_data_is_fitted_saved_and_shipped(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    """The random tiny autoencoder reconstructs the shapes badly: `--fit-vae auto` fine-tunes
+    it, saves it in OUT/vae with a record, and the run (latents, model folder) uses it."""
+    from latentfuse.autoencoder import load_vae, vae_fingerprint
+
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir, "--fit-vae-steps", "2", fit="auto") == 0
+    record = json.loads((out / "vae" / "fit.json").read_text())
+    assert record["steps"] == 2 and record["training_images"] == 33  # 36 less 3 held out
+    assert record["psnr_before_db"] < 20 and record["measured_on"] == "3 held-out images"
+    assert json.loads((out / "config.json").read_text())["vae"] == str((out / "vae").resolve())
+    fitted = vae_fingerprint(load_vae(out / "vae"))
+    assert fitted != vae_fingerprint(load_vae(tiny_vae_dir))
+    assert vae_fingerprint(load_vae(out / "model" / "vae")) == fitted
+    assert json.loads((out / "model" / "collafuse.json").read_text())["vae_sha256"] == fitted
+    printed = capsys.readouterr().out
+    assert "fitting it to 33 training images for 2 steps first (--fit-vae auto)" in printed
+    assert "It has seen every client's training images" in printed
+
+
+def test_an_autoencoder_that_fits_is_left_alone(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("latentfuse.train_cli.MIN_PSNR_DB", -100.0)  # every one "fits"
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir, fit="auto") == 0
+    assert not (out / "vae").exists()
+    assert json.loads((out / "config.json").read_text())["vae"] == str(tiny_vae_dir)
+    assert "fitting it" not in capsys.readouterr().out
+
+
+def test_fitting_an_autoencoder_improves_its_reconstructions_and_is_reproducible():
+    import torch
+
+    from latentfuse.autoencoder_training import fit_autoencoder, reconstruction_metrics
+    from tests.conftest import tiny_autoencoder
+
+    torch.manual_seed(1)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    fitted = []
+    for _ in range(2):
+        vae = tiny_autoencoder()
+        before = reconstruction_metrics(vae, images)["psnr"]
+        fit_autoencoder(vae, images, steps=15, batch_size=8, learning_rate=1e-3, progress=False)
+        fitted.append(vae)
+        assert reconstruction_metrics(vae, images)["psnr"] > before + 1.0
+        assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    for a, b in zip(fitted[0].parameters(), fitted[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"images: expected \(n, 3, h, w\)"):
+        fit_autoencoder(fitted[0], images[0], steps=1)
 
 
 def _run_of(images_per_client: int, clients: int = 4, batch: int = 16) -> SimpleNamespace:
