@@ -22,7 +22,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 RENAMED_KEYS = {("data", "split"): "subfolder"}
 # Keys added since, with the value that means "as before": `first_form` leaves them out at that
 # value, so hashes of saved results stay valid when a key is added.
-ADDED_KEYS = {("vae_scaling",): "config"}
+ADDED_KEYS = {("vae_scaling",): "config", ("train", "guidance_scale"): None}
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -214,6 +214,10 @@ class TrainConfig:
     num_preview_images: int = 16
     preview_inference_steps: int = 50
     seed: int = 0
+    # the guidance the exported model records for sampling (previews, `latentfuse sample` and
+    # `evaluate` default to it); None: 3 for a model trained with label dropout on class
+    # labels, else 1
+    guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -228,6 +232,12 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _check(0 <= self.label_dropout < 1, "train.label_dropout", self.label_dropout, "in [0, 1)")
+        _check(
+            self.guidance_scale is None or self.guidance_scale >= 1,
+            "train.guidance_scale",
+            self.guidance_scale,
+            ">= 1 (or unset)",
+        )
         _check(
             self.mixed_precision in MIXED_PRECISION,
             "train.mixed_precision",
@@ -405,8 +415,9 @@ def current_names(values: dict[str, Any]) -> dict[str, Any]:
     for path, before in ADDED_KEYS.items():
         node = out
         for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node.setdefault(path[-1], before)
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # else a malformed table, which validation names
+            node.setdefault(path[-1], before)
     return out
 
 
@@ -418,7 +429,7 @@ def first_form(values: dict[str, Any]) -> dict[str, Any]:
     for path, before in ADDED_KEYS.items():
         node = out
         for key in path[:-1]:
-            node = node.get(key, {})
-        if node.get(path[-1], before) == before:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(path[-1], before) == before:
             node.pop(path[-1], None)
     return out

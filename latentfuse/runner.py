@@ -62,13 +62,21 @@ def build_pipeline(run: Run, trainer: Trainer):
     )
 
 
+def sampling_guidance(config: RunConfig) -> float:
+    """The guidance the model is sampled with by default: `train.guidance_scale` if set, else 3
+    for a model trained with label dropout on class labels (it has learnt the unconditional
+    score that classifier-free guidance needs, and looks class-like only with it), else 1."""
+    guided = config.train.label_dropout > 0 and config.server_labels == "class"
+    return config.train.guidance_scale or (3.0 if guided else 1.0)
+
+
 def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
     """One PNG grid per client from the EMA weights, same seeds every time: a row per class
     the client holds (at most 4), each row labelled with its class name."""
     cfg = run.config.train
     pipe = build_pipeline(run, trainer)
     pipe.set_progress_bar_config(disable=True)
-    names = run.dataset.class_names
+    names, guidance = run.dataset.class_names, sampling_guidance(run.config)
     for client, share in zip(run.clients, run.shares, strict=True):
         classes = list(share.classes)[:4] or [0]
         per_row = max(1, cfg.num_preview_images // len(classes))
@@ -81,12 +89,13 @@ def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
             generator=generators,
             output_type="pt",
             num_inference_steps=cfg.preview_inference_steps,
+            guidance_scale=guidance,
         ).images
         columns = min(8, per_row)
         rows_per_class = math.ceil(per_row / columns)
         row_names = [names[c] for c in classes for _ in range(rows_per_class)]
         grid = labelled_grid(images * 2 - 1, row_names, columns)
-        title = f"client {client.client_id}, step {trainer.step}"
+        title = f"client {client.client_id}, step {trainer.step}, guidance {guidance:g}"
         save_image(
             titled(grid, title),
             directory / f"step-{trainer.step:06d}-client-{client.client_id}.png",
@@ -144,10 +153,7 @@ def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
     """Write the diffusers-layout model folder (atomically) into `output_dir/model`."""
     pipe = build_pipeline(run, trainer)
     pipe.collafuse_config["training"] = extra
-    # what sampling defaults to: a model trained with label dropout has learnt the unconditional
-    # score that classifier-free guidance needs, and looks class-like only with it
-    guided = run.config.train.label_dropout > 0 and run.config.server_labels == "class"
-    pipe.collafuse_config["guidance_scale"] = 3.0 if guided else 1.0
+    pipe.collafuse_config["guidance_scale"] = sampling_guidance(run.config)
     return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
 
 

@@ -67,7 +67,9 @@ def test_a_train_level_is_found_and_the_user_keeps_the_last_word(
     shapes.rename(root / "train")
     make_shapes(root / "test", classes=3, per_class=2, size=32)  # never read
     out = tmp_path / "run"
-    assert train(root, out, tiny_vae_dir, "data.num_clients=2", "data.partition=iid") == 0
+    extra = ("data.num_clients=2", "data.partition=iid", "train.guidance_scale=5")
+    assert train(root, out, tiny_vae_dir, *extra) == 0
+    assert json.loads((out / "model" / "collafuse.json").read_text())["guidance_scale"] == 5.0
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["subfolder"] == "train"
     assert (config["data"]["num_clients"], config["data"]["partition"]) == (2, "iid")

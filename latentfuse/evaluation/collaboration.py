@@ -629,6 +629,13 @@ def verdicts(rows: list[dict]) -> list[dict]:
                     if result:
                         claim = f"{base} ({label}) beats {model} at {n} images ({metric.upper()})"
                         out.append({"claim": claim, **result})
+        splits = sorted({m for _, m in agg if re.fullmatch(r"split-\d+", m)})
+        for n in sorted({n for n, m in agg if m == "GM-matched"}):
+            for split in splits:  # GM at a split run's sample budget
+                result = compare(agg[(n, "GM-matched")], agg.get((n, split)))
+                if result:
+                    claim = f"GM-matched beats {split} at {n} images ({metric.upper()})"
+                    out.append({"claim": claim, **result})
     memo = aggregate(rows, "memorization")
     for n in sorted({n for n, _ in memo}):
         for a, b in (("ICM", "GM"), ("ICM", "split-100"), ("split-100", "GM")):
