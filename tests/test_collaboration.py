@@ -20,6 +20,7 @@ from latentfuse.evaluation.collaboration import (
     fid_kid_standard_errors,
     memorisation,
     run_benchmark,
+    verdicts,
 )
 from latentfuse.evaluation.collaboration_report import write_report
 from tests.worlds import tiny_config
@@ -70,6 +71,24 @@ def test_aggregate_takes_the_larger_of_seed_spread_and_bootstrap():
     assert entry["mean"] == 12.0 and entry["se"] == pytest.approx(np.std([10, 14], ddof=1) / 2**0.5)
     rows[1]["fid"] = 10.0
     assert aggregate(rows, "fid")[(5, "ICM")]["se"] == pytest.approx(0.1 / 2**0.5)
+
+
+def test_ablations_are_judged_against_what_they_vary():
+    """GM-matched against every split; -original and -buffer4 against their base model."""
+
+    def row(model: str, seed: int, fid: float) -> dict:
+        t_cut = 0 if model.startswith("GM") else 100
+        return {"images_per_client": 250, "model": model, "t_cut": t_cut, "seed": seed,
+                "fid": fid, "fid_se": 0.5, "kid": fid / 1000, "kid_se": 0.0005}  # fmt: skip
+
+    rows = [row("split-100", s, 113.0 + s) for s in (0, 1)]
+    rows += [row("GM-matched", 0, 105.0), row("split-100-original", 0, 113.5)]
+    found = {v["claim"]: v["verdict"] for v in verdicts(rows)}
+    one_seed = " (1 seed: bootstrap error only, seed spread not yet known)"
+    assert found["GM-matched beats split-100 at 250 images (FID)"] == "holds" + one_seed
+    original = "split-100 (exact objective, inverse_lambda weighting) beats split-100-original"
+    assert found[f"{original} at 250 images (FID)"] == "not resolved" + one_seed
+    assert not any("GM-matched beats GM" in claim for claim in found)
 
 
 def test_settings_name_bad_input():
