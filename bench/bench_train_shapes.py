@@ -124,7 +124,13 @@ def recognition(pipe, judge: nn.Module, classes: list[str], per_class: int, guid
     return hits, counts, confusion
 
 
-def run(work: Path, per_class: int, max_steps: int | None, sweep: tuple[float, ...] = ()) -> dict:
+def run(
+    work: Path,
+    per_class: int,
+    max_steps: int | None,
+    sweep: tuple[float, ...] = (),
+    overrides: tuple[str, ...] = (),
+) -> dict:
     """Steps 1-4; the figures as a dict (also written to work/result.json)."""
     from latentfuse.pipelines import CollaFusePipeline
 
@@ -138,7 +144,10 @@ def run(work: Path, per_class: int, max_steps: int | None, sweep: tuple[float, .
     extra = ["--max-steps", str(max_steps)] if max_steps else []
     resume = ["--resume"] if (work / "run" / "checkpoint").exists() else []
     code = latentfuse(
-        ["train", "--data", str(data), "--output-dir", str(work / "run")] + extra + resume
+        ["train", "--data", str(data), "--output-dir", str(work / "run")]
+        + extra
+        + resume
+        + list(overrides)
     )
     if code != 0:
         raise SystemExit(f"latentfuse train exited with {code}")
@@ -179,6 +188,7 @@ def run(work: Path, per_class: int, max_steps: int | None, sweep: tuple[float, .
             str(scale): sum(h.values()) / sum(c.values()) for scale, (h, c, _) in recognised.items()
         },
         "samples_per_class": per_class,
+        "overrides": list(overrides),
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -196,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also score these guidance scales (the headline stays the model's own)",
     )
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value passed to latentfuse train (default none)"
+    )
     args = parser.parse_args(argv)
-    r = run(args.work, args.per_class, args.max_steps, tuple(args.guidance_sweep))
+    r = run(
+        args.work, args.per_class, args.max_steps, tuple(args.guidance_sweep), tuple(args.overrides)
+    )
     print(
         f"shapes: {r['steps']} steps in {r['train_seconds'] / 60:.1f} min; the classifier "
         f"recognises {r['recognised']:.1%} of {r['samples_per_class']} samples a class as their "
