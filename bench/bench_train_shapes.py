@@ -1,8 +1,10 @@
 """Does `latentfuse train` work on a data set that is not CIFAR-10, with its default budget?
 
-    OMP_NUM_THREADS=1 python bench/bench_train_shapes.py --work runs/shapes [--max-steps N]
+    python bench/bench_train_shapes.py --work runs/shapes [--palette grey|colour] [--max-steps N]
 
-1. draws a 4-class ImageFolder of coloured shapes (200 images a class, 32x32; seed 0);
+1. draws a 4-class ImageFolder of shapes (200 images a class, 32x32; seed 0), in grey levels
+   (`--palette grey`, the default: the issue's user had a small grayscale data set) or in any
+   colours (`--palette colour`: much harder for a latent model in the same budget);
 2. runs `latentfuse train --data ... --output-dir ...` with every default (the step budget
    is derived and printed; at most 20 minutes of training here);
 3. trains an independent classifier (a small CNN) on 500 other real shapes a class (seed 1),
@@ -130,6 +132,7 @@ def run(
     max_steps: int | None,
     sweep: tuple[float, ...] = (),
     overrides: tuple[str, ...] = (),
+    palette: str = "grey",
 ) -> dict:
     """Steps 1-4; the figures as a dict (also written to work/result.json)."""
     from latentfuse.pipelines import CollaFusePipeline
@@ -139,7 +142,7 @@ def run(
 
     work.mkdir(parents=True, exist_ok=True)
     classes = list(SHAPES[:4])
-    data = make_shapes(work / "data", classes=4, per_class=200, seed=0)
+    data = make_shapes(work / "data", classes=4, per_class=200, seed=0, palette=palette)
     start = time.time()
     extra = ["--max-steps", str(max_steps)] if max_steps else []
     resume = ["--resume"] if (work / "run" / "checkpoint").exists() else []
@@ -152,8 +155,8 @@ def run(
     if code != 0:
         raise SystemExit(f"latentfuse train exited with {code}")
     train_seconds = time.time() - start
-    judge_x, judge_y = load_folder(make_shapes(work / "judge", 4, 500, seed=1), classes)
-    check_x, check_y = load_folder(make_shapes(work / "check", 4, 100, seed=2), classes)
+    judge_x, judge_y = load_folder(make_shapes(work / "judge", 4, 500, seed=1, palette=palette), classes)
+    check_x, check_y = load_folder(make_shapes(work / "check", 4, 100, seed=2, palette=palette), classes)
     judge = train_classifier(judge_x, judge_y)
     real_accuracy = accuracy(judge, check_x, check_y)
     from latentfuse.autoencoder import decode, encode, load_vae, psnr
@@ -189,6 +192,7 @@ def run(
         },
         "samples_per_class": per_class,
         "overrides": list(overrides),
+        "palette": palette,
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "shapes")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--max-steps", type=int, default=None, help="default: derived")
+    parser.add_argument("--palette", choices=("grey", "colour"), default="grey")
     parser.add_argument(
         "--guidance-sweep",
         type=float,
@@ -211,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     r = run(
-        args.work, args.per_class, args.max_steps, tuple(args.guidance_sweep), tuple(args.overrides)
+        args.work,
+        args.per_class,
+        args.max_steps,
+        tuple(args.guidance_sweep),
+        tuple(args.overrides),
+        args.palette,
     )
     print(
-        f"shapes: {r['steps']} steps in {r['train_seconds'] / 60:.1f} min; the classifier "
+        f"shapes ({r['palette']}): {r['steps']} steps in {r['train_seconds'] / 60:.1f} min; the classifier "
         f"recognises {r['recognised']:.1%} of {r['samples_per_class']} samples a class as their "
         f"label (target >= 80%); per class {json.dumps(r['per_class'])}; confusion (rows asked for "
         f"{r['confusion']['classes']}) {r['confusion']['asked_for_by_recognised_as']}; the same "

@@ -69,7 +69,9 @@ class Client:
                 f"clip_norm and max_releases must be >= 0, got {clip_norm}, {max_releases}"
             )
         self.client_id, self.split, self.release_policy = client_id, split, release_policy
-        self._z0, self.labels = latents, labels  # (n, c, h, w), (n,)
+        # (n, c, h, w); the conditioning of each image: class labels (n,), or an attribute
+        # vector / prompt token states per image (latentfuse/conditioning.py)
+        self._z0, self.labels = latents, labels
         self.share_labels, self.seed = share_labels, seed
         self._release_key = check_release_key(release_key)
         self.clip_norm, self.max_releases = clip_norm, max_releases  # 0: no clip, no cap
@@ -132,7 +134,7 @@ class Client:
         return [self.make_release(epoch)]
 
     def draw_batch(
-        self, batch_size: int, label_dropout: float, null_label: int
+        self, batch_size: int, label_dropout: float, null_label: int | torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """A batch for the ordinary eps-prediction loss on t ~ U{0..t_cut-1}."""
         index = self.sampler.take(batch_size)

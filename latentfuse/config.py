@@ -22,7 +22,16 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 RENAMED_KEYS = {("data", "split"): "subfolder"}
 # Keys added since, with the value that means "as before": `first_form` leaves them out at that
 # value, so hashes of saved results stay valid when a key is added.
-ADDED_KEYS = {("vae_scaling",): "config", ("train", "guidance_scale"): None}
+ADDED_KEYS = {
+    ("vae_scaling",): "config",
+    ("train", "guidance_scale"): None,
+    ("train", "client_every"): 1,
+    ("conditioning", "kind"): "class",
+    ("conditioning", "text_encoder"): "",
+    ("conditioning", "prompt_template"): "{}",
+    ("conditioning", "max_length"): 32,
+}
+CONDITIONING_KINDS = ("class", "attributes", "text")
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -218,6 +227,10 @@ class TrainConfig:
     # `evaluate` default to it); None: 3 for a model trained with label dropout on class
     # labels, else 1
     guidance_scale: float | None = None
+    # the clients take an optimiser step every `client_every`-th step (the server every step):
+    # a client's low-noise task needs fewer steps than the server's, and on one machine the
+    # clients' steps add up (in a deployment each client trains on its own hardware)
+    client_every: int = 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -227,6 +240,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "checkpoint_every",
             "log_every",
+            "client_every",
         ):
             _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "> 0")
@@ -247,6 +261,45 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ConditioningConfig:
+    """What the denoisers are conditioned on (latentfuse/conditioning.py).
+
+    "class": one class label per image (an embedding); "attributes": the data set's binary
+    attribute vector (CelebA's 40, AwA2's 85 predicates) as +-1, through a learned projection;
+    "text": a prompt made of the image's attribute names (or class name) with
+    `prompt_template`, encoded by the frozen transformers text encoder `text_encoder` (a local
+    folder or a hub id, CLIP or T5) and read by cross-attention.
+    """
+
+    kind: str = "class"
+    text_encoder: str = ""
+    prompt_template: str = "{}"
+    max_length: int = 32  # tokens of a prompt (padded and truncated to it)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in CONDITIONING_KINDS,
+            "conditioning.kind",
+            self.kind,
+            f"in {CONDITIONING_KINDS}",
+        )
+        if self.kind == "text":
+            _check(
+                bool(self.text_encoder),
+                "conditioning.text_encoder",
+                self.text_encoder,
+                "a text encoder folder or hub id when conditioning.kind = 'text'",
+            )
+        _check(
+            "{}" in self.prompt_template,
+            "conditioning.prompt_template",
+            self.prompt_template,
+            "a template with one {}",
+        )
+        _check(self.max_length >= 2, "conditioning.max_length", self.max_length, ">= 2")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs."""
 
@@ -263,6 +316,7 @@ class RunConfig:
     clients: tuple[ClientOverride, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     def __post_init__(self) -> None:
         if self.privacy.enforced and self.split.release_policy == "fresh":
@@ -432,4 +486,6 @@ def first_form(values: dict[str, Any]) -> dict[str, Any]:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict) and node.get(path[-1], before) == before:
             node.pop(path[-1], None)
+            if len(path) == 2 and node == {} and path[0] in out:
+                del out[path[0]]  # a table added whole, at its "as before" values
     return out

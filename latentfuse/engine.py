@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from .checkpointing import load_state, recover_dir, save_state
+from .conditioning import unet_inputs
 from .config import TrainConfig, current_names
 from .models import EMA
 
@@ -83,7 +84,8 @@ def shard(batch: Batch, accelerator: Accelerator, device: torch.device) -> Batch
 
 def denoising_loss(unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Weighted eps-prediction MSE: mean_i w_i ||unet(x_i, t_i, y_i) - target_i||^2 / dim."""
-    prediction = unet(batch["sample"], batch["timestep"], class_labels=batch["class_labels"]).sample
+    cond = unet_inputs(unet, batch["class_labels"])
+    prediction = unet(batch["sample"], batch["timestep"], **cond).sample
     per_sample = (prediction.float() - batch["target"].float()).pow(2).flatten(1).mean(1)
     return (batch["weight"] * per_sample).mean()
 
@@ -159,22 +161,31 @@ class Engine:
         """The trained (unwrapped) module `name`."""
         return self.accelerator.unwrap_model(self.wrapped[name])
 
-    def train_step(self, draw: Callable[[], dict[str, Batch]]) -> dict[str, float]:
-        """One optimiser step of every model; `draw()` gives each model's global micro-batch.
+    def train_step(
+        self, draw: Callable[[], dict[str, Batch]], names: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """One optimiser step of the models `names` (default: every model); `draw()` gives
+        each of them its global micro-batch. The others keep their weights and EMA this step.
 
-        Returns each model's loss on this process's shards, averaged over the micro-batches.
+        Returns each trained model's loss on this process's shards, averaged over the
+        micro-batches.
         """
         if not self.wrapped:
             raise RuntimeError("this engine holds no model to train")
+        names = list(self.wrapped) if names is None else list(names)
+        unknown = [n for n in names if n not in self.wrapped]
+        if unknown or not names:
+            raise ValueError(f"names: expected some of {list(self.wrapped)}, got {names}")
         accelerator, train = self.accelerator, self.train
         accumulation = train.gradient_accumulation_steps
-        losses = dict.fromkeys(self.wrapped, 0.0)
+        stepping = {n: self.wrapped[n] for n in names}
+        losses = dict.fromkeys(stepping, 0.0)
         for _ in range(accumulation):
             batches = draw()
-            with accelerator.accumulate(*self.wrapped.values()):
+            with accelerator.accumulate(*stepping.values()):
                 # accumulate: one backward over the sum of the models' losses
                 total = 0.0
-                for name, unet in self.wrapped.items():
+                for name, unet in stepping.items():
                     with accelerator.autocast():
                         loss = denoising_loss(
                             unet, shard(batches[name], accelerator, accelerator.device)
@@ -184,7 +195,8 @@ class Engine:
                 accelerator.backward(total)
                 # update weights (Accelerate skips the step until the last micro-batch); a
                 # model whose gradient is not finite keeps its last good weights
-                for name, optimizer in self.optimizers.items():
+                for name in stepping:
+                    optimizer = self.optimizers[name]
                     if accelerator.sync_gradients and not self._finite_gradients(name):
                         self.skipped[name] += 1
                         logger.warning(
@@ -203,8 +215,8 @@ class Engine:
                     optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:  # update EMA, once per optimiser step
             with self.ema_lock:
-                for name, ema in self.emas.items():
-                    ema.update(self.module(name), self.step)
+                for name in stepping:
+                    self.emas[name].update(self.module(name), self.step)
                 self.step += 1
         return losses
 

@@ -42,7 +42,8 @@ class ReleaseStore:
         if needed <= capacity:
             return
         size = max(needed, 2 * capacity, 64)
-        latents, labels = torch.zeros((size, *shape)), torch.full((size,), -1, dtype=torch.long)
+        latents = torch.zeros((size, *shape))
+        labels = _unlabelled((size, *self._labels.shape[1:]), self._labels.dtype)
         latents[:capacity], labels[:capacity] = self._latents, self._labels
         self._latents, self._labels = latents, labels
 
@@ -56,15 +57,31 @@ class ReleaseStore:
                 row = self._rows[key] = len(self._keys)
                 self._keys.append(key)
             rows.append(row)
+        if batch.labels is not None:
+            self._label_layout(batch.labels)
         self._grow(len(self._keys), tuple(batch.latents.shape[1:]))
         index = torch.tensor(rows, dtype=torch.long)
         self._latents[index] = batch.latents.float()
         if batch.labels is not None:
-            self._labels[index] = batch.labels.long()
+            self._labels[index] = batch.labels.to(self._labels.dtype)
         else:
-            self._labels[index] = -1
+            self._labels[index] = _unlabelled((), self._labels.dtype)
         self._t_cut[batch.client_id] = batch.t_cut
         self._flat, self._on_device = None, {}
+
+    def _label_layout(self, labels: torch.Tensor) -> None:
+        """Class labels are kept as long (-1: none); other conditioning (attribute vectors,
+        token states) as float rows (NaN: none). The first labelled batch sets the layout."""
+        dtype = torch.long if labels.ndim == 1 and not labels.is_floating_point() else torch.float
+        shape = tuple(labels.shape[1:])
+        if (self._labels.dtype, tuple(self._labels.shape[1:])) == (dtype, shape):
+            return
+        if bool((self._labels != _unlabelled((), self._labels.dtype)).any()):
+            raise ValueError(
+                f"release labels of shape (n, {shape}) and {dtype} do not match the labels "
+                f"already held ({tuple(self._labels.shape[1:])}, {self._labels.dtype})"
+            )
+        self._labels = _unlabelled((len(self._labels), *shape), dtype)
 
     def counts(self) -> dict[int, int]:
         """Releases held per client."""
@@ -113,7 +130,13 @@ class ReleaseStore:
         )
         self._rows = {key: row for row, key in enumerate(self._keys)}
         self._latents = tensors["latents"].float().clone()
-        self._labels = tensors["labels"].long().clone()
+        labels = tensors["labels"]
+        self._labels = (labels.long() if labels.ndim == 1 else labels.float()).clone()
+
+
+def _unlabelled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows that carry no conditioning: -1 for class labels, NaN for float rows."""
+    return torch.full(shape, -1 if dtype == torch.long else float("nan"), dtype=dtype)
 
 
 BALANCES = ("releases", "clients")
@@ -153,7 +176,7 @@ class Server:
         self,
         batch_size: int,
         label_dropout: float,
-        null_label: int,
+        null_label: int | torch.Tensor,
         device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """A batch of (z_s, s, labels, target, weight) drawn uniformly over held releases, in
@@ -229,7 +252,8 @@ class Server:
 
     def _labels(self, class_labels: torch.Tensor, client_ids: torch.Tensor) -> torch.Tensor | None:
         if self.label_mode == "class":
-            if torch.any(class_labels < 0):
+            missing = class_labels < 0 if class_labels.dtype == torch.long else class_labels.isnan()
+            if torch.any(missing):
                 raise RuntimeError("label_mode 'class' but a client released no labels")
             return class_labels.clone()
         if self.label_mode == "client":

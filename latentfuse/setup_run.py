@@ -13,10 +13,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 from .autoencoder import Autoencoder, latent_geometry, load_vae, vae_fingerprint
 from .checkpointing import atomic_write_json
 from .client import Client
+from .conditioning import (
+    TextConditioner,
+    attribute_vectors,
+    build_denoiser,
+    image_prompts,
+    null_condition,
+)
 from .config import RunConfig
 from .datasets import ImageDataset, load_cifar10, load_dataset
 from .latents import cached_latents, dataset_fingerprint
-from .models import build_unet
 from .partition import ClientShare, limit_train_images, partition
 from .paths import cache_dir, resolve_path
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
@@ -40,6 +46,7 @@ class Run:
     server: Server | None
     server_unet: UNet2DModel | None
     client_unets: dict[int, UNet2DModel] = field(default_factory=dict)
+    text: TextConditioner | None = None  # conditioning.kind = "text": the frozen encoder
 
     @property
     def num_classes(self) -> int:
@@ -47,11 +54,22 @@ class Run:
         return len(self.dataset.class_names)
 
     @property
-    def server_null_label(self) -> int:
-        """The server's null label: classes or clients, after the real ones."""
+    def client_null(self) -> torch.Tensor:
+        """The clients' null conditioning (label dropout, classifier-free guidance)."""
+        return null_condition(
+            self.config.conditioning.kind,
+            num_classes=self.num_classes,
+            num_attributes=len(self.dataset.attribute_names),
+            text=self.text,
+        )
+
+    @property
+    def server_null_label(self) -> int | torch.Tensor:
+        """The server's null conditioning: after the real clients (server_labels "client"),
+        else the clients' null (unused under "none")."""
         if self.config.server_labels == "client":
             return self.config.data.num_clients
-        return self.num_classes
+        return self.client_null
 
 
 def load_run_dataset(config: RunConfig) -> ImageDataset:
@@ -156,6 +174,20 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
     clients, client_unets, cuts = [], {}, {}
     channels, factor = latent_geometry(vae.config)
     latent_size = config.data.resolution // factor
+    kind, text = config.conditioning.kind, None
+    if kind == "attributes" and not dataset.attribute_names:
+        raise ValueError(
+            f"conditioning.kind = 'attributes' needs a data set with attributes (the CelebA or "
+            f"AwA2 format); {config.data.source} has none"
+        )
+    if kind == "text":
+        text = TextConditioner.load(
+            resolve_path(config.conditioning.text_encoder), config.conditioning.max_length
+        )
+    sizes = {
+        "num_attributes": len(dataset.attribute_names),
+        "cross_attention_dim": text.hidden_size if text is not None else 0,
+    }
     for share in shares:
         cid = share.client_id
         indices = share.train_indices  # data.max_images_per_client applied by the partition
@@ -168,7 +200,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
             Client(
                 cid,
                 latents.latents,
-                latents.labels,
+                image_conditioning(config, dataset, indices, latents.labels, text),
                 cuts[cid],
                 config.split.release_policy,
                 share_labels=config.server_labels == "class",
@@ -180,8 +212,13 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
         )
         if cuts[cid].t_cut > 0:
             torch.manual_seed(config.train.seed * 1000 + cid + 1)
-            client_unets[cid] = build_unet(
-                config.client_unet_config(cid), latent_size, channels, len(dataset.class_names) + 1
+            client_unets[cid] = build_denoiser(
+                config.client_unet_config(cid),
+                kind,
+                latent_size,
+                channels,
+                num_class_embeds=len(dataset.class_names) + 1,
+                **sizes,
             )
     server, server_unet = None, None
     if any(not s.is_independent for s in cuts.values()):
@@ -198,7 +235,14 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
             "none": None,
         }[config.server_labels]
         torch.manual_seed(config.train.seed * 1000)
-        server_unet = build_unet(config.server_unet, latent_size, channels, num_embeds)
+        server_unet = build_denoiser(
+            config.server_unet,
+            kind if config.server_labels == "class" else "class",  # else ids or nothing
+            latent_size,
+            channels,
+            num_class_embeds=num_embeds,
+            **sizes,
+        )
     return Run(
         config,
         dataset,
@@ -210,4 +254,23 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
         server,
         server_unet,
         client_unets,
+        text,
     )
+
+
+def image_conditioning(
+    config: RunConfig,
+    dataset: ImageDataset,
+    indices: list[int],
+    labels: torch.Tensor,
+    text: TextConditioner | None,
+) -> torch.Tensor:
+    """Each image's conditioning of kind `conditioning.kind`: its class label, its attribute
+    vector (+-1), or its prompt's token states (latentfuse/conditioning.py)."""
+    kind = config.conditioning.kind
+    if kind == "class":
+        return labels
+    if kind == "attributes":
+        return attribute_vectors(dataset.attributes()[list(indices)])
+    prompts = image_prompts(dataset, list(indices), config.conditioning.prompt_template)
+    return text.embed(prompts)

@@ -10,9 +10,12 @@ Defaults that suit a new data set (each replaced by `--config` or an override):
   parameters at 32x32 with the shipped autoencoder), t_cut 100, the shipped autoencoder;
 - the autoencoder: the shipped one, fitted to this data first (`--fit-vae auto`) when it
   reconstructs the training images below 20 dB PSNR; the fitted one is saved in OUT/vae;
-- the step budget: 100 epochs of the average client's images, at most what 20 minutes on
-  this machine allow (the autoencoder's fitting included; timed before the first step), at
-  least 500 steps.
+- the clients' steps: every client steps every `train.client_every` = (number of clients)
+  steps, so that on one machine the clients together cost about one client step a step and
+  the server, whose high-noise task decides what is drawn, gets most of the time;
+- the step budget: 400 epochs of the server's releases, at most what 20 minutes on this
+  machine allow (the autoencoder's fitting included; timed before the first step), at least
+  500 steps.
 Before the first step it prints one summary and warns when the latents' std is far from 1.
 For several processes or GPUs, `accelerate launch -m latentfuse.train_cli ...` runs the same.
 """
@@ -55,7 +58,7 @@ NEW_DATA_DEFAULTS: dict[str, Any] = {
         "preview_inference_steps": 25,
     },
 }
-EPOCHS = 100  # client epochs the step budget aims for
+EPOCHS = 400  # epochs of the server's releases the step budget aims for
 BUDGET_SECONDS = 20 * 60  # ... unless that takes longer than this here
 MIN_STEPS = 500
 STD_RANGE = (0.5, 2.0)  # latent std outside this: warn and offer vae_scaling = "auto"
@@ -151,19 +154,27 @@ def choose_clients(values: dict[str, Any], num_classes: int, fixed: set[str]) ->
         notes.append(
             "each client holds its own classes" if own else "IID shares: fewer classes than clients"
         )
+    train = values.setdefault("train", {})
+    if "train.client_every" not in fixed:  # (current_names filled in the "as before" 1)
+        train["client_every"] = data["num_clients"]
+        notes.append(
+            f"each client steps every {train['client_every']} steps, the server every step "
+            "(the clients' low-noise task needs fewer)"
+        )
     return notes
 
 
 def step_seconds(run) -> float:
     """Seconds one training step takes here: two timed forward/backward passes of every
-    denoiser at its batch size (after one warm-up), the weights left unchanged."""
+    denoiser at its batch size (after one warm-up), the clients' divided by
+    `train.client_every`; the weights are left unchanged."""
     import torch
 
     cfg = run.config.train
-    networks = [(run.server_unet, cfg.server_batch_size)] if run.server_unet is not None else []
-    networks += [(unet, cfg.client_batch_size) for unet in run.client_unets.values()]
+    networks = [(run.server_unet, cfg.server_batch_size, 1)] if run.server_unet is not None else []
+    networks += [(u, cfg.client_batch_size, cfg.client_every) for u in run.client_unets.values()]
     total = 0.0
-    for unet, batch in networks:
+    for unet, batch, every in networks:
         shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         x, t = torch.randn(shape), torch.randint(0, 1000, (batch,))
         labels = torch.zeros(batch, dtype=torch.long) if unet.config.num_class_embeds else None
@@ -171,7 +182,7 @@ def step_seconds(run) -> float:
             start = time.perf_counter()
             unet(x, t, class_labels=labels).sample.square().mean().backward()
             if repeat:
-                total += (time.perf_counter() - start) / 2
+                total += (time.perf_counter() - start) / 2 / every
         unet.zero_grad(set_to_none=True)
     return total * 1.15  # the optimiser, EMA and data steps: measured at 10-20% here
 
@@ -273,12 +284,12 @@ def fit_vae_to_data(
 def derive_steps(run, seconds: float, budget: float = BUDGET_SECONDS) -> tuple[int, str]:
     """The step budget (`budget` seconds of training at most) and its reason."""
     cfg = run.config.train
-    images = sum(c.num_images for c in run.clients) / max(1, len(run.clients))
-    epochs = math.ceil(EPOCHS * images / cfg.client_batch_size)
+    images = sum(c.num_images for c in run.clients)
+    epochs = math.ceil(EPOCHS * images / cfg.server_batch_size)
     affordable = int(budget / max(seconds, 1e-6))
     steps = max(MIN_STEPS, min(epochs, affordable))
     if steps == epochs:
-        why = f"{EPOCHS} epochs of {images:.0f} images a client at batch {cfg.client_batch_size}"
+        why = f"{EPOCHS} epochs of {images} releases at the server's batch {cfg.server_batch_size}"
     elif steps == affordable:
         why = (
             f"{EPOCHS} epochs would take {epochs} steps; {affordable} fit in "

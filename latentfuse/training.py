@@ -53,6 +53,9 @@ class Trainer:
         }
         self.engine = Engine(accelerator, models, rates, cfg, run.config.to_dict())
         self.clients = {c.client_id: c for c in run.clients}
+        self.latest_losses: dict[str, float] = {}
+        self.client_null = run.client_null  # (the empty prompt's states: encoded once)
+        self.server_null = run.server_null_label
 
     @property
     def step(self) -> int:
@@ -69,31 +72,42 @@ class Trainer:
             if self.run.server is not None:
                 self.run.server.receive(message)
 
-    def global_batches(self) -> dict[str, Batch]:
-        """This step's global batch for every model, drawn from the seeded generators."""
+    def stepping(self) -> list[str]:
+        """The models that take an optimiser step this step: the server every step, the
+        clients every `train.client_every`-th step (counting from the first)."""
+        clients_too = self.engine.step % self.run.config.train.client_every == 0
+        return [n for n in self.engine.wrapped if n == "server" or clients_too]
+
+    def global_batches(self, names: list[str] | None = None) -> dict[str, Batch]:
+        """This step's global batch for every model in `names` (default: all), drawn from the
+        seeded generators."""
         cfg, batches = self.run.config.train, {}
-        for name in self.engine.wrapped:
+        for name in self.engine.wrapped if names is None else names:
             if name == "server":
                 batches[name] = self.run.server.draw_batch(
                     cfg.server_batch_size,
                     cfg.label_dropout,
-                    self.run.server_null_label,
+                    self.server_null,
                     device=self.accelerator.device,
                 )
             else:
                 client = self.clients[int(name.split("_")[1])]
                 batches[name] = client.draw_batch(
-                    cfg.client_batch_size, cfg.label_dropout, self.run.num_classes
+                    cfg.client_batch_size, cfg.label_dropout, self.client_null
                 )
         return batches
 
-    def _draw(self) -> dict[str, Batch]:
-        self.exchange_releases()
-        return self.global_batches()
-
     def train_step(self) -> dict[str, float]:
-        """One optimiser step of every model (with gradient accumulation); returns losses."""
-        return self.engine.train_step(self._draw)
+        """One optimiser step of the models due (`stepping()`, with gradient accumulation);
+        returns every model's latest loss (a client's from the last step it took)."""
+        names = self.stepping()
+
+        def draw() -> dict[str, Batch]:
+            self.exchange_releases()
+            return self.global_batches(names)
+
+        self.latest_losses.update(self.engine.train_step(draw, names))
+        return dict(self.latest_losses)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint_dir(self) -> Path:

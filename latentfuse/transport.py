@@ -21,7 +21,9 @@ class ReleaseBatch:
     client_id: int
     image_ids: tuple[int, ...]  # client-local ids: the server's idempotency keys
     latents: torch.Tensor  # z_r, (n, c, h, w)
-    labels: torch.Tensor | None  # class labels (n,), or None when the server may not learn them
+    # the images' conditioning (class labels (n,), attribute vectors (n, A) or prompt token
+    # states (n, L, D)), or None when the server may not learn it
+    labels: torch.Tensor | None
     t_cut: int
     epoch: int
     schema_version: int = SCHEMA_VERSION
@@ -40,8 +42,8 @@ class ReleaseBatch:
             raise ValueError(f"latents must be floating point, got {self.latents.dtype}")
         if not torch.isfinite(self.latents).all():
             raise ValueError("latents contain NaN or Inf")
-        if self.labels is not None and tuple(self.labels.shape) != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
+        if self.labels is not None and (self.labels.ndim == 0 or self.labels.shape[0] != n):
+            raise ValueError(f"labels must have shape ({n}, ...), got {tuple(self.labels.shape)}")
         if len(set(self.image_ids)) != n:
             raise ValueError("image_ids must be unique within a release batch")
 

@@ -10,7 +10,7 @@ import pytest
 
 from latentfuse.cli import main as latentfuse
 from latentfuse.shapes import make_shapes
-from latentfuse.train_cli import BUDGET_SECONDS, EPOCHS, MIN_STEPS, derive_steps
+from latentfuse.train_cli import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
 
 TINY = [
     "server_unet.block_out_channels=[32]",
@@ -179,23 +179,33 @@ def test_fitting_an_autoencoder_improves_its_reconstructions_and_is_reproducible
         fit_autoencoder(fitted[0], images[0], steps=1)
 
 
-def _run_of(images_per_client: int, clients: int = 4, batch: int = 16) -> SimpleNamespace:
+def _run_of(images_per_client: int, clients: int = 4, batch: int = 32) -> SimpleNamespace:
     client = SimpleNamespace(num_images=images_per_client)
     return SimpleNamespace(
         clients=[client] * clients,
-        config=SimpleNamespace(train=SimpleNamespace(client_batch_size=batch)),
+        config=SimpleNamespace(train=SimpleNamespace(server_batch_size=batch)),
     )
 
 
 def test_the_step_budget_follows_the_data_and_the_clock():
-    epochs = EPOCHS * 400 // 16
+    epochs = EPOCHS * 1600 // 32  # epochs of the server's releases: 4 clients of 400
     assert derive_steps(_run_of(400), seconds=0.01) == (
         epochs,
-        f"{EPOCHS} epochs of 400 images a client at batch 16",
+        f"{EPOCHS} epochs of 1600 releases at the server's batch 32",
     )
-    steps, why = derive_steps(_run_of(400), seconds=1.0)  # 2500 steps would take 42 minutes
+    steps, why = derive_steps(_run_of(400), seconds=1.0)  # 20,000 steps would take 5.6 hours
     assert steps == BUDGET_SECONDS and "fit in 20 minutes at 1.00 s a step" in why
-    assert derive_steps(_run_of(20), seconds=0.01)[0] == MIN_STEPS
+    assert derive_steps(_run_of(5), seconds=0.01)[0] == MIN_STEPS
+
+
+def test_the_clients_step_less_often_the_more_there_are():
+    values = {"data": {}, "train": {"client_every": 1}}  # as current_names leaves new defaults
+    notes = choose_clients(values, num_classes=10, fixed=set())
+    assert values["data"] == {"num_clients": 5, "partition": "classes"}
+    assert values["train"]["client_every"] == 5 and any("every 5 steps" in n for n in notes)
+    mine = {"data": {}, "train": {"client_every": 2}}
+    choose_clients(mine, num_classes=10, fixed={"train.client_every"})
+    assert mine["train"]["client_every"] == 2  # the user's value stands
 
 
 @pytest.mark.slow

@@ -70,6 +70,44 @@ def test_resume_equals_uninterrupted(tiny_world, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_clients_step_every_client_every_steps_and_the_server_every_step(tiny_world, tmp_path):
+    run = build_run(tiny_config(tiny_world, "train.client_every=3", "train.max_steps=7"))
+    trainer = Trainer(run, make_accelerator(run.config.train), tmp_path / "run")
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {
+            name: torch.cat([p.detach().flatten() for p in trainer.engine.module(name).parameters()])
+            for name in trainer.engine.wrapped
+        }
+
+    moved = []
+    for _ in range(7):
+        before = snapshot()
+        losses = trainer.train_step()
+        after = snapshot()
+        moved.append({n for n in before if not torch.equal(before[n], after[n])})
+        assert set(losses) == set(trainer.engine.wrapped)  # the clients' latest losses too
+    clients = {n for n in trainer.engine.wrapped if n != "server"}
+    assert clients
+    assert moved == [
+        {"server", *clients} if step % 3 == 0 else {"server"} for step in range(7)
+    ]
+
+
+def test_resume_equals_uninterrupted_when_clients_step_less_often(tiny_world, tmp_path):
+    every = "train.client_every=2"
+    straight = train(tiny_config(tiny_world, every, "train.max_steps=5"), tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight" / "clients", tmp_path / "resumed" / "clients")
+    train(tiny_config(tiny_world, every, "train.max_steps=3"), tmp_path / "resumed")
+    resumed = train(
+        tiny_config(tiny_world, every, "train.max_steps=5"), tmp_path / "resumed", resume=True
+    )
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_existing_checkpoint_needs_resume(tiny_world, tmp_path):
     train(tiny_config(tiny_world, "train.max_steps=2"), tmp_path / "run")
     with pytest.raises(FileExistsError, match="--resume"):
