@@ -155,8 +155,12 @@ def run(
     if code != 0:
         raise SystemExit(f"latentfuse train exited with {code}")
     train_seconds = time.time() - start
-    judge_x, judge_y = load_folder(make_shapes(work / "judge", 4, 500, seed=1, palette=palette), classes)
-    check_x, check_y = load_folder(make_shapes(work / "check", 4, 100, seed=2, palette=palette), classes)
+    judge_x, judge_y = load_folder(
+        make_shapes(work / "judge", 4, 500, seed=1, palette=palette), classes
+    )
+    check_x, check_y = load_folder(
+        make_shapes(work / "check", 4, 100, seed=2, palette=palette), classes
+    )
     judge = train_classifier(judge_x, judge_y)
     real_accuracy = accuracy(judge, check_x, check_y)
     from latentfuse.autoencoder import decode, encode, load_vae, psnr

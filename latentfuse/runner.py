@@ -45,9 +45,27 @@ def collafuse_description(run: Run) -> dict:
         "partition": cfg.data.partition,
         "num_clients": cfg.data.num_clients,
     }
-    return model_description(
+    description = model_description(
         cfg, names, entries, run.scheduler.alphas_cumprod, vae_sha256=run.vae_hash, data=data
     )
+    kind = cfg.conditioning.kind
+    description["conditioning"] = {"kind": kind}
+    if kind != "class" and run.dataset.attribute_names:
+        # the attribute names, and each client's attribute rates (the share of its training
+        # images with each attribute: what sampling draws from when no attributes are given)
+        description["conditioning"]["attribute_names"] = list(run.dataset.attribute_names)
+        attributes = run.dataset.attributes
+        for share in run.shares:
+            rows = attributes[list(share.train_indices)]
+            rates = rows.mean(0).round(4).tolist() if len(rows) else [0.0] * rows.shape[1]
+            description["clients"][str(share.client_id)]["attribute_rates"] = rates
+    if kind == "text":
+        description["conditioning"].update(
+            prompt_template=cfg.conditioning.prompt_template,
+            max_length=cfg.conditioning.max_length,
+            text_encoder=cfg.conditioning.text_encoder,
+        )
+    return description
 
 
 def build_pipeline(run: Run, trainer: Trainer):
@@ -57,8 +75,11 @@ def build_pipeline(run: Run, trainer: Trainer):
     models = trainer.ema_models()
     clients = {int(n.split("_")[1]): m for n, m in models.items() if n.startswith("client_")}
     scheduler = type(run.scheduler).from_config(run.scheduler.config)
+    text = {}
+    if run.text is not None:
+        text = {"tokenizer": run.text.tokenizer, "text_encoder": run.text.text_encoder}
     return CollaFusePipeline(
-        run.vae, scheduler, models.get("server"), clients, collafuse_description(run)
+        run.vae, scheduler, models.get("server"), clients, collafuse_description(run), **text
     )
 
 
@@ -77,15 +98,17 @@ def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
     pipe = build_pipeline(run, trainer)
     pipe.set_progress_bar_config(disable=True)
     names, guidance = run.dataset.class_names, sampling_guidance(run.config)
+    by_class = run.config.conditioning.kind == "class"
     for client, share in zip(run.clients, run.shares, strict=True):
-        classes = list(share.classes)[:4] or [0]
+        classes = list(share.classes)[:4] if by_class else []
+        classes = classes or [0]
         per_row = max(1, cfg.num_preview_images // len(classes))
         labels = [c for c in classes for _ in range(per_row)]
         seeds = range(cfg.seed * 1000, cfg.seed * 1000 + len(labels))
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         images = pipe(
             client_id=client.client_id,
-            class_labels=labels,
+            class_labels=labels if by_class else None,  # else drawn from the client's rates
             generator=generators,
             output_type="pt",
             num_inference_steps=cfg.preview_inference_steps,
@@ -93,7 +116,9 @@ def write_previews(run: Run, trainer: Trainer, directory: Path) -> None:
         ).images
         columns = min(8, per_row)
         rows_per_class = math.ceil(per_row / columns)
-        row_names = [names[c] for c in classes for _ in range(rows_per_class)]
+        row_names = [
+            names[c] if by_class else "drawn" for c in classes for _ in range(rows_per_class)
+        ]
         grid = labelled_grid(images * 2 - 1, row_names, columns)
         title = f"client {client.client_id}, step {trainer.step}, guidance {guidance:g}"
         save_image(

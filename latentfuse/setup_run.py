@@ -271,6 +271,6 @@ def image_conditioning(
     if kind == "class":
         return labels
     if kind == "attributes":
-        return attribute_vectors(dataset.attributes()[list(indices)])
+        return attribute_vectors(dataset.attributes[list(indices)])
     prompts = image_prompts(dataset, list(indices), config.conditioning.prompt_template)
     return text.embed(prompts)

@@ -43,9 +43,17 @@ def load_scheduler(folder: Path) -> SchedulerMixin:
     return cls.from_pretrained(folder, subfolder=SCHEDULER_DIR)
 
 
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")  # class labels; attributes or text
+
+
 def load_unet(folder: Path, dtype: torch.dtype | None = None) -> UNet2DModel | None:
-    """The UNet2DModel saved in `folder`, or None when the folder holds none."""
-    if not (folder / "config.json").is_file():
+    """The denoiser saved in `folder` (a UNet2DModel, or a UNet2DConditionModel for attribute
+    or text conditioning), or None when the folder holds none."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
         return None
+    name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise ValueError(f"{config_file}: _class_name {name!r} is not one of {UNET_CLASSES}")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    return UNet2DModel.from_pretrained(folder, **kwargs).eval()
+    return getattr(diffusers, name).from_pretrained(folder, **kwargs).eval()

@@ -11,19 +11,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    SchedulerMixin,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from latentfuse.autoencoder import Autoencoder
+from latentfuse.conditioning import TextConditioner
 from latentfuse.hub import model_card, push_folder, resolve_model_folder
 
 from .folder import CLIENTS_DIR, COLLAFUSE_CONFIG, load_unet, read_description
 from .sampling import (
     Generators,
     Labels,
+    attribute_prompts,
+    attribute_rows,
     check_output_type,
+    class_prompts,
     client_conditioning,
     client_entry,
+    conditioning_kind,
     denoise,
+    draw_attributes,
     initial_latents,
     restart_client_chain,
     server_conditioning,
@@ -43,18 +55,26 @@ class CollaFusePipelineOutput(ImagePipelineOutput):
 class CollaFusePipeline(DiffusionPipeline):
     """Split sampling of a CollaFuse model: server steps t >= t_cut, client steps t < t_cut."""
 
-    _optional_components = ["server_unet"]
+    _optional_components = ["server_unet", "tokenizer", "text_encoder"]
 
     def __init__(
         self,
         vae: Autoencoder,
         scheduler: SchedulerMixin,
-        server_unet: UNet2DModel | None,
-        client_unets: dict[int, UNet2DModel] | None = None,
+        server_unet: UNet2DModel | UNet2DConditionModel | None,
+        client_unets: dict[int, torch.nn.Module] | None = None,
         collafuse_config: dict[str, Any] | None = None,
+        tokenizer: Any = None,
+        text_encoder: torch.nn.Module | None = None,
     ):
         super().__init__()
-        self.register_modules(vae=vae, scheduler=scheduler, server_unet=server_unet)
+        self.register_modules(
+            vae=vae,
+            scheduler=scheduler,
+            server_unet=server_unet,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+        )
         self.client_unets = {int(k): v for k, v in (client_unets or {}).items()}
         self.collafuse_config = collafuse_config or {}
 
@@ -120,8 +140,19 @@ class CollaFusePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        attributes: Any = None,
     ) -> CollaFusePipelineOutput | tuple:
         """Sample images for client `client_id` (labels drawn from its classes if not given).
+
+        The conditioning follows the model's kind (`collafuse_config["conditioning"]`):
+        `class_labels` for class labels; `attributes` (0/1 rows, or lists of attribute names)
+        for attribute vectors; `prompt` / `prompt_embeds` (with `negative_prompt` /
+        `negative_prompt_embeds` as the guidance's null) for text. What is not given is drawn
+        from the client's classes or attribute rates.
 
         `batch_size` defaults to the length of a generator list or of `class_labels`, else 1.
         `return_server_latents` adds the hand-off latents (at the cut) and their decoding.
@@ -146,7 +177,12 @@ class CollaFusePipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs may name only 'latents', got {sorted(unknown)}"
             )
+        kind = conditioning_kind(self.collafuse_config)
+        given = self._check_conditioning(kind, class_labels, prompt, prompt_embeds, attributes)
+        if given is not None and batch_size is None and not isinstance(generator, list):
+            batch_size = given if given > 1 else None
         noise_sets_batch = latents is not None and batch_size is None and class_labels is None
+        noise_sets_batch = noise_sets_batch and not given
         if noise_sets_batch:  # the given noise holds every image, as in diffusers
             batch_size = latents.shape[0]
         if num_images_per_prompt > 1 and not noise_sets_batch:
@@ -155,6 +191,7 @@ class CollaFusePipeline(DiffusionPipeline):
                 class_labels = repeated.repeat_interleave(num_images_per_prompt).tolist()
             elif not isinstance(generator, list):
                 batch_size = (batch_size or 1) * num_images_per_prompt
+        repeats = num_images_per_prompt if given and not noise_sets_batch else 1
         config, device = self.collafuse_config, self._execution_device
         labels, server_steps, client_steps = start_chain(
             self.scheduler,
@@ -167,6 +204,18 @@ class CollaFusePipeline(DiffusionPipeline):
             device,
         )
         batch_size = len(labels)
+        cond_rows, null = self._conditioning(
+            kind,
+            client_id,
+            labels,
+            generator,
+            repeats,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            attributes,
+        )
         first = self.denoiser(client_id, "server" if len(server_steps) else "client")  # shape
         if latents is None:
             latents = initial_latents(first, self.scheduler, batch_size, generator, device)
@@ -180,13 +229,13 @@ class CollaFusePipeline(DiffusionPipeline):
         self._step_index, self._callback = 0, callback_on_step_end
         if len(server_steps):
             unet = self.denoiser(client_id, "server")
-            cond = server_conditioning(unet, config, client_id, labels)
+            cond = server_conditioning(unet, config, client_id, cond_rows, null)
             latents = self._denoise(unet, latents, server_steps, cond, guidance_scale, generator)
         handoff = latents
         if len(client_steps):
             restart_client_chain(self.scheduler, server_steps, client_steps)
             unet = self.denoiser(client_id, "client")
-            cond = client_conditioning(unet, config, labels)
+            cond = client_conditioning(unet, config, cond_rows, null)
             latents = self._denoise(unet, latents, client_steps, cond, guidance_scale, generator)
         images = to_output(self.vae, latents, output_type)
         extra = ()
@@ -197,6 +246,96 @@ class CollaFusePipeline(DiffusionPipeline):
         if not return_dict:
             return (images, *extra)
         return CollaFusePipelineOutput(images, *extra)
+
+    def _check_conditioning(self, kind, class_labels, prompt, prompt_embeds, attributes) -> int:
+        """ValueError for conditioning this model's kind cannot take; the number of images the
+        given prompts, prompt states or attribute rows describe (None when none are given)."""
+        texts = {"prompt": prompt, "prompt_embeds": prompt_embeds}
+        if kind != "text" and any(v is not None for v in texts.values()):
+            name = next(k for k, v in texts.items() if v is not None)
+            raise ValueError(f"{name}= needs a text-conditioned model; this one's is {kind!r}")
+        if kind == "class" and attributes is not None:
+            raise ValueError("attributes= needs an attribute- or text-conditioned model")
+        if kind == "attributes" and class_labels is not None:
+            raise ValueError("class_labels= : this model is conditioned on attributes=")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt= or prompt_embeds=, not both")
+        if prompt is not None:
+            if not isinstance(prompt, str | list) or (
+                isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)
+            ):
+                raise ValueError(f"prompt must be a string or a list of strings, got {prompt!r}")
+            return 1 if isinstance(prompt, str) else len(prompt)
+        if prompt_embeds is not None:
+            if prompt_embeds.ndim != 3:
+                raise ValueError(
+                    f"prompt_embeds: expected (b, tokens, width), got {tuple(prompt_embeds.shape)}"
+                )
+            return len(prompt_embeds)
+        if attributes is not None:
+            return len(attribute_rows(self.collafuse_config, attributes))
+        return None
+
+    def text_conditioner(self) -> TextConditioner:
+        """The model's frozen text encoder and tokenizer (text-conditioned models)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this text-conditioned pipeline has no text_encoder/tokenizer")
+        length = self.collafuse_config.get("conditioning", {}).get("max_length", 32)
+        return TextConditioner(self.tokenizer, self.text_encoder, length)
+
+    def _conditioning(
+        self,
+        kind,
+        client_id,
+        labels,
+        generator,
+        repeats,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        attributes,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(each image's conditioning rows, the null for guidance) for this model's kind."""
+        config, device, batch = self.collafuse_config, labels.device, len(labels)
+
+        def rows_of(values: torch.Tensor) -> torch.Tensor:
+            values = values.repeat_interleave(repeats, dim=0)
+            if len(values) == 1:
+                values = values.expand(batch, *values.shape[1:])
+            if len(values) != batch:
+                raise ValueError(f"batch sizes disagree: {len(values)} conditionings, {batch}")
+            return values.to(device)
+
+        if kind == "class":
+            return labels, None
+        rows = None
+        if attributes is not None:
+            rows = rows_of(attribute_rows(config, attributes))
+        elif client_entry(config, client_id).get("attribute_rates") is not None and (
+            kind == "attributes" or (prompt is None and prompt_embeds is None)
+        ):
+            rows = draw_attributes(config, client_id, batch, generator).to(device)
+        if kind == "attributes":
+            return rows, torch.zeros(rows.shape[1], device=device)
+        text = self.text_conditioner()
+        if prompt_embeds is not None:
+            states = rows_of(prompt_embeds.float())
+        elif prompt is not None:
+            states = rows_of(text.embed([prompt] if isinstance(prompt, str) else prompt))
+        elif rows is not None:
+            states = text.embed(attribute_prompts(config, rows)).to(device)
+        else:
+            states = text.embed(class_prompts(config, labels)).to(device)
+        if negative_prompt_embeds is not None:
+            null = negative_prompt_embeds.float().to(device)
+        else:
+            negatives = negative_prompt or ""
+            null = text.embed([negatives] if isinstance(negatives, str) else negatives)
+            null = null.to(device)
+        if len(null) not in (1, batch):
+            raise ValueError(f"negative prompts: {len(null)} for a batch of {batch}")
+        return states, null if len(null) == batch else null[0]
 
     def _on_step(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """diffusers' callback_on_step_end, counted over the whole chain."""

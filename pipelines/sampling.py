@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from latentfuse.autoencoder import Autoencoder, decode
+from latentfuse.conditioning import unet_inputs
 from latentfuse.split import DiffusionSplit
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -30,10 +31,12 @@ Labels = int | Sequence[int] | torch.Tensor | None
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Labels for one denoiser and its null label (for classifier-free guidance)."""
+    """What one denoiser is conditioned on, and its null for classifier-free guidance."""
 
-    labels: torch.Tensor | None  # (b,) or None for an unconditional denoiser
-    null_label: int | None
+    # (b,) class labels or ids, (b, A) attribute vectors, (b, L, D) prompt token states; None
+    # for an unconditional denoiser
+    labels: torch.Tensor | None
+    null: torch.Tensor | int | None  # one row (broadcast) or (b, ...) rows (negative prompts)
 
 
 # ---- the model description (collafuse.json) ---------------------------------------------------
@@ -63,26 +66,48 @@ def split_schedule(
     return split.split_timesteps(scheduler.timesteps, entry.get("client_start"))
 
 
+def conditioning_kind(description: dict[str, Any]) -> str:
+    """ "class", "attributes" or "text" (models from before conditioning kinds: "class")."""
+    return description.get("conditioning", {}).get("kind", "class")
+
+
+def is_conditional(unet: torch.nn.Module) -> bool:
+    """Whether `unet` takes any conditioning (class embedding, projection or cross-attention)."""
+    config = unet.config
+    if getattr(config, "cross_attention_dim", None) and "CrossAttn" in str(config.down_block_types):
+        return True
+    return config.num_class_embeds is not None or config.class_embed_type is not None
+
+
 def client_conditioning(
-    unet: UNet2DModel, description: dict[str, Any], labels: torch.Tensor
+    unet: UNet2DModel,
+    description: dict[str, Any],
+    labels: torch.Tensor,
+    null: torch.Tensor | None = None,
 ) -> Conditioning:
-    """A client denoiser sees class labels; the null label follows the real classes."""
-    if unet.config.num_class_embeds is None:
+    """A client denoiser sees the images' conditioning (`labels`: class labels, attribute
+    vectors or token states); its null is `null`, or for class labels the index after them."""
+    if not is_conditional(unet):
         return Conditioning(None, None)
-    return Conditioning(labels, num_classes(description))
+    return Conditioning(labels, num_classes(description) if null is None else null)
 
 
 def server_conditioning(
-    unet: UNet2DModel, description: dict[str, Any], client_id: int, labels: torch.Tensor
+    unet: UNet2DModel,
+    description: dict[str, Any],
+    client_id: int,
+    labels: torch.Tensor,
+    null: torch.Tensor | None = None,
 ) -> Conditioning:
-    """The server sees class labels, the client id, or nothing (`server_labels`)."""
+    """The server sees the conditioning, the client id, or nothing (`server_labels`)."""
     mode = description.get("server_labels", "class")
-    if unet.config.num_class_embeds is None or mode == "none":
+    if not is_conditional(unet) or mode == "none":
         return Conditioning(None, None)
     if mode == "client":
         num_clients = len(description.get("clients", {}))
-        return Conditioning(torch.full_like(labels, client_id), num_clients)
-    return Conditioning(labels, num_classes(description))
+        ids = torch.full((len(labels),), client_id, dtype=torch.long, device=labels.device)
+        return Conditioning(ids, num_clients)
+    return Conditioning(labels, num_classes(description) if null is None else null)
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -217,11 +242,12 @@ def guided_noise(
     guidance_scale: float,
 ) -> torch.Tensor:
     """The model output, with classifier-free guidance when `guidance_scale` != 1."""
-    if cond.labels is None or cond.null_label is None or guidance_scale == 1.0:
-        return unet(model_input, t, class_labels=cond.labels).sample
-    null = torch.full_like(cond.labels, cond.null_label)
+    if cond.labels is None or cond.null is None or guidance_scale == 1.0:
+        return unet(model_input, t, **unet_inputs(unet, cond.labels)).sample
+    null = torch.as_tensor(cond.null, dtype=cond.labels.dtype, device=cond.labels.device)
+    null = null.expand_as(cond.labels)
     doubled = torch.cat([model_input, model_input])  # (2b, c, h, w): conditional, then null
-    both = unet(doubled, t, class_labels=torch.cat([cond.labels, null])).sample
+    both = unet(doubled, t, **unet_inputs(unet, torch.cat([cond.labels, null]))).sample
     conditional, unconditional = both.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
 
@@ -278,3 +304,78 @@ def to_output(vae: Autoencoder, latents: torch.Tensor, output_type: str) -> Any:
         return images
     array = images.cpu().permute(0, 2, 3, 1).numpy()
     return DiffusionPipeline.numpy_to_pil(array) if output_type == "pil" else array
+
+
+# ---- attribute and text conditioning -----------------------------------------------------------
+def attribute_names(description: dict[str, Any]) -> list[str]:
+    """The attribute names of an attribute- or text-conditioned model, in vector order."""
+    return list(description.get("conditioning", {}).get("attribute_names", []))
+
+
+def attribute_rows(description: dict[str, Any], attributes: Any) -> torch.Tensor:
+    """`attributes` as (n, A) +-1 vectors: 0/1 rows (one row or a list of them, as in the data
+    set's attribute file), or lists of attribute names (those present; the rest absent)."""
+    names = attribute_names(description)
+    rows = attributes
+    if isinstance(rows, list | tuple) and rows and all(isinstance(a, str) for a in rows):
+        rows = [rows]  # one image's names
+    nested = (
+        isinstance(rows, list | tuple) and rows and all(isinstance(r, list | tuple) for r in rows)
+    )
+    if nested and all(isinstance(a, str) for r in rows for a in r):
+        unknown = sorted({a for r in rows for a in r} - set(names))
+        if unknown:
+            raise ValueError(
+                f"attributes: unknown attribute names {unknown}; this model's are {names}"
+            )
+        rows = [[int(n in r) for n in names] for r in rows]
+    values = torch.as_tensor(rows)
+    if values.ndim == 1:
+        values = values[None]
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise ValueError(
+            f"attributes: expected rows of {len(names)} 0/1 values (or lists of attribute "
+            f"names), got shape {tuple(values.shape)}"
+        )
+    if not torch.isin(values, torch.tensor([0, 1], dtype=values.dtype)).all():
+        raise ValueError("attributes: expected 0/1 values (absent/present)")
+    return values.float() * 2 - 1
+
+
+def draw_attributes(
+    description: dict[str, Any], client_id: int, batch_size: int, generator: Generators
+) -> torch.Tensor:
+    """(b, A) +-1 vectors drawn attribute by attribute from the client's recorded attribute
+    rates (`attribute_rates` in collafuse.json), keyed by the generators' seeds like labels."""
+    rates = client_entry(description, client_id).get("attribute_rates")
+    if rates is None:
+        raise ValueError(f"client {client_id} records no attribute rates: pass attributes=")
+    rates = torch.tensor(rates, dtype=torch.float64)
+    if generator is None:
+        uniform = torch.rand(batch_size, len(rates), dtype=torch.float64)
+    elif isinstance(generator, list):
+        uniform = torch.stack(
+            [torch.from_numpy(_label_stream(g).random(len(rates))) for g in generator]
+        )
+    else:
+        uniform = torch.from_numpy(_label_stream(generator).random((batch_size, len(rates))))
+    return (uniform < rates).float() * 2 - 1
+
+
+def attribute_prompts(description: dict[str, Any], rows: torch.Tensor) -> list[str]:
+    """The prompts training made of +-1 attribute rows (conditioning.prompt_template)."""
+    names = attribute_names(description)
+    template = description.get("conditioning", {}).get("prompt_template", "{}")
+    return [
+        template.format(
+            ", ".join(n.replace("_", " ") for n, v in zip(names, row, strict=True) if v > 0)
+        )
+        for row in rows.tolist()
+    ]
+
+
+def class_prompts(description: dict[str, Any], labels: torch.Tensor) -> list[str]:
+    """The prompts training made of class labels (data sets without attributes)."""
+    names = description.get("class_names", [])
+    template = description.get("conditioning", {}).get("prompt_template", "{}")
+    return [template.format(names[int(y)].replace("_", " ")) for y in labels.tolist()]

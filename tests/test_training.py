@@ -76,7 +76,9 @@ def test_clients_step_every_client_every_steps_and_the_server_every_step(tiny_wo
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {
-            name: torch.cat([p.detach().flatten() for p in trainer.engine.module(name).parameters()])
+            name: torch.cat(
+                [p.detach().flatten() for p in trainer.engine.module(name).parameters()]
+            )
             for name in trainer.engine.wrapped
         }
 
@@ -89,9 +91,7 @@ def test_clients_step_every_client_every_steps_and_the_server_every_step(tiny_wo
         assert set(losses) == set(trainer.engine.wrapped)  # the clients' latest losses too
     clients = {n for n in trainer.engine.wrapped if n != "server"}
     assert clients
-    assert moved == [
-        {"server", *clients} if step % 3 == 0 else {"server"} for step in range(7)
-    ]
+    assert moved == [{"server", *clients} if step % 3 == 0 else {"server"} for step in range(7)]
 
 
 def test_resume_equals_uninterrupted_when_clients_step_less_often(tiny_world, tmp_path):

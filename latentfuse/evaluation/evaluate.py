@@ -156,7 +156,10 @@ def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -
             )
             for name, ext in extractors.items()
         }
-        eval_labels = [dataset.records[i].label for i in share.eval_indices]
+        if collafuse_config.get("conditioning", {}).get("kind", "class") == "class":
+            eval_labels = [dataset.records[i].label for i in share.eval_indices]
+        else:  # the held-out images' own attribute rows
+            eval_labels = dataset.attributes[list(share.eval_indices)].tolist()
         label_seed = settings.seed * 1_000_003 + cid
         labels = sample_labels(eval_labels or list(share.classes), settings.num_samples, label_seed)
         images = generate_images(

@@ -20,25 +20,28 @@ def sample_seed(seed: int, client_id: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def sample_labels(real_labels: Sequence[int], count: int, seed: int) -> list[int]:
-    """`count` class labels that follow the real images' class mix: a seeded shuffle, cycled."""
+def sample_labels(real_labels: Sequence, count: int, seed: int) -> list:
+    """`count` conditionings that follow the real images' mix (class labels, or 0/1 attribute
+    rows for attribute- and text-conditioned models): a seeded shuffle, cycled."""
     if count and not len(real_labels):
         raise ValueError("cannot choose class labels: the client has no real images")
     order = np.random.default_rng(seed).permutation(len(real_labels))
-    return [int(real_labels[order[i % len(order)]]) for i in range(count)]
+    picks = [real_labels[order[i % len(order)]] for i in range(count)]
+    return [[int(v) for v in p] if isinstance(p, Sequence | np.ndarray) else int(p) for p in picks]
 
 
 @torch.no_grad()
 def generate_images(
     pipe,
     client_id: int,
-    labels: Sequence[int],
+    labels: Sequence,
     seed: int = 0,
     num_inference_steps: int = 50,
     batch_size: int = 64,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """uint8 images (n, 3, h, w) sampled by `pipe` for `client_id`, one per label."""
+    """uint8 images (n, 3, h, w) sampled by `pipe` for `client_id`, one per label (a class
+    index, or a 0/1 attribute row for attribute- and text-conditioned models)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = []
@@ -48,9 +51,12 @@ def generate_images(
             torch.Generator().manual_seed(sample_seed(seed, client_id, i))
             for i in range(start, stop)
         ]
+        chunk = list(labels[start:stop])
+        by_rows = isinstance(chunk[0], Sequence)
         images = pipe(
             client_id=client_id,
-            class_labels=list(labels[start:stop]),
+            class_labels=None if by_rows else chunk,
+            attributes=chunk if by_rows else None,
             batch_size=stop - start,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,

@@ -27,7 +27,7 @@ from ..partition import ClientShare, limit_train_images
 from ..paths import resolve_path
 from ..release_key import KEY_FILE, load_or_create_release_key
 from ..schedule import client_split, make_scheduler
-from .deploy import DeployConfig
+from .deploy import DeployConfig, require_class_conditioning
 from .remote import RemoteServer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ClientJob:
         work_dir: str | Path,
         remote: RemoteServer | None,
     ):
+        require_class_conditioning(config)
         self.config, self.deploy, self.client_id = config, deploy, client_id
         self.work_dir, self.remote = Path(work_dir), remote
         self.vae = load_vae(resolve_path(config.vae))

@@ -182,3 +182,15 @@ def sampling_scheduler(name: str, config: Any):
     if name not in classes:
         raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {name!r}")
     return classes[name].from_config(config)
+
+
+def require_class_conditioning(config) -> None:
+    """The HTTP wire carries one class label per image: refuse attribute or text conditioning
+    before any work, naming what does run it."""
+    kind = config.conditioning.kind
+    if kind != "class":
+        raise ValueError(
+            f"conditioning.kind = {kind!r}: the HTTP deployment carries class labels only; "
+            "train attribute- or text-conditioned models in one process (latentfuse train, "
+            "train.py)"
+        )

@@ -29,7 +29,7 @@ from ..engine import Batch, Engine, make_accelerator
 from ..models import build_unet
 from ..schedule import client_split, make_scheduler
 from ..server import ReleaseStore, Server
-from .deploy import DeployConfig, latent_shape
+from .deploy import DeployConfig, latent_shape, require_class_conditioning
 from .store import ReleaseDatabase
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class ServerTrainer:
         init_from: str | Path | None = None,
         accelerator: Accelerator | None = None,
     ):
+        require_class_conditioning(config)
         self.config, self.deploy, self.state_dir = config, deploy, Path(state_dir)
         self.server = Server(
             server_splits(config),
