@@ -228,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         args.palette,
     )
     print(
-        f"shapes ({r['palette']}): {r['steps']} steps in {r['train_seconds'] / 60:.1f} min; the classifier "
-        f"recognises {r['recognised']:.1%} of {r['samples_per_class']} samples a class as their "
-        f"label (target >= 80%); per class {json.dumps(r['per_class'])}; confusion (rows asked for "
+        f"shapes ({r['palette']}): {r['steps']} steps in {r['train_seconds'] / 60:.1f} min; "
+        f"the classifier recognises {r['recognised']:.1%} of {r['samples_per_class']} samples "
+        f"a class as their label (target >= 80%); per class {json.dumps(r['per_class'])}; "
+        f"confusion (rows asked for "
         f"{r['confusion']['classes']}) {r['confusion']['asked_for_by_recognised_as']}; the same "
         "classifier on "
         f"real held-out shapes: {r['classifier_accuracy_on_real']:.1%}, on their "

@@ -42,8 +42,14 @@ class ReleaseBatch:
             raise ValueError(f"latents must be floating point, got {self.latents.dtype}")
         if not torch.isfinite(self.latents).all():
             raise ValueError("latents contain NaN or Inf")
-        if self.labels is not None and (self.labels.ndim == 0 or self.labels.shape[0] != n):
-            raise ValueError(f"labels must have shape ({n}, ...), got {tuple(self.labels.shape)}")
+        if self.labels is not None:
+            shape, floating = tuple(self.labels.shape), self.labels.is_floating_point()
+            # class labels: integers (n,); attribute vectors (n, A), token states (n, L, D): floats
+            if not shape or shape[0] != n or (len(shape) > 1) != floating:
+                raise ValueError(
+                    f"labels must be class labels ({n},) or float conditioning rows ({n}, ...), "
+                    f"got {shape} {self.labels.dtype}"
+                )
         if len(set(self.image_ids)) != n:
             raise ValueError("image_ids must be unique within a release batch")
 
