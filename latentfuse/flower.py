@@ -71,14 +71,27 @@ class Outbox:
         return {"uploaded": len(self.items), "skipped": 0}
 
 
+def node_settings(context: Context) -> tuple[int, str, Path]:
+    """(client id, data folder, work folder) of this SuperNode: its node config (deployment:
+    `--node-config "client-id=0 data=... work-dir=..."`), or in the simulation engine its
+    partition id put into the run config's `data-template` / `work-template` ("{client}")."""
+    node, run = context.node_config, context.run_config
+    if "client-id" in node:
+        return int(node["client-id"]), str(node["data"]), Path(str(node["work-dir"]))
+    if "partition-id" not in node:
+        raise ValueError("node config: expected client-id, data and work-dir")
+    cid = int(node["partition-id"])
+    data = str(run["data-template"]).format(client=cid)
+    return cid, data, Path(str(run["work-template"]).format(client=cid))
+
+
 def client_job(context: Context, outbox: Outbox | None = None):
     """This SuperNode's `ClientJob`, rebuilt from its work folder (its checkpoint, its key)."""
     from .http.client_job import ClientJob
 
     config, deploy = load_settings(context.run_config)
-    node = context.node_config
-    cid = int(node["client-id"])
-    job = ClientJob(config, deploy, cid, str(node["data"]), str(node["work-dir"]), outbox)
+    cid, data, work = node_settings(context)
+    job = ClientJob(config, deploy, cid, data, str(work), outbox)
     job.load_checkpoint()
     return job
 
@@ -87,8 +100,7 @@ def client_job(context: Context, outbox: Outbox | None = None):
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train to the round's client step; reply with the releases that are due (wire bytes)."""
-    node = context.node_config
-    outbox = Outbox(int(node["client-id"]))
+    outbox = Outbox(node_settings(context)[0])
     job = client_job(context, outbox)
     target = int(message.content["config"]["client-step"])
     start = time.perf_counter()
@@ -115,10 +127,9 @@ def sampling_request(message: Message, context: Context) -> Message:
     from .pipelines.sampling import client_labels
 
     cfg = message.content["config"]
-    cid, count = int(context.node_config["client-id"]), int(cfg["images"])
-    pipe = CollaFuseClientPipeline.from_pretrained(
-        Path(str(context.node_config["work-dir"])) / "model", client_id=cid
-    )
+    cid, _, work = node_settings(context)
+    count = int(cfg["images"])
+    pipe = CollaFuseClientPipeline.from_pretrained(work / "model", client_id=cid)
     seeds = [int(cfg["seed"]) * 100_000 + i for i in range(count)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     labels = client_labels(pipe.collafuse_config, cid, None, count, generators)
@@ -154,8 +165,7 @@ def finish(message: Message, context: Context) -> Message:
     from .pipelines import CollaFuseClientPipeline
 
     cfg = message.content["config"]
-    node = context.node_config
-    cid, work = int(node["client-id"]), Path(str(node["work-dir"]))
+    cid, _, work = node_settings(context)
     request = decode_sample_request(cfg["request"], 1 << 20)
     pipe = CollaFuseClientPipeline.from_pretrained(work / "model", client_id=cid)
     pipe.scheduler = sampling_scheduler(request.scheduler, pipe.scheduler.config)

@@ -1,6 +1,7 @@
-"""A whole Flower deployment on loopback: a SuperLink with TLS and SuperNode authentication,
-two SuperNodes (one per client), `flwr run` of the latentfuse app; everything started and
-stopped here (docs/flower.md walks through the same commands by hand).
+"""Flower's engines on one machine. `run_loopback`: a whole deployment on loopback, a
+SuperLink with TLS and SuperNode authentication, two SuperNodes (one per client), `flwr run`
+of the latentfuse app; `run_simulation_engine`: the same app on the simulation engine. Every
+process is started and stopped here (docs/flower.md walks through the commands by hand).
 
     python -m latentfuse.flower_loopback --config deploy.toml --data 0=DIR0 --data 1=DIR1 \\
         --work runs/flower [--rounds 2 --client-steps 2 --server-steps 3 --timeout 600]
@@ -251,6 +252,89 @@ def run_loopback(
         return summary
     finally:
         processes.stop()
+
+
+def run_simulation_engine(
+    config: str | Path,
+    data_template: str,
+    work: str | Path,
+    num_clients: int = 2,
+    rounds: int = 2,
+    client_steps: int = 2,
+    server_steps: int = 3,
+    timeout: float = 600,
+) -> dict:
+    """The same app on Flower's simulation engine (Ray; `flwr run` starts a local simulation
+    SuperLink); the SuperNodes' data folders are `data_template` with "{client}" the client
+    id. The local SuperLink is stopped afterwards. The run's summary, with its wall time."""
+    work = Path(work).resolve()
+    if work.exists():
+        shutil.rmtree(work)
+    home = work / "flwr-home"
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    port = free_port()
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+    }
+    processes = Processes(env, work / "logs")
+    run_config = {
+        "config": f"'{Path(config).resolve()}'",
+        "state-dir": f"'{work / 'server'}'",
+        "num-supernodes": num_clients,
+        "rounds": rounds,
+        "client-steps-per-round": client_steps,
+        "server-steps-per-round": server_steps,
+        "sample-images": 2,
+        "num-inference-steps": 4,
+        "data-template": f"'{data_template}'",
+        "work-template": f"'{work / 'client-{client}'}'",
+    }
+    text = " ".join(f"{k}={v}" for k, v in run_config.items())
+    flwr = str(Path(sys.executable).parent / "flwr")
+    started = time.monotonic()
+    try:
+        processes.run(
+            [
+                flwr,
+                "run",
+                str(APP),
+                "local",
+                "--run-config",
+                text,
+                "--federation-config",
+                f"num-supernodes={num_clients}",
+            ]
+        )
+        summary_file = work / "server" / "flower-run.json"
+        wait_for(summary_file.is_file, timeout, f"the simulation to finish ({summary_file})", 1)
+        summary = json.loads(summary_file.read_text())
+        summary["wall_seconds"] = time.monotonic() - started
+        return summary
+    finally:
+        stop_local_superlinks(home)
+
+
+def stop_local_superlinks(home: Path) -> None:
+    """Stop the simulation SuperLink(s) `flwr run` started under FLWR_HOME=`home` (detached
+    from us, found by their environment), with their Ray workers."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"flower-superlink" in command and f"FLWR_HOME={home}".encode() in environ:
+            try:
+                os.killpg(int(proc.name), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,3 +182,19 @@ def test_a_superlink_and_two_supernodes_with_tls_and_node_auth_train_and_sample(
     superlink_log = (work / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1" in superlink_log  # the SuperLink served TLS only
     assert superlink_log.count("Activated node_id") >= 2  # both authenticated
+
+
+@pytest.mark.slow
+def test_the_simulation_engine_runs_the_same_app(setting, monkeypatch):
+    """Flower's simulation engine (Ray, a local simulation SuperLink that `flwr run` starts):
+    the same ServerApp and ClientApp, two simulated SuperNodes."""
+    pytest.importorskip("ray")
+    from latentfuse.flower_loopback import run_simulation_engine
+
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(setting["files"]["cache"]))
+    template = str(setting["root"] / "data-{client}")
+    work = setting["root"] / "simulation"
+    summary = run_simulation_engine(setting["toml"], template, work, timeout=600)
+    assert summary["server_step"] == 2 * 3
+    assert sorted(summary["clients"]) == ["0", "1"]
+    assert [s["images"] for s in summary["samples"]] == [2, 2]
