@@ -34,6 +34,7 @@ from typing import Any
 
 import tomllib
 
+from .conditioning import unet_inputs
 from .config import RunConfig, apply_overrides, config_from_dict, current_names
 from .paths import DEFAULT_VAE_DIR
 
@@ -177,14 +178,26 @@ def step_seconds(run) -> float:
     for unet, batch, every in networks:
         shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         x, t = torch.randn(shape), torch.randint(0, 1000, (batch,))
-        labels = torch.zeros(batch, dtype=torch.long) if unet.config.num_class_embeds else None
+        inputs = unet_inputs(unet, probe_conditioning(run, unet, batch))
         for repeat in range(3):
             start = time.perf_counter()
-            unet(x, t, class_labels=labels).sample.square().mean().backward()
+            unet(x, t, **inputs).sample.square().mean().backward()
             if repeat:
                 total += (time.perf_counter() - start) / 2 / every
         unet.zero_grad(set_to_none=True)
     return total * 1.15  # the optimiser, EMA and data steps: measured at 10-20% here
+
+
+def probe_conditioning(run, unet, batch: int):
+    """A batch of conditioning of the shape `unet` reads (the null value: only its shape and
+    cost matter): class labels, attribute vectors or prompt states; None if unconditional."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(unet, UNet2DConditionModel):
+        null = run.client_null
+        return null.expand(batch, *null.shape).clone()
+    return torch.zeros(batch, dtype=torch.long) if unet.config.num_class_embeds else None
 
 
 def reconstruction_psnr(run, count: int) -> float:
@@ -323,6 +336,12 @@ def summary(run, steps: int, why: str, seconds: float, std: tuple, notes: list[s
         f"{steps * seconds / 60:.0f} minutes in all",
         f"t_cut {cfg.split.t_cut}: the server learns t >= {cfg.split.t_cut}, each client below",
     ]
+    kind = cfg.conditioning.kind
+    if kind != "class":
+        what = f"{len(run.dataset.attribute_names)} attributes"
+        if kind == "text":
+            what = f"prompts of the attribute names, through {cfg.conditioning.text_encoder}"
+        lines.append(f"conditioning: {kind} ({what}); server_labels {cfg.server_labels}")
     return "\n".join(lines)
 
 

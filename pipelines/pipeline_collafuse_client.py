@@ -35,6 +35,7 @@ from .sampling import (
     client_labels,
     denoise,
     initial_latents,
+    require_class_kind,
     restart_client_chain,
     split_schedule,
     start_chain,
@@ -105,6 +106,7 @@ class CollaFuseClientPipeline(DiffusionPipeline):
             >>> client = CollaFuseClientPipeline.from_pretrained("runs/demo/model", client_id=1)
             >>> images = client(handoff, generator=torch.manual_seed(0)).images
         """
+        require_class_kind(self.collafuse_config, "CollaFuseClientPipeline")
         check_output_type(output_type)
         if handoff is None:
             latents, labels, steps = self._start(

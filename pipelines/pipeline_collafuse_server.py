@@ -27,6 +27,7 @@ from .sampling import (
     Labels,
     denoise,
     initial_latents,
+    require_class_kind,
     server_conditioning,
     start_chain,
 )
@@ -83,6 +84,7 @@ class CollaFuseServerPipeline(DiffusionPipeline):
             >>> handoff = server(client_id=1, batch_size=4, generator=torch.manual_seed(0))
             >>> tensors, meta = handoff.to_tensors()  # what goes over the wire
         """
+        require_class_kind(self.collafuse_config, "CollaFuseServerPipeline")
         config, device, unet = self.collafuse_config, self._execution_device, self.server_unet
         labels, server_steps, client_steps = start_chain(
             self.scheduler,

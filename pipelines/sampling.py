@@ -379,3 +379,13 @@ def class_prompts(description: dict[str, Any], labels: torch.Tensor) -> list[str
     names = description.get("class_names", [])
     template = description.get("conditioning", {}).get("prompt_template", "{}")
     return [template.format(names[int(y)].replace("_", " ")) for y in labels.tolist()]
+
+
+def require_class_kind(description: dict[str, Any], what: str) -> None:
+    """The split halves (and the HTTP wire) carry class labels only: refuse other kinds."""
+    kind = conditioning_kind(description)
+    if kind != "class":
+        raise ValueError(
+            f"{what} carries class labels only; this model is conditioned on {kind!r}: sample it "
+            "with CollaFusePipeline"
+        )
