@@ -108,7 +108,6 @@ def train(message: Message, context: Context) -> Message:
         job.train_step()
     job.upload_due()
     job.save_checkpoint()
-    job.export()  # the client's half of the model, for sampling
     releases = ConfigRecord(
         {
             "client-id": job.client_id,
@@ -129,6 +128,7 @@ def sampling_request(message: Message, context: Context) -> Message:
     cfg = message.content["config"]
     cid, _, work = node_settings(context)
     count = int(cfg["images"])
+    client_job(context).export()  # the client's half of the model as trained so far
     pipe = CollaFuseClientPipeline.from_pretrained(work / "model", client_id=cid)
     seeds = [int(cfg["seed"]) * 100_000 + i for i in range(count)]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
