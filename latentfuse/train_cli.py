@@ -100,6 +100,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--fit-vae-steps", type=int, default=None, help="autoencoder fitting steps (derived)"
     )
     train.add_argument("--max-steps", type=int, default=None, help="steps (default: derived)")
+    train.add_argument(
+        "--minutes",
+        type=float,
+        default=BUDGET_SECONDS / 60,
+        help="the time the derived step budget may take here (the autoencoder's fit included)",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     train.set_defaults(func=run_train)
@@ -353,6 +359,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .setup_run import build_run, latent_stats
 
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    if not args.minutes > 0:
+        raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     values = base_values(args)
     fixed = _user_keys(args.overrides)
     values.setdefault("train", {}).setdefault("max_steps", MIN_STEPS)  # replaced below
@@ -378,7 +386,7 @@ def run_train(args: argparse.Namespace) -> int:
     if user_steps or args.resume or args.config:
         steps, why = config.train.max_steps, "as configured"
     else:
-        steps, why = derive_steps(run, seconds, BUDGET_SECONDS - fit_seconds)
+        steps, why = derive_steps(run, seconds, args.minutes * 60 - fit_seconds)
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, max_steps=steps)
         )

@@ -83,6 +83,7 @@ def test_a_train_level_is_found_and_the_user_keeps_the_last_word(
         (["--data", "no/such/folder"], "--data: no such folder or archive: no/such/folder"),
         (["--config", "no-such.toml"], "--config: no such file: no-such.toml"),
         (["server_unet.no_such_key=1"], "unknown key(s) ['no_such_key'] in [server_unet]"),
+        (["--minutes", "0"], "--minutes must be > 0, got 0.0"),
     ],
 )
 def test_mistakes_are_one_line_before_any_work(shapes, tmp_path, capsys, argv, message):
