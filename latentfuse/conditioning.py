@@ -23,7 +23,6 @@ nothing, and the server's denoiser is unconditional (its sampling steps run unco
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +47,24 @@ def attribute_vectors(attributes: torch.Tensor | Any) -> torch.Tensor:
     return values.float() * 2 - 1
 
 
+def prompt(words: list[str], template: str = "{}") -> str:
+    """A prompt as training makes it: the words (attribute or class names, underscores as
+    spaces) comma separated, in `template`."""
+    return template.format(", ".join(w.replace("_", " ") for w in words))
+
+
 def image_prompts(dataset: ImageDataset, indices: list[int], template: str = "{}") -> list[str]:
-    """The prompt of each image: its present attributes' names (underscores as spaces, comma
-    separated), or its class name when the data set has no attributes, in `template`."""
+    """The prompt of each image: its present attributes' names, or its class name when the
+    data set has no attributes (`prompt`)."""
     names = dataset.attribute_names
     prompts = []
     for i in indices:
         record = dataset.records[i]
         if names and record.attributes is not None:
-            words = [
-                n.replace("_", " ") for n, v in zip(names, record.attributes, strict=True) if v
-            ]
-            text = ", ".join(words)
+            words = [n for n, v in zip(names, record.attributes, strict=True) if v]
         else:
-            text = dataset.class_names[record.label].replace("_", " ")
-        prompts.append(template.format(text))
+            words = [dataset.class_names[record.label]]
+        prompts.append(prompt(words, template))
     return prompts
 
 
@@ -227,19 +229,3 @@ def build_denoiser(
             attention_head_dim=8,
         )
     raise ValueError(f"conditioning kind must be one of {KINDS}, got {kind!r}")
-
-
-def describe(
-    kind: str,
-    attribute_names: tuple[str, ...],
-    text: TextConditioner | None,
-    template: str,
-    max_length: int,
-) -> dict[str, Any]:
-    """The conditioning's entry in collafuse.json."""
-    out: dict[str, Any] = {"kind": kind}
-    if kind in ("attributes", "text"):
-        out["attribute_names"] = list(attribute_names)
-    if kind == "text":
-        out.update(prompt_template=template, max_length=max_length)
-    return json.loads(json.dumps(out))

@@ -154,6 +154,12 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5) -> None:
         time.sleep(poll)
 
 
+def run_config_text(config: str | Path, work: Path, **values) -> str:
+    """`flwr run --run-config`: the run TOML, the server's state under `work`, and `values`."""
+    paths = {"config": f"'{Path(config).resolve()}'", "state-dir": f"'{work / 'server'}'"}
+    return " ".join(f"{k}={v}" for k, v in {**paths, **values}.items())
+
+
 def run_loopback(
     config: str | Path,
     data: dict[int, str | Path],
@@ -231,17 +237,18 @@ def run_loopback(
                     str(free_port()),
                 ],
             )
-        run_config = {
-            "config": f"'{Path(config).resolve()}'",
-            "state-dir": f"'{work / 'server'}'",
-            "num-supernodes": len(data),
-            "rounds": rounds,
-            "client-steps-per-round": client_steps,
-            "server-steps-per-round": server_steps,
-            "sample-images": sample_images,
-            "num-inference-steps": inference_steps,
-        }
-        text = " ".join(f"{k}={v}" for k, v in run_config.items())
+        text = run_config_text(
+            config,
+            work,
+            **{
+                "num-supernodes": len(data),
+                "rounds": rounds,
+                "client-steps-per-round": client_steps,
+                "server-steps-per-round": server_steps,
+                "sample-images": sample_images,
+                "num-inference-steps": inference_steps,
+            },
+        )
         out = processes.run([tool["flwr"], "run", str(APP), "loopback", "--run-config", text])
         run_id = re.search(r"started run (\d+)", out, re.IGNORECASE)
         summary_file = work / "server" / "flower-run.json"
@@ -282,19 +289,20 @@ def run_simulation_engine(
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
     }
     processes = Processes(env, work / "logs")
-    run_config = {
-        "config": f"'{Path(config).resolve()}'",
-        "state-dir": f"'{work / 'server'}'",
-        "num-supernodes": num_clients,
-        "rounds": rounds,
-        "client-steps-per-round": client_steps,
-        "server-steps-per-round": server_steps,
-        "sample-images": 2,
-        "num-inference-steps": 4,
-        "data-template": f"'{data_template}'",
-        "work-template": f"'{work / 'client-{client}'}'",
-    }
-    text = " ".join(f"{k}={v}" for k, v in run_config.items())
+    text = run_config_text(
+        config,
+        work,
+        **{
+            "num-supernodes": num_clients,
+            "rounds": rounds,
+            "client-steps-per-round": client_steps,
+            "server-steps-per-round": server_steps,
+            "sample-images": 2,
+            "num-inference-steps": 4,
+            "data-template": f"'{data_template}'",
+            "work-template": f"'{work / 'client-{client}'}'",
+        },
+    )
     flwr = str(Path(sys.executable).parent / "flwr")
     started = time.monotonic()
     try:

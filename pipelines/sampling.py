@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from latentfuse.autoencoder import Autoencoder, decode
-from latentfuse.conditioning import unet_inputs
+from latentfuse.conditioning import prompt, unet_inputs
 from latentfuse.split import DiffusionSplit
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -366,19 +366,15 @@ def attribute_prompts(description: dict[str, Any], rows: torch.Tensor) -> list[s
     """The prompts training made of +-1 attribute rows (conditioning.prompt_template)."""
     names = attribute_names(description)
     template = description.get("conditioning", {}).get("prompt_template", "{}")
-    return [
-        template.format(
-            ", ".join(n.replace("_", " ") for n, v in zip(names, row, strict=True) if v > 0)
-        )
-        for row in rows.tolist()
-    ]
+    present = ([n for n, v in zip(names, row, strict=True) if v > 0] for row in rows.tolist())
+    return [prompt(words, template) for words in present]
 
 
 def class_prompts(description: dict[str, Any], labels: torch.Tensor) -> list[str]:
     """The prompts training made of class labels (data sets without attributes)."""
     names = description.get("class_names", [])
     template = description.get("conditioning", {}).get("prompt_template", "{}")
-    return [template.format(names[int(y)].replace("_", " ")) for y in labels.tolist()]
+    return [prompt([names[int(y)]], template) for y in labels.tolist()]
 
 
 def require_class_kind(description: dict[str, Any], what: str) -> None:

@@ -9,50 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentfuse.fixtures import CELEBA_ATTRIBUTES as FIXTURE_CELEBA_ATTRIBUTES
+
 IMAGE_FOLDER_CLASSES = ("cat", "dog", "frog", "ship")
 IMAGES_PER_CLASS = 6
-CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow",
-    "Arched_Eyebrows",
-    "Attractive",
-    "Bags_Under_Eyes",
-    "Bald",
-    "Bangs",
-    "Big_Lips",
-    "Big_Nose",
-    "Black_Hair",
-    "Blond_Hair",
-    "Blurry",
-    "Brown_Hair",
-    "Bushy_Eyebrows",
-    "Chubby",
-    "Double_Chin",
-    "Eyeglasses",
-    "Goatee",
-    "Gray_Hair",
-    "Heavy_Makeup",
-    "High_Cheekbones",
-    "Male",
-    "Mouth_Slightly_Open",
-    "Mustache",
-    "Narrow_Eyes",
-    "No_Beard",
-    "Oval_Face",
-    "Pale_Skin",
-    "Pointy_Nose",
-    "Receding_Hairline",
-    "Rosy_Cheeks",
-    "Sideburns",
-    "Smiling",
-    "Straight_Hair",
-    "Wavy_Hair",
-    "Wearing_Earrings",
-    "Wearing_Hat",
-    "Wearing_Lipstick",
-    "Wearing_Necklace",
-    "Wearing_Necktie",
-    "Young",
-)
+CELEBA_ATTRIBUTES = tuple(FIXTURE_CELEBA_ATTRIBUTES)  # the 40 names, in the file order
 CELEBA_IMAGES = 12
 # classes.txt order is deliberately not alphabetical: labels must follow the file.
 AWA2_CLASSES = ("zebra", "antelope", "killer+whale")
