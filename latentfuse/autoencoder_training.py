@@ -9,7 +9,6 @@ training from scratch takes thousands.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from .autoencoder import psnr
+from .engine import lr_at
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,6 @@ def autoencoder_loss(
         + weights.mse * (recon - images).pow(2).mean()
         + weights.kl * posterior.kl().mean()
     )
-
-
-def cosine_learning_rate(
-    step: int, max_steps: int, peak: float, floor: float, warmup_steps: int
-) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `floor` at `max_steps`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -119,9 +109,7 @@ def fit_autoencoder(
     bar = tqdm(range(steps), desc="autoencoder", disable=not progress)
     for step in bar:
         for group in optimiser.param_groups:
-            group["lr"] = cosine_learning_rate(
-                step, steps, learning_rate, learning_rate / 10, warmup
-            )
+            group["lr"] = lr_at(step, learning_rate, warmup, "cosine", steps, learning_rate / 10)
         pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
         loss = autoencoder_loss(vae, augment(images[pick], generator), generator)
         optimiser.zero_grad(set_to_none=True)

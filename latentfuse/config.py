@@ -10,13 +10,14 @@ from typing import Any
 
 import tomllib
 
-from .split import OBJECTIVES, WEIGHTINGS
+from .split import OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
 
 PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
 RELEASE_POLICIES = ("once", "fresh")
 SERVER_LABELS = ("class", "client", "none")
 VAE_SCALINGS = ("config", "auto")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 # Keys renamed since configs were first saved, (table, old name) -> new name. Configs saved in
 # checkpoints, run folders and model folders, TOML files and overrides are read with either.
 RENAMED_KEYS = {("data", "split"): "subfolder"}
@@ -26,6 +27,8 @@ ADDED_KEYS = {
     ("vae_scaling",): "config",
     ("train", "guidance_scale"): None,
     ("train", "client_every"): 1,
+    ("train", "lr_schedule"): "constant",
+    ("split", "server_timesteps"): "uniform",
     ("conditioning", "kind"): "class",
     ("conditioning", "text_encoder"): "",
     ("conditioning", "prompt_template"): "{}",
@@ -123,6 +126,9 @@ class SplitConfig:
     objective: str = "exact"
     weighting: str = "inverse_lambda"  # measured: bench/weighting_experiment.py, README
     max_target_variance: float = 0.0  # > 1: the server's buffer (split.buffered_cut); 0: none
+    # how the server draws its timesteps: "uniform" over [t_cut, T), or "rising" (linearly
+    # more often towards T: split.sample_server_timesteps)
+    server_timesteps: str = "uniform"
 
     def __post_init__(self) -> None:
         _check(
@@ -145,6 +151,12 @@ class SplitConfig:
         )
         _check(self.objective in OBJECTIVES, "split.objective", self.objective, f"in {OBJECTIVES}")
         _check(self.weighting in WEIGHTINGS, "split.weighting", self.weighting, f"in {WEIGHTINGS}")
+        _check(
+            self.server_timesteps in TIMESTEP_DENSITIES,
+            "split.server_timesteps",
+            self.server_timesteps,
+            f"in {TIMESTEP_DENSITIES}",
+        )
         _check(
             self.max_target_variance == 0 or self.max_target_variance > 1,
             "split.max_target_variance",
@@ -231,6 +243,10 @@ class TrainConfig:
     # a client's low-noise task needs fewer steps than the server's, and on one machine the
     # clients' steps add up (in a deployment each client trains on its own hardware)
     client_every: int = 1
+    # after the warm-up: "constant", or "cosine" decay to 0 at `max_steps` (a run whose length
+    # is known in advance ends on small steps; a run resumed with a larger max_steps decays
+    # anew from where the longer cosine stands)
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         for name in (
@@ -251,6 +267,12 @@ class TrainConfig:
             "train.guidance_scale",
             self.guidance_scale,
             ">= 1 (or unset)",
+        )
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            "train.lr_schedule",
+            self.lr_schedule,
+            f"in {LR_SCHEDULES}",
         )
         _check(
             self.mixed_precision in MIXED_PRECISION,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,9 +65,22 @@ def make_accelerator(
     )
 
 
-def lr_at(step: int, base: float, warmup: int) -> float:
-    """Linear warm-up to `base`, then constant."""
-    return base * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(
+    step: int,
+    base: float,
+    warmup: int,
+    schedule: str = "constant",
+    max_steps: int = 1,
+    floor: float = 0.0,
+) -> float:
+    """Linear warm-up to `base`, then constant, or ("cosine") a cosine decay to `floor` at
+    `max_steps`."""
+    if step < warmup or schedule == "constant":
+        return base * min(1.0, (step + 1) / max(1, warmup))
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def shard(batch: Batch, accelerator: Accelerator, device: torch.device) -> Batch:
@@ -209,7 +223,11 @@ class Engine:
                         continue
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(
-                            self.step, self.learning_rates[name], train.warmup_steps
+                            self.step,
+                            self.learning_rates[name],
+                            train.warmup_steps,
+                            train.lr_schedule,
+                            train.max_steps,
                         )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -153,11 +153,13 @@ class Server:
         label_mode: str = "class",
         seed: int = 0,
         balance: str = "releases",
+        timestep_density: str = "uniform",
     ):
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
         self.splits, self.objective, self.weighting = splits, objective, weighting
         self.label_mode, self.balance = label_mode, balance
+        self.timestep_density = timestep_density
         self.store = ReleaseStore()
         self.generator = torch.Generator().manual_seed(seed * 15_485_863 + 17)
 
@@ -179,7 +181,8 @@ class Server:
         null_label: int | torch.Tensor,
         device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch of (z_s, s, labels, target, weight) drawn uniformly over held releases, in
+        """A batch of (z_s, s, labels, target, weight) drawn over held releases (s by
+        `timestep_density`), in
         float32 on `device` (the random numbers come from the server's CPU generator, so every
         process and device draws the same batch)."""
         if len(self.store) == 0:
@@ -189,7 +192,7 @@ class Server:
         index = self._draw_rows(flat["client_ids"], batch_size)
         client_ids, t_cut = flat["client_ids"][index], flat["t_cut"][index]
         any_split = next(iter(self.splits.values()))
-        s = sample_server_timesteps(t_cut, any_split.num_train_timesteps, g)
+        s = sample_server_timesteps(t_cut, any_split.num_train_timesteps, g, self.timestep_density)
         eps_s = torch.randn((batch_size, *flat["latents"].shape[1:]), generator=g)
         device = torch.device(device or "cpu")
         z_r = self.store.flat(device)["latents"][index.to(device)]

@@ -228,6 +228,7 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
             config.split.weighting,
             config.server_labels,
             seed=config.train.seed,
+            timestep_density=config.split.server_timesteps,
         )
         num_embeds = {
             "class": len(dataset.class_names) + 1,

@@ -20,6 +20,10 @@ Objective = Literal["exact", "original"]
 Weighting = Literal["none", "inverse_lambda2", "inverse_lambda"]
 OBJECTIVES = ("exact", "original")
 WEIGHTINGS = ("none", "inverse_lambda2", "inverse_lambda")
+# how the server draws s in [t_cut, T): "uniform", or "rising": P(s) proportional to
+# 2 (s - t_cut) + 1, so the top fifth of the range gets ~2x its uniform share (the highest-noise
+# steps decide class and layout: README, "Does it work on a new data set?")
+TIMESTEP_DENSITIES = ("uniform", "rising")
 
 
 @dataclass(frozen=True)
@@ -198,12 +202,23 @@ def loss_weights(lam: torch.Tensor, weighting: Weighting) -> torch.Tensor:
 
 
 def sample_server_timesteps(
-    t_cut: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
+    t_cut: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator | None = None,
+    density: str = "uniform",
 ) -> torch.Tensor:
-    """s ~ U{t_cut_i .. T-1} per sample, for per-client cuts `t_cut` (b,)."""
+    """s in {t_cut_i .. T-1} per sample, for per-client cuts `t_cut` (b,): uniform, or
+    ("rising") with P(s) proportional to 2 (s - t_cut_i) + 1, the floor of a continuous
+    density rising linearly from the cut (inverse CDF: t_cut + (T - t_cut) sqrt(u)). Either
+    leaves the server's minimiser at each s unchanged; it sets how much of the training each
+    s gets."""
     if torch.any(t_cut >= num_train_timesteps):
         raise ValueError("a client with t_cut = T has no server timesteps")
+    if density not in TIMESTEP_DENSITIES:
+        raise ValueError(f"density must be one of {TIMESTEP_DENSITIES}, got {density!r}")
     u = torch.rand(t_cut.shape, generator=generator, dtype=torch.float64)
+    if density == "rising":
+        u = u.sqrt()
     span = (num_train_timesteps - t_cut).double()
     return (t_cut + (u * span).floor().long()).clamp(max=num_train_timesteps - 1)
 

@@ -8,11 +8,14 @@ Defaults that suit a new data set (each replaced by `--config` or an override):
   shares when there are fewer classes than clients;
 - the models: the small UNets of the collaboration benchmark (server 1.05M, client 0.64M
   parameters at 32x32 with the shipped autoencoder), t_cut 100, the shipped autoencoder;
+- the training: learning rate 1e-3, decaying to 0 by a cosine over the run; the server draws
+  its timesteps more often the noisier they are (`split.server_timesteps = "rising"`): the
+  highest-noise steps decide what is drawn (bench/bench_server_bands.py);
 - the autoencoder: the shipped one, fitted to this data first (`--fit-vae auto`) when it
   reconstructs the training images below 20 dB PSNR; the fitted one is saved in OUT/vae;
-- the clients' steps: every client steps every `train.client_every` = (number of clients)
-  steps, so that on one machine the clients together cost about one client step a step and
-  the server, whose high-noise task decides what is drawn, gets most of the time;
+- the clients' steps: every client steps every `train.client_every` = 2 x (number of
+  clients) steps, so that on one machine the server, whose high-noise task decides what is
+  drawn, gets most of the time (clients trained 8x less changed nothing measured);
 - the step budget: 400 epochs of the server's releases, at most what 20 minutes on this
   machine allow (the autoencoder's fitting included; timed before the first step), at least
   500 steps.
@@ -34,7 +37,6 @@ from typing import Any
 
 import tomllib
 
-from .conditioning import unet_inputs
 from .config import RunConfig, apply_overrides, config_from_dict, current_names
 from .paths import DEFAULT_VAE_DIR
 
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 NEW_DATA_DEFAULTS: dict[str, Any] = {
     "server_labels": "class",
-    "split": {"t_cut": 100},
+    "split": {"t_cut": 100, "server_timesteps": "rising"},
     "server_unet": {"block_out_channels": [32, 64, 64], "norm_num_groups": 8},
     "client_unet": {"block_out_channels": [32, 64], "norm_num_groups": 8},
     "train": {  # the collaboration benchmark's: short runs need a larger step than long ones
@@ -52,6 +54,7 @@ NEW_DATA_DEFAULTS: dict[str, Any] = {
         "client_learning_rate": 1e-3,
         "ema_decay": 0.995,
         "warmup_steps": 100,
+        "lr_schedule": "cosine",
         "checkpoint_every": 250,
         "log_every": 25,
         "sample_every": 500,
@@ -163,7 +166,7 @@ def choose_clients(values: dict[str, Any], num_classes: int, fixed: set[str]) ->
         )
     train = values.setdefault("train", {})
     if "train.client_every" not in fixed:  # (current_names filled in the "as before" 1)
-        train["client_every"] = data["num_clients"]
+        train["client_every"] = 2 * data["num_clients"]
         notes.append(
             f"each client steps every {train['client_every']} steps, the server every step "
             "(the clients' low-noise task needs fewer)"
@@ -171,39 +174,37 @@ def choose_clients(values: dict[str, Any], num_classes: int, fixed: set[str]) ->
     return notes
 
 
-def step_seconds(run) -> float:
-    """Seconds one training step takes here: two timed forward/backward passes of every
-    denoiser at its batch size (after one warm-up), the clients' divided by
-    `train.client_every`; the weights are left unchanged."""
-    import torch
+def step_seconds(run) -> tuple[float, float]:
+    """(seconds a training step takes here, all in; seconds of the run's last preview): real
+    steps of a throw-away trainer on `run` (the run is rebuilt before training, so its weights
+    do not matter), 2 x `train.client_every` of them timed after one warm-up (so the clients'
+    steps count as often as they come), plus one checkpoint every `train.checkpoint_every`
+    steps and one preview every `train.sample_every` steps, each timed once."""
+    import tempfile
+
+    from .engine import make_accelerator
+    from .runner import write_previews
+    from .training import Trainer
 
     cfg = run.config.train
-    networks = [(run.server_unet, cfg.server_batch_size, 1)] if run.server_unet is not None else []
-    networks += [(u, cfg.client_batch_size, cfg.client_every) for u in run.client_unets.values()]
-    total = 0.0
-    for unet, batch, every in networks:
-        shape = (batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-        x, t = torch.randn(shape), torch.randint(0, 1000, (batch,))
-        inputs = unet_inputs(unet, probe_conditioning(run, unet, batch))
-        for repeat in range(3):
-            start = time.perf_counter()
-            unet(x, t, **inputs).sample.square().mean().backward()
-            if repeat:
-                total += (time.perf_counter() - start) / 2 / every
-        unet.zero_grad(set_to_none=True)
-    return total * 1.15  # the optimiser, EMA and data steps: measured at 10-20% here
-
-
-def probe_conditioning(run, unet, batch: int):
-    """A batch of conditioning of the shape `unet` reads (the null value: only its shape and
-    cost matter): class labels, attribute vectors or prompt states; None if unconditional."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    if isinstance(unet, UNet2DConditionModel):
-        null = run.client_null
-        return null.expand(batch, *null.shape).clone()
-    return torch.zeros(batch, dtype=torch.long) if unet.config.num_class_embeds else None
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(run, make_accelerator(cfg), Path(tmp))
+        trainer.train_step()  # the first releases, the allocations
+        count = 2 * cfg.client_every
+        start = time.perf_counter()
+        for _ in range(count):
+            trainer.train_step()
+        step = (time.perf_counter() - start) / count
+        start = time.perf_counter()
+        trainer.save_checkpoint()
+        checkpoint = time.perf_counter() - start
+        start = time.perf_counter()
+        write_previews(run, trainer, Path(tmp) / "samples")
+        preview = time.perf_counter() - start
+    every = step + checkpoint / cfg.checkpoint_every
+    if cfg.sample_every:
+        every += preview / cfg.sample_every
+    return every, preview
 
 
 def reconstruction_psnr(run, count: int) -> float:
@@ -338,9 +339,17 @@ def summary(run, steps: int, why: str, seconds: float, std: tuple, notes: list[s
     lines += [
         f"latents: {tuple(z.shape[1:])} per image; std after the autoencoder's scaling "
         f"{overall:.2f} (per channel {', '.join(f'{s:.2f}' for s in per_channel)})",
-        f"steps: {steps} ({why}); about {seconds:.2f} s a step here, "
-        f"{steps * seconds / 60:.0f} minutes in all",
-        f"t_cut {cfg.split.t_cut}: the server learns t >= {cfg.split.t_cut}, each client below",
+        f"steps: {steps} ({why}); about {seconds:.2f} s a step here (timed on real steps; "
+        f"previews and checkpoints included), {steps * seconds / 60:.0f} minutes in all",
+        f"t_cut {cfg.split.t_cut}: the server learns t >= {cfg.split.t_cut}"
+        + (
+            " (its timesteps rising towards T: split.server_timesteps)"
+            if cfg.split.server_timesteps == "rising"
+            else ""
+        )
+        + f", each client below; learning rate {cfg.train.learning_rate:g} after "
+        f"{cfg.train.warmup_steps} warm-up steps, "
+        + ("decaying to 0 by a cosine" if cfg.train.lr_schedule == "cosine" else "constant"),
     ]
     kind = cfg.conditioning.kind
     if kind != "class":
@@ -381,12 +390,15 @@ def run_train(args: argparse.Namespace) -> int:
     run = build_run(config, output_dir)
     std = latent_stats(torch.cat([client.z0 for client in run.clients]))  # already encoded
     reconstruction_db = reconstruction_psnr(run, 64)
-    seconds = step_seconds(run)
+    start = time.perf_counter()
+    seconds, last_preview = step_seconds(run)
+    probe_seconds = time.perf_counter() - start + last_preview  # the run ends on a preview
     user_steps = args.max_steps is not None or "train.max_steps" in fixed
     if user_steps or args.resume or args.config:
         steps, why = config.train.max_steps, "as configured"
     else:
-        steps, why = derive_steps(run, seconds, args.minutes * 60 - fit_seconds)
+        budget = args.minutes * 60 - fit_seconds - probe_seconds
+        steps, why = derive_steps(run, seconds, budget)
         config = dataclasses.replace(
             config, train=dataclasses.replace(config.train, max_steps=steps)
         )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from latentfuse.config import SplitConfig
 from latentfuse.split import (
     DiffusionSplit,
     loss_weights,
@@ -308,6 +309,31 @@ def test_server_timesteps_respect_each_samples_cut(cut_index):
     assert s.shape == t_cut.shape and s.dtype == torch.long
     assert torch.all(s >= t_cut) and torch.all(s < SMALL_T)
     assert_uniform(s[t_cut == SERVER_CUTS[cut_index]], SERVER_CUTS[cut_index], SMALL_T)
+
+
+@pytest.mark.parametrize("cut_index", range(len(SERVER_CUTS)))
+def test_rising_server_timesteps_follow_their_density_from_each_samples_cut(cut_index):
+    """`rising`: P(s) = (2 (s - c) + 1) / (T - c)^2 over {c .. T-1} for each sample's own cut
+    c, in a batch of mixed cuts; every count within Z_SCORE binomial deviations of it."""
+    per_cut = 20_000
+    t_cut = torch.tensor(SERVER_CUTS).repeat_interleave(per_cut)
+    s = sample_server_timesteps(t_cut, SMALL_T, torch.Generator().manual_seed(0), "rising")
+    assert torch.all(s >= t_cut) and torch.all(s < SMALL_T)
+    c = SERVER_CUTS[cut_index]
+    mine = s[t_cut == c]
+    p = (2 * torch.arange(SMALL_T - c, dtype=torch.float64) + 1) / (SMALL_T - c) ** 2
+    counts = torch.bincount(mine - c, minlength=SMALL_T - c).double()
+    sd = (per_cut * p * (1 - p)).sqrt()
+    assert torch.all((counts - per_cut * p).abs() < Z_SCORE * sd + 1e-9)
+    if SMALL_T - c > 2:  # and so the top of the range is drawn more often than the bottom
+        assert counts[-1] > counts[0]
+
+
+def test_an_unknown_timestep_density_is_refused():
+    with pytest.raises(ValueError, match="density must be one of"):
+        sample_server_timesteps(torch.tensor([5]), SMALL_T, density="high")
+    with pytest.raises(ValueError, match=r"split\.server_timesteps.*uniform.*rising"):
+        SplitConfig(server_timesteps="high")
 
 
 def test_server_timesteps_reject_independent_cut():

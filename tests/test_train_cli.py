@@ -53,7 +53,12 @@ def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
     assert "warning: the autoencoder reconstructs these images at only" in captured.err
     model = json.loads((out / "model" / "collafuse.json").read_text())
     assert model["guidance_scale"] == 3.0  # trained with label dropout: sample guided
-    assert json.loads((out / "config.json").read_text())["data"]["subfolder"] == ""
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["data"]["subfolder"] == ""
+    # the new-data defaults: the server draws high-noise steps more often, the lr decays
+    assert recorded["split"]["server_timesteps"] == "rising"
+    assert recorded["train"]["lr_schedule"] == "cosine"
+    assert "timesteps rising towards T" in printed
     assert (out / "loss.png").stat().st_size > 0
     assert len(list((out / "samples").glob("step-000002-client-*.png"))) == 3
 
@@ -203,7 +208,7 @@ def test_the_clients_step_less_often_the_more_there_are():
     values = {"data": {}, "train": {"client_every": 1}}  # as current_names leaves new defaults
     notes = choose_clients(values, num_classes=10, fixed=set())
     assert values["data"] == {"num_clients": 5, "partition": "classes"}
-    assert values["train"]["client_every"] == 5 and any("every 5 steps" in n for n in notes)
+    assert values["train"]["client_every"] == 10 and any("every 10 steps" in n for n in notes)
     mine = {"data": {}, "train": {"client_every": 2}}
     choose_clients(mine, num_classes=10, fixed={"train.client_every"})
     assert mine["train"]["client_every"] == 2  # the user's value stands

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentfuse.engine import make_accelerator
+from latentfuse.engine import lr_at, make_accelerator
 from latentfuse.runner import train
 from latentfuse.setup_run import build_run
 from latentfuse.training import Trainer
@@ -345,3 +345,40 @@ def test_original_objective_records_the_authors_compensation(tiny_world, tmp_pat
         "client_start" not in c
         for c in json.loads((exact / "collafuse.json").read_text())["clients"].values()
     )
+
+
+def test_lr_at_warms_up_then_holds_or_decays_by_the_cosine():
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_at(s, 1.0, 4, "cosine", 14) for s in range(16)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]  # the same warm-up
+    assert cosine[4] == 1.0 and cosine[9] == pytest.approx(0.5) and cosine[14] == 0.0
+    assert all(a > b for a, b in zip(cosine[4:14], cosine[5:15], strict=True))
+    assert cosine[15] == 0.0  # past max_steps (a resumed run) it stays at the floor
+    assert lr_at(14, 1.0, 4, "cosine", 14, floor=0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at(5, 1.0, 4, "linear", 14)
+
+
+def test_a_cosine_run_steps_every_optimiser_at_the_scheduled_rate(tiny_world, tmp_path):
+    steps = ("train.max_steps=6", "train.warmup_steps=2", "train.client_every=2")
+    run = build_run(tiny_config(tiny_world, "train.lr_schedule=cosine", *steps))
+    trainer = Trainer(run, make_accelerator(run.config.train), tmp_path / "run")
+    train_cfg, rates = run.config.train, trainer.engine.learning_rates
+    seen = {name: [] for name in trainer.engine.wrapped}
+    for step in range(6):
+        stepping = trainer.stepping()
+        trainer.train_step()
+        for name in stepping:
+            seen[name].append(trainer.engine.optimizers[name].param_groups[0]["lr"])
+        assert set(stepping) == set(seen) if step % 2 == 0 else stepping == ["server"]
+    for name, lrs in seen.items():
+        at = range(6) if name == "server" else range(0, 6, 2)
+        expected = [lr_at(s, rates[name], 2, "cosine", train_cfg.max_steps) for s in at]
+        assert lrs == pytest.approx(expected), name
+    assert seen["server"][-1] < 0.2 * rates["server"]  # the last steps are small
+
+
+@pytest.mark.parametrize("value", ["linear", "", "Cosine"])
+def test_an_unknown_lr_schedule_is_refused_in_one_line(tiny_world, value):
+    with pytest.raises(ValueError, match=r"train\.lr_schedule.*constant.*cosine"):
+        tiny_config(tiny_world, f"train.lr_schedule={value}")

@@ -86,6 +86,7 @@ class ServerTrainer:
             config.split.weighting,
             config.server_labels,
             seed=config.train.seed,
+            timestep_density=config.split.server_timesteps,
             balance=deploy.balance,
         )
         self.database = ReleaseDatabase(self.state_dir / DATABASE, latent_shape(config))
