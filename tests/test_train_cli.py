@@ -215,6 +215,7 @@ def test_the_clients_step_less_often_the_more_there_are():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 20 minutes of training, the judge and 200 samples: over the 900 s
 def test_the_default_budget_learns_shapes_an_independent_classifier_recognises(tmp_path):
     """Issue 15's bar: `latentfuse train` with every default on a 4-class shapes folder (at most
     20 minutes of training here) samples images that a CNN trained only on real shapes
