@@ -181,10 +181,9 @@ class Server:
         null_label: int | torch.Tensor,
         device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch of (z_s, s, labels, target, weight) drawn over held releases (s by
-        `timestep_density`), in
-        float32 on `device` (the random numbers come from the server's CPU generator, so every
-        process and device draws the same batch)."""
+        """A batch of (z_s, s, labels, target, weight) drawn over held releases, s by
+        `timestep_density`, in float32 on `device` (the random numbers come from the server's
+        CPU generator, so every process and device draws the same batch)."""
         if len(self.store) == 0:
             raise RuntimeError("the server holds no releases yet")
         flat = self.store.flat()
