@@ -61,6 +61,7 @@ class Client:
         release_key: bytes,
         clip_norm: float = 0.0,
         max_releases: int = 0,
+        train_cut: int | None = None,
     ):
         if release_policy not in ("once", "fresh"):
             raise ValueError(f"release_policy must be 'once' or 'fresh', got {release_policy!r}")
@@ -69,6 +70,14 @@ class Client:
                 f"clip_norm and max_releases must be >= 0, got {clip_norm}, {max_releases}"
             )
         self.client_id, self.split, self.release_policy = client_id, split, release_policy
+        # the client's own timesteps are t < train_cut: the hand-off, or above it when sampling
+        # starts the client higher (split.client_train_cut)
+        self.train_cut = split.t_cut if train_cut is None else train_cut
+        if self.split.t_cut and not self.split.t_cut <= self.train_cut <= split.num_train_timesteps:
+            raise ValueError(
+                f"train_cut must lie in [t_cut={split.t_cut}, {split.num_train_timesteps}], "
+                f"got {train_cut}"
+            )
         # (n, c, h, w); the conditioning of each image: class labels (n,), or an attribute
         # vector / prompt token states per image (latentfuse/conditioning.py)
         self._z0, self.labels = latents, labels
@@ -136,10 +145,10 @@ class Client:
     def draw_batch(
         self, batch_size: int, label_dropout: float, null_label: int | torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """A batch for the ordinary eps-prediction loss on t ~ U{0..t_cut-1}."""
+        """A batch for the ordinary eps-prediction loss on t ~ U{0..train_cut-1}."""
         index = self.sampler.take(batch_size)
         z0, labels = self._z0[index], self.labels[index].clone()
-        t = sample_client_timesteps(batch_size, self.split.t_cut, self.generator)
+        t = sample_client_timesteps(batch_size, self.train_cut, self.generator)
         eps = torch.randn(z0.shape, generator=self.generator)
         drop = torch.rand(batch_size, generator=self.generator) < label_dropout
         labels[drop] = null_label

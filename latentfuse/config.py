@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from .split import OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
+from .split import CLIENT_ENTRIES, OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
 
 PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
 RELEASE_POLICIES = ("once", "fresh")
@@ -29,6 +29,7 @@ ADDED_KEYS = {
     ("train", "client_every"): 1,
     ("train", "lr_schedule"): "constant",
     ("split", "server_timesteps"): "uniform",
+    ("split", "client_entry"): "auto",
     ("conditioning", "kind"): "class",
     ("conditioning", "text_encoder"): "",
     ("conditioning", "prompt_template"): "{}",
@@ -129,6 +130,8 @@ class SplitConfig:
     # how the server draws its timesteps: "uniform" over [t_cut, T), or "rising" (linearly
     # more often towards T: split.sample_server_timesteps)
     server_timesteps: str = "uniform"
+    # where sampling starts the client: "cut", "compensated" or "auto" (split.CLIENT_ENTRIES)
+    client_entry: str = "auto"
 
     def __post_init__(self) -> None:
         _check(
@@ -156,6 +159,12 @@ class SplitConfig:
             "split.server_timesteps",
             self.server_timesteps,
             f"in {TIMESTEP_DENSITIES}",
+        )
+        _check(
+            self.client_entry in CLIENT_ENTRIES,
+            "split.client_entry",
+            self.client_entry,
+            f"in {CLIENT_ENTRIES}",
         )
         _check(
             self.max_target_variance == 0 or self.max_target_variance > 1,

@@ -14,7 +14,7 @@ import torch
 
 from .config import RunConfig
 from .privacy import guarantee_record
-from .split import DiffusionSplit, compensated_start
+from .split import DiffusionSplit, client_start
 
 DESCRIPTION_FORMAT = 1
 
@@ -46,11 +46,9 @@ def client_entry(
     num_train_images: int | None = None,
     num_eval_images: int | None = None,
 ) -> ClientEntry:
-    """One client's entry; under the original objective it records where sampling starts
-    the client (`compensated_start`, the authors' rule)."""
-    start = None
-    if config.split.objective == "original" and not (split.is_global_model or split.is_independent):
-        start = compensated_start(split.t_cut, split.num_train_timesteps)
+    """One client's entry; where sampling starts the client above the hand-off (the authors'
+    compensation, `split.client_start`) it records that level."""
+    start = client_start(split, config.split.objective, config.split.client_entry)
     return ClientEntry(
         t_cut=split.t_cut,
         release_cut=split.release_cut,

@@ -28,6 +28,7 @@ from .paths import cache_dir, resolve_path
 from .release_key import client_key_path, load_or_create_release_key, new_release_key
 from .schedule import client_split, make_scheduler
 from .server import Server
+from .split import client_train_cut
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +209,9 @@ def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
                 release_key=simulated_release_key(run_dir, cid),
                 clip_norm=config.privacy.clip_norm,
                 max_releases=config.privacy.max_releases,
+                train_cut=client_train_cut(
+                    cuts[cid], config.split.objective, config.split.client_entry
+                ),
             )
         )
         if cuts[cid].t_cut > 0:

@@ -24,6 +24,11 @@ WEIGHTINGS = ("none", "inverse_lambda2", "inverse_lambda")
 # 2 (s - t_cut) + 1, so the top fifth of the range gets ~2x its uniform share (the highest-noise
 # steps decide class and layout: README, "Does it work on a new data set?")
 TIMESTEP_DENSITIES = ("uniform", "rising")
+# where sampling starts the client: "cut" (at the hand-off, the chain simply continues),
+# "compensated" (the authors' shifted start `compensated_start`; the client then trains on
+# every level it runs), "auto" (as before 0.2: compensated under the original objective with
+# the client trained below the cut only, the hand-off under the exact one)
+CLIENT_ENTRIES = ("auto", "cut", "compensated")
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,25 @@ def compensated_start(t_cut: int, num_train_timesteps: int) -> int:
     if not 0 <= t_cut <= num_train_timesteps:
         raise ValueError(f"t_cut must lie in [0, {num_train_timesteps}], got {t_cut}")
     return min(int(t_cut * (2 - t_cut / num_train_timesteps)), num_train_timesteps)
+
+
+def client_start(split: DiffusionSplit, objective: str, client_entry: str = "auto") -> int | None:
+    """The level sampling starts the client at (`split_timesteps(client_start=...)`); None: at
+    the hand-off. GM and ICM have no hand-off to shift."""
+    if client_entry not in CLIENT_ENTRIES:
+        raise ValueError(f"client_entry must be one of {CLIENT_ENTRIES}, got {client_entry!r}")
+    if split.is_global_model or split.is_independent or client_entry == "cut":
+        return None
+    if client_entry == "compensated" or objective == "original":
+        return compensated_start(split.t_cut, split.num_train_timesteps)
+    return None
+
+
+def client_train_cut(split: DiffusionSplit, objective: str, client_entry: str = "auto") -> int:
+    """The client trains on t < this: the hand-off, or under "compensated" every level it runs
+    at sampling (t < client_start), so no step uses a timestep the client never saw."""
+    start = client_start(split, objective, client_entry)
+    return start if client_entry == "compensated" and start is not None else split.t_cut
 
 
 def buffered_cut(alphas_cumprod: torch.Tensor, release_cut: int, max_target_variance: float) -> int:

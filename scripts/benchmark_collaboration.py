@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a benchmark in --out-dir")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="K/N: run points i %% N == K")
     p.add_argument("--report-only", action="store_true", help="rewrite the report; no training")
+    p.add_argument(
+        "--known",
+        type=Path,
+        action="append",
+        default=[],
+        help="another report's JSON whose rows count as finished points where their config "
+        "and scoring match (e.g. results/collaboration.json for the frontier); repeatable",
+    )
     p.add_argument("overrides", nargs="*", help="run config overrides, key=value")
     return p
 
@@ -85,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/benchmark_collaboration.py " + shlex.join(argv or sys.argv[1:])
     meta = {"config": str(args.config), "threads": os.environ.get("OMP_NUM_THREADS")}
 
-    source = args.report.with_suffix(".json")
-    committed = json.loads(source.read_text()).get("rows", []) if source.is_file() else []
-    known = {row["name"]: row for row in committed if "key" in row}  # survives a fresh machine
+    known = {}  # rows with a key count as finished: a fresh machine resumes from the commit
+    for source in [*args.known, args.report.with_suffix(".json")]:
+        if source != args.report.with_suffix(".json") and not source.is_file():
+            parser.error(f"--known {source}: no such file")
+        committed = json.loads(source.read_text()).get("rows", []) if source.is_file() else []
+        known.update({row["name"]: row for row in committed if "key" in row})
 
     def report() -> None:
         rows = backfill_keys(

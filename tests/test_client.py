@@ -217,6 +217,17 @@ def test_local_batch_is_forward_process_below_cut(t_cut):
     assert torch.equal(batch["weight"], torch.ones(NUM_IMAGES))
 
 
+def test_a_client_started_above_the_cut_trains_on_every_level_it_runs():
+    """train_cut 190 over a cut of 100 (the compensated entry): t covers 0..189 and no more;
+    the release stays at the cut."""
+    client = make_client(100, train_cut=190)
+    t = torch.cat([client.draw_batch(64, 0.0, NULL_LABEL)["timestep"] for _ in range(20)])
+    assert int(t.max()) == 189 and int(t.min()) == 0 and bool((t >= 100).any())
+    assert client.make_release(0).t_cut == 100
+    with pytest.raises(ValueError, match="train_cut"):
+        make_client(100, train_cut=50)
+
+
 def test_local_batch_is_deterministic_for_a_seed():
     """Same seed, same batches; another seed, other batches."""
     draws = [

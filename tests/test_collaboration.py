@@ -144,16 +144,21 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     config = tiny_config(tiny_world, "data.eval_fraction=0.25")
     settings = BenchmarkSettings(
         images_per_client=(6,),
-        models=(ModelSpec("GM", 0), ModelSpec("split-100", 100), ModelSpec("ICM", 1000)),
+        models=(
+            ModelSpec("GM", 0),
+            ModelSpec("split-100", 100),
+            ModelSpec("ICM", 1000),
+            ModelSpec("compensated", 100, ('split.client_entry="compensated"',), True, True),
+        ),
         seeds=(0,),
         num_samples=6,
-        num_inference_steps=3,
+        num_inference_steps=25,
         num_bootstrap=3,
         worst_cases=2,
     )
     out = tmp_path / "bench"
     rows = run_benchmark(config, out, settings)
-    assert [r["model"] for r in rows] == ["GM", "split-100", "ICM"]
+    assert [r["model"] for r in rows] == ["GM", "split-100", "ICM", "compensated"]
     for row in rows:
         assert {"images_per_client", "model", "t_cut", "seed", "steps", "fid", "kid"} <= set(row)
         assert row["kid_se"] > 0 and 0 <= row["memorization"] <= 1
@@ -164,6 +169,10 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     )
     assert set(by["ICM"]["sample_gradients"]) == {"client_0", "client_1"}
     assert by["split-100"]["privacy"]["reid_gallery_32"]["n"] > 0
+    # the compensated arm starts its clients at 190 with DDIM-23: as many evaluations (25)
+    assert (by["compensated"]["client_start"], by["split-100"]["client_start"]) == (190, None)
+    assert [by[m]["network_evaluations"] for m in ("split-100", "compensated")] == [25, 25]
+    assert by["compensated"]["num_inference_steps"] == 23 and by["compensated"]["release_t"] == 99
     # each client trained on 6 of its images, a seeded subset
     described = json.loads((out / rows[0]["name"] / "model" / "collafuse.json").read_text())
     assert all(c["num_train_images"] == 6 for c in described["clients"].values())
@@ -177,7 +186,7 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     summary = write_report(tmp_path / "report", config, settings, rows, meta, out)
     assert summary["verdicts"] and (tmp_path / "report.png").stat().st_size > 0
     assert (tmp_path / "report-worst-cases.png").is_file()
-    assert len(list((tmp_path / "report-worst-cases").glob("*.png"))) == 3
+    assert len(list((tmp_path / "report-worst-cases").glob("*.png"))) == 4
     # A fresh machine with the committed rows retrains nothing; a changed config does.
     known = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
     assert run_benchmark(config, tmp_path / "fresh", settings, known=known) == rows
@@ -221,3 +230,29 @@ def test_core_models_run_before_the_others():
     names = [(p.model.name, p.images_per_client, p.seed) for p in benchmark_points(settings)]
     assert names[:8] == [(m, n, s) for n in (250, 2000) for s in (0, 1) for m in ("GM", "ICM")]
     assert {m for m, _, _ in names[8:]} == {"buffer"}
+
+
+@pytest.mark.parametrize(
+    ("entry", "steps", "evaluations"),
+    [
+        ({"t_cut": 100}, 25, 25),  # the hand-off: 22 server steps, then 80, 40, 0
+        # DDIM-25 restarted at 160 would run 27; DDIM-23 (stride 43) runs 20 server steps and
+        # 172, 129, 86, 43, 0: 25
+        ({"t_cut": 100, "client_start": 190}, 23, 25),
+    ],
+)
+def test_compensated_arms_sample_with_as_many_network_evaluations(entry, steps, evaluations):
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from latentfuse.evaluation.collaboration import chain_evaluations, matched_inference_steps
+
+    pipe = SimpleNamespace(
+        scheduler=DDIMScheduler(num_train_timesteps=1000),
+        collafuse_config={"clients": {"0": entry, "1": entry}},
+        client_ids=[0, 1],
+    )
+    assert matched_inference_steps(pipe, 25) == steps
+    assert chain_evaluations(pipe, steps) == evaluations
+    assert chain_evaluations(pipe, 25) == (25 if "client_start" not in entry else 27)

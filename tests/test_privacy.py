@@ -148,3 +148,18 @@ def test_privacy_config_names_the_bad_field(overrides, field):
 
     with pytest.raises(ValueError, match=field):
         load_config(None, overrides)
+
+
+def test_gaussian_dp_reading_of_the_formal_mode(alphas_cumprod):
+    """mu = D / s; the worst-case membership AUC Phi(mu / sqrt 2) and TPR Phi(Phi^-1(a) + mu):
+    at cut 892 with clip 46.66 (the privacy sweep's epsilon-8 point) mu is 1.66 and the bound
+    on AUC about 0.88, far from the 0.5 an (8, 1e-5) reading suggests."""
+    from latentfuse.privacy import normal_cdf, normal_quantile
+
+    report = release_privacy(alphas_cumprod, 892, 46.66, DELTA)
+    gdp = report["gaussian_dp"]
+    assert gdp["mu"] == pytest.approx(report["sensitivity"] / report["noise_std"])
+    assert gdp["mu"] == pytest.approx(1.66, abs=0.01)
+    assert gdp["membership_auc_bound"] == pytest.approx(0.88, abs=0.005)
+    assert normal_quantile(normal_cdf(-2.3263)) == pytest.approx(-2.3263, abs=1e-9)
+    assert gdp["tpr_bound"]["0.01"] == pytest.approx(normal_cdf(-2.326348 + gdp["mu"]), abs=1e-5)

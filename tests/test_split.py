@@ -13,6 +13,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from latentfuse.config import SplitConfig
 from latentfuse.split import (
     DiffusionSplit,
+    client_start,
+    client_train_cut,
     loss_weights,
     sample_client_timesteps,
     sample_server_timesteps,
@@ -457,3 +459,31 @@ def test_restart_client_chain_points_a_stateful_scheduler_at_the_clients_entry()
     scheduler.step(torch.zeros_like(latents), client[0], latents)
     first = int((scheduler.timesteps > client[0]).sum())
     assert client[0] > server[-1] and scheduler.step_index == first + 1
+
+
+@pytest.mark.parametrize(
+    ("objective", "entry", "t_cut", "start", "train_cut"),
+    [
+        ("exact", "auto", 100, None, 100),  # as before: the hand-off
+        ("original", "auto", 100, 190, 100),  # as before: shifted start, trained below the cut
+        ("original", "cut", 100, None, 100),
+        ("exact", "compensated", 100, 190, 190),  # trained on every level it runs
+        ("original", "compensated", 200, 360, 360),
+        ("exact", "compensated", 0, None, 0),  # GM: no hand-off to shift
+        ("original", "compensated", 1000, None, 1000),  # ICM
+    ],
+)
+def test_client_entry_sets_where_the_client_starts_and_what_it_trains_on(
+    scheduler, objective, entry, t_cut, start, train_cut
+):
+    split = DiffusionSplit.from_scheduler(scheduler, t_cut)
+    assert client_start(split, objective, entry) == start
+    assert client_train_cut(split, objective, entry) == train_cut
+
+
+def test_an_unknown_client_entry_is_refused(scheduler):
+    split = DiffusionSplit.from_scheduler(scheduler, 100)
+    with pytest.raises(ValueError, match="client_entry"):
+        client_start(split, "exact", "above")
+    with pytest.raises(ValueError, match="split.client_entry"):
+        SplitConfig(client_entry="above")

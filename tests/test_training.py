@@ -382,3 +382,17 @@ def test_a_cosine_run_steps_every_optimiser_at_the_scheduled_rate(tiny_world, tm
 def test_an_unknown_lr_schedule_is_refused_in_one_line(tiny_world, value):
     with pytest.raises(ValueError, match=r"train\.lr_schedule.*constant.*cosine"):
         tiny_config(tiny_world, f"train.lr_schedule={value}")
+
+
+@pytest.mark.parametrize(
+    ("entry", "objective", "train_cut"),
+    [("auto", "exact", 100), ("auto", "original", 100), ("compensated", "exact", 190)],
+)
+def test_the_run_trains_each_client_on_the_levels_sampling_gives_it(
+    tiny_world, tmp_path, entry, objective, train_cut
+):
+    config = tiny_config(
+        tiny_world, f'split.client_entry="{entry}"', f'split.objective="{objective}"'
+    )
+    run = build_run(config, tmp_path / "run")
+    assert [c.train_cut for c in run.clients] == [train_cut] * 2

@@ -55,6 +55,10 @@ class ModelSpec:
     t_cut: int
     overrides: tuple[str, ...] = ()
     core: bool = True  # the core grid runs first; the others (ablations) after all of it
+    # sample with the largest number of inference steps whose chain makes no more network
+    # evaluations than the benchmark's num_inference_steps (a client started above the cut
+    # re-runs levels: without this it would get extra evaluations)
+    match_evaluations: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -103,12 +107,18 @@ class BenchmarkSettings:
             raise ValueError(f"unknown [benchmark] keys {sorted(unknown)}; known: {sorted(known)}")
         models = []
         for entry in values.pop("models", []):
-            extra = set(entry) - {"name", "t_cut", "overrides", "core"}
+            extra = set(entry) - {"name", "t_cut", "overrides", "core", "match_evaluations"}
             if extra:
                 raise ValueError(f"[[benchmark.models]] {entry.get('name')}: unknown {extra}")
             overrides = tuple(entry.get("overrides", ()))
             models.append(
-                ModelSpec(entry["name"], entry["t_cut"], overrides, entry.get("core", True))
+                ModelSpec(
+                    entry["name"],
+                    entry["t_cut"],
+                    overrides,
+                    entry.get("core", True),
+                    entry.get("match_evaluations", False),
+                )
             )
         for name in ("images_per_client", "seeds"):
             if name in values:
@@ -305,8 +315,35 @@ class _Shared:
     references: dict = field(default_factory=dict)  # (client, eval indices) -> FeatureStats
 
 
+def chain_evaluations(pipe, num_inference_steps: int) -> int:
+    """Denoiser evaluations of one image's chain (server part plus client part) at
+    `num_inference_steps`, the most over the pipeline's clients (guidance doubles every
+    arm's count alike and is left out)."""
+    from ..pipelines.sampling import split_schedule
+
+    pipe.scheduler.set_timesteps(num_inference_steps)
+    description = pipe.collafuse_config
+    counts = []
+    for cid in pipe.client_ids:
+        server, client = split_schedule(pipe.scheduler, description, cid)
+        counts.append(len(server) + len(client))
+    return max(counts)
+
+
+def matched_inference_steps(pipe, budget: int) -> int:
+    """The largest number of inference steps whose chain makes at most `budget` evaluations."""
+    for steps in range(budget, 0, -1):
+        if chain_evaluations(pipe, steps) <= budget:
+            return steps
+    raise ValueError(f"no number of inference steps fits {budget} network evaluations")
+
+
 def score_point(
-    config: RunConfig, folder: Path, settings: BenchmarkSettings, shared: _Shared
+    config: RunConfig,
+    folder: Path,
+    settings: BenchmarkSettings,
+    shared: _Shared,
+    match_evaluations: bool = False,
 ) -> dict:
     """Sample and score one trained point, per client and pooled."""
     from ..http.deploy import sampling_scheduler
@@ -317,6 +354,10 @@ def score_point(
     pipe = CollaFusePipeline.from_pretrained(folder / "model").to(settings.device)
     pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    steps = settings.num_inference_steps
+    if match_evaluations:
+        steps = matched_inference_steps(pipe, settings.num_inference_steps)
+    evaluations = chain_evaluations(pipe, steps)
     resolution, per_client = config.data.resolution, settings.num_samples // len(run.shares)
     clients, gen_all, real_all, worst = {}, [], [], []
     for share in run.shares:
@@ -334,7 +375,7 @@ def score_point(
             cid,
             labels,
             config.train.seed,
-            settings.num_inference_steps,
+            steps,
             64,
             guidance_scale=settings.guidance_scale,
         )
@@ -366,6 +407,8 @@ def score_point(
         "clients": clients,
         "pooled": pooled,
         "worst_ratios": [round(w[0], 4) for w in worst[: settings.worst_cases]],
+        "num_inference_steps": steps,
+        "network_evaluations": evaluations,
         "eval_seconds": time.time() - start,
     }
 
@@ -410,16 +453,20 @@ def _score_key(settings: BenchmarkSettings) -> dict:
 
 
 def evaluate_point(
-    config: RunConfig, folder: Path, settings: BenchmarkSettings, shared: _Shared
+    config: RunConfig,
+    folder: Path,
+    settings: BenchmarkSettings,
+    shared: _Shared,
+    match_evaluations: bool = False,
 ) -> dict:
     """Quality, memorisation and (optionally) privacy of one trained point, kept in
     `benchmark.json` beside it and reused while the scoring settings are unchanged."""
     path = folder / "benchmark.json"
-    key = _score_key(settings)
+    key = {**_score_key(settings), **({"match_evaluations": True} if match_evaluations else {})}
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("key") == key:
         return saved["result"]
-    result = score_point(config, folder, settings, shared)
+    result = score_point(config, folder, settings, shared, match_evaluations)
     if settings.privacy:
         privacy = evaluate_privacy_point(config, folder, PRIVACY_SETTINGS)
         result["privacy"] = privacy["pooled"]
@@ -458,7 +505,7 @@ def run_benchmark(
             logger.info("%s: another job holds it, skipped", point.name)
             continue
         _, train_seconds = train_point(cfg, folder)
-        result = evaluate_point(cfg, folder, settings, shared)
+        result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
         row = point_row(cfg, point, folder, result, train_seconds)
         atomic_write_json(folder / "row.json", {**row, "key": key})
         (folder / LOCK).unlink(missing_ok=True)
@@ -472,7 +519,9 @@ def point_row(
 ) -> dict:
     """The results row of one point: the issue's fields first, then the detail."""
     pooled = result["pooled"]
+    described = json.loads((folder / "model" / "collafuse.json").read_text())
     return {
+        **release_fields(described),
         "name": point.name,
         "images_per_client": point.images_per_client,
         "model": point.model.name,
@@ -490,10 +539,28 @@ def point_row(
         "overrides": list(point.model.overrides),
         "train_seconds": train_seconds,
         "eval_seconds": result["eval_seconds"],
+        "num_inference_steps": result.get("num_inference_steps"),
+        "network_evaluations": result.get("network_evaluations"),
         "worst_ratios": result["worst_ratios"],
         "pooled": pooled,
         "clients": result["clients"],
         "privacy": result.get("privacy"),
+    }
+
+
+def release_fields(described: dict) -> dict:
+    """What a point's model description says of its releases: the level actually used (the
+    formal mode raises the configured cut), where sampling starts the client, and the formal
+    guarantee with its Gaussian-DP reading (None where latents are not clipped)."""
+    entries = list(described["clients"].values())
+    guarantees = list(described.get("privacy", {}).get("clients", {}).values())
+    epsilons = [g.get("epsilon") for g in guarantees]
+    gdp = [g.get("gaussian_dp") for g in guarantees if g.get("gaussian_dp")]
+    return {
+        "release_t": max(e.get("release_cut", e["t_cut"]) for e in entries) - 1,
+        "client_start": entries[0].get("client_start"),
+        "epsilon": max(epsilons) if epsilons and None not in epsilons else None,
+        "gaussian_dp": max(gdp, key=lambda g: g["mu"] or 0) if gdp else None,
     }
 
 

@@ -27,6 +27,7 @@ from ..partition import ClientShare, limit_train_images
 from ..paths import resolve_path
 from ..release_key import KEY_FILE, load_or_create_release_key
 from ..schedule import client_split, make_scheduler
+from ..split import client_train_cut
 from .deploy import DeployConfig, require_class_conditioning
 from .remote import RemoteServer
 
@@ -87,6 +88,7 @@ class ClientJob:
             release_key=load_or_create_release_key(self.work_dir / KEY_FILE),
             clip_norm=config.privacy.clip_norm,
             max_releases=config.privacy.max_releases,
+            train_cut=client_train_cut(split, config.split.objective, config.split.client_entry),
         )
         self.accelerator = make_accelerator(cfg, self.work_dir)
         self.model_name = f"client_{client_id}"  # the in-process job's name for this model
