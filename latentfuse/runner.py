@@ -182,9 +182,13 @@ def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
     return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
 
 
+RUN_RECORD = "run.json"  # what a resume must match beyond config.json: the autoencoder's hash
+
+
 def check_run_folder(config: RunConfig, output_dir: Path, resume: bool) -> None:
     """Refuse to start over a checkpoint without `resume`, or to resume under another config
-    than the run folder's config.json records (ValueError naming the differing keys)."""
+    than the run folder's config.json records (ValueError naming the differing keys). Call it
+    before anything is written into `output_dir`."""
     held = (output_dir / "checkpoint" / "state.json").exists()
     if held and not resume:
         raise FileExistsError(
@@ -201,21 +205,47 @@ def check_run_folder(config: RunConfig, output_dir: Path, resume: bool) -> None:
             )
 
 
-def train(config: RunConfig, output_dir: str | Path, resume: bool = False) -> Path:
-    """Train every client and the server; returns the exported model folder."""
+def check_autoencoder(run: Run, output_dir: Path, resume: bool) -> None:
+    """On resume, refuse an autoencoder other than the one the checkpoint was trained on (its
+    weights' hash, recorded in run.json): latents of another autoencoder would silently
+    continue a model that has never seen them."""
+    record = output_dir / RUN_RECORD
+    if not (resume and record.is_file() and (output_dir / "checkpoint").is_dir()):
+        return
+    trained_on = json.loads(record.read_text()).get("vae_sha256")
+    if trained_on and trained_on != run.vae_hash:
+        raise ValueError(
+            f"--resume: {output_dir} was trained on the autoencoder with hash "
+            f"{trained_on[:12]}, but {run.config.vae} hashes to {run.vae_hash[:12]}: resume "
+            "with the autoencoder it was trained on, or train into another --output-dir"
+        )
+
+
+def train(
+    config: RunConfig,
+    output_dir: str | Path,
+    resume: bool = False,
+    dataset=None,
+    deadline: float | None = None,
+) -> Path:
+    """Train every client and the server; returns the exported model folder. `dataset`: the
+    loaded data of `config.data`, if the caller has it; `deadline` (time.monotonic()): stop
+    there (checkpoint and export) even if steps remain."""
     output_dir = Path(output_dir)
     check_run_folder(config, output_dir, resume)
     accelerator = make_accelerator(config.train, output_dir, log=True)
     with accelerator.main_process_first():  # one process encodes, the others read the cache
-        run = build_run(config, output_dir)  # data, autoencoder, partition: checked before output
+        run = build_run(config, output_dir, dataset)  # data, autoencoder: checked before output
+    check_autoencoder(run, output_dir, resume)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(output_dir / "config.json", config.to_dict())
+        atomic_write_json(output_dir / RUN_RECORD, {"vae_sha256": run.vae_hash})
     trainer = Trainer(run, accelerator, output_dir)
     if resume and trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.checkpoint_dir(), trainer.step)
     accelerator.init_trackers("latentfuse", config={"t_cut": config.split.t_cut})
-    _loop(run, trainer, output_dir)
+    _loop(run, trainer, output_dir, deadline)
     accelerator.end_training()
     return output_dir / "model"
 
@@ -248,11 +278,15 @@ class StopRequest:
 
     def agreed(self, accelerator: Accelerator) -> bool:
         """Whether any process was asked to stop (every process checks the same step)."""
-        flag = self.signal is not None
-        if accelerator.num_processes > 1:
-            local = torch.tensor([float(flag)], device=accelerator.device)
-            flag = bool(accelerator.reduce(local, reduction="sum").item() > 0)
-        return flag
+        return _any_process(accelerator, self.signal is not None)
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is set on any process (every process calls it at the same step)."""
+    if accelerator.num_processes > 1:
+        local = torch.tensor([float(flag)], device=accelerator.device)
+        flag = bool(accelerator.reduce(local, reduction="sum").item() > 0)
+    return flag
 
 
 @contextlib.contextmanager
@@ -270,12 +304,14 @@ def stop_on_signal() -> Iterator[StopRequest]:
             signal.signal(s, handler)
 
 
-def _loop(run: Run, trainer: Trainer, output_dir: Path) -> None:
+def _loop(run: Run, trainer: Trainer, output_dir: Path, deadline: float | None = None) -> None:
     with stop_on_signal() as stop:
-        _steps(run, trainer, output_dir, stop)
+        _steps(run, trainer, output_dir, stop, deadline)
 
 
-def _steps(run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest) -> None:
+def _steps(
+    run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest, deadline: float | None
+) -> None:
     cfg, accelerator = run.config.train, trainer.accelerator
     progress = accelerator.is_main_process
     from tqdm.auto import tqdm
@@ -283,6 +319,16 @@ def _steps(run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest) -> N
     bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="train", disable=not progress)
     start, history = time.time(), []
     while trainer.step < cfg.max_steps:
+        late = deadline is not None and time.monotonic() >= deadline
+        if _any_process(accelerator, late):
+            trainer.save_checkpoint()
+            logger.warning(
+                "the time budget is spent: stopped after step %d of %d (checkpointed; "
+                "--resume --max-steps N continues it)",
+                trainer.step,
+                cfg.max_steps,
+            )
+            break
         if stop.agreed(accelerator):
             trainer.save_checkpoint()
             accelerator.wait_for_everyone()
@@ -316,6 +362,10 @@ def _steps(run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest) -> N
             run,
             trainer,
             output_dir,
-            {"steps": trainer.step, "wall_seconds_this_session": time.time() - start},
+            {
+                "steps": trainer.step,
+                "planned_steps": cfg.max_steps,
+                "wall_seconds_this_session": time.time() - start,
+            },
         )
     accelerator.wait_for_everyone()

@@ -158,13 +158,16 @@ def simulated_release_key(run_dir: str | Path | None, client_id: int) -> bytes:
     return load_or_create_release_key(client_key_path(run_dir, client_id))
 
 
-def build_run(config: RunConfig, run_dir: str | Path | None = None) -> Run:
+def build_run(
+    config: RunConfig, run_dir: str | Path | None = None, dataset: ImageDataset | None = None
+) -> Run:
     """Load data and autoencoder, partition, encode (cached) and build clients and models.
 
     Each client's release key comes from `run_dir` (`simulated_release_key`): a resumed run
-    reproduces its releases, and two runs in different folders never share noise.
+    reproduces its releases, and two runs in different folders never share noise. `dataset`,
+    when the caller has already loaded `config.data`, is used instead of loading it again.
     """
-    dataset = load_run_dataset(config)
+    dataset = load_run_dataset(config) if dataset is None else dataset
     shares = partition_clients(config, dataset)
     vae = load_vae(resolve_path(config.vae))
     if config.vae_scaling == "auto":

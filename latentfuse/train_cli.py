@@ -364,10 +364,11 @@ def run_train(args: argparse.Namespace) -> int:
     """Build, summarise, train, export; returns the exit status."""
     import torch
 
-    from .runner import train
+    from .runner import check_run_folder, train
     from .setup_run import build_run, latent_stats
 
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    began = time.monotonic()  # --minutes counts from here
     if not args.minutes > 0:
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     values = base_values(args)
@@ -382,21 +383,26 @@ def run_train(args: argparse.Namespace) -> int:
         notes = choose_clients(values, len(dataset.class_names), fixed)
     config: RunConfig = config_from_dict(values)
     output_dir = Path(args.output_dir)
+    check_run_folder(config, output_dir, args.resume)  # before anything is written there
     fit_seconds = 0.0
     if args.fit_vae != "never" and not args.resume:
         config, fit_seconds = fit_vae_to_data(
             config, dataset, output_dir, args.fit_vae, args.fit_vae_steps
         )
-    run = build_run(config, output_dir)
+    run = build_run(config, output_dir, dataset)
     std = latent_stats(torch.cat([client.z0 for client in run.clients]))  # already encoded
     reconstruction_db = reconstruction_psnr(run, 64)
     start = time.perf_counter()
     seconds, last_preview = step_seconds(run)
     probe_seconds = time.perf_counter() - start + last_preview  # the run ends on a preview
     user_steps = args.max_steps is not None or "train.max_steps" in fixed
+    deadline = None
     if user_steps or args.resume or args.config:
         steps, why = config.train.max_steps, "as configured"
     else:
+        # The steps are an estimate; the deadline is the promise: the loop stops there
+        # (checkpoint, final preview, export) however fast the steps turn out to be.
+        deadline = began + args.minutes * 60 - last_preview
         budget = args.minutes * 60 - fit_seconds - probe_seconds
         steps, why = derive_steps(run, seconds, budget)
         config = dataclasses.replace(
@@ -422,8 +428,8 @@ def run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    del run
-    model = train(config, output_dir, resume=args.resume)
+    del run  # the probe trained it: training starts from a fresh build of the same data
+    model = train(config, output_dir, args.resume, dataset, deadline)
     print(
         f"model: {model}\nloss plot: {output_dir / 'loss.png'}; previews: {output_dir / 'samples'}"
         f"\nsample with: latentfuse sample --model {model} --client all --out grid.png"

@@ -151,6 +151,54 @@ def test_an_autoencoder_that_does_not_fit_the_data_is_fitted_saved_and_shipped(
     assert "It has seen every client's training images" in printed
 
 
+def test_a_rerun_without_resume_is_refused_before_the_autoencoder_is_touched(
+    shapes, tiny_vae_dir, tmp_path, monkeypatch, capsys
+):
+    """The data-loss path: a second run into a folder with a checkpoint used to re-fit and
+    replace OUT/vae before the folder check refused it. Now nothing in OUT changes."""
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir, "--fit-vae-steps", "2", fit="auto") == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert train(shapes, out, tiny_vae_dir, "--fit-vae-steps", "2", fit="auto") == 2
+    assert "already holds a checkpoint: pass --resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_another_autoencoder(shapes, tiny_vae_dir, tmp_path, monkeypatch, capsys):
+    """The resume check compares the autoencoder's hash, not only the config's strings: the
+    same path holding other weights is refused."""
+    from latentfuse.autoencoder import load_vae
+
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out, vae_dir = tmp_path / "run", tmp_path / "vae"
+    load_vae(tiny_vae_dir).save_pretrained(vae_dir)
+    assert train(shapes, out, vae_dir) == 0
+    import torch
+
+    other = load_vae(vae_dir)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save_pretrained(vae_dir)
+    assert train(shapes, out, vae_dir, "--resume") == 2
+    assert "trained on the autoencoder with hash" in capsys.readouterr().err
+
+
+def test_the_time_budget_stops_the_run_with_a_model(tiny_world, tmp_path, monkeypatch):
+    """A deadline already past: the loop checkpoints and exports at once, and the model
+    records the steps it made against those planned."""
+    import time
+
+    from latentfuse.runner import train as train_run
+    from tests.worlds import tiny_config
+
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+    model = train_run(tiny_config(tiny_world), tmp_path / "run", deadline=time.monotonic())
+    training = json.loads((model / "collafuse.json").read_text())["training"]
+    assert (training["steps"], training["planned_steps"]) == (0, 4)
+    assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
+
+
 def test_an_autoencoder_that_fits_is_left_alone(
     shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
 ):
