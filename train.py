@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir or Path("outputs") / Path(args.config).stem)
-    from latentfuse.runner import train
+    from latentfuse.training.runner import train
 
     try:
         model_dir = train(config, output_dir, resume=args.resume)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from latentfuse.autoencoder import decode, encode, load_vae, psnr
-from latentfuse.datasets import load_cifar10, load_image
+from latentfuse.data.autoencoder import decode, encode, load_vae, psnr
+from latentfuse.data.datasets import load_cifar10, load_image
 from latentfuse.paths import DEFAULT_VAE_DIR
 
 

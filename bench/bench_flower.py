@@ -3,7 +3,7 @@ each way, the same tiny model, the same rounds (both with TLS).
 
     python bench/bench_flower.py [--rounds 2] [--images 2]
 
-Flower: `latentfuse.flower_loopback` (a SuperLink, two SuperNodes with authentication, `flwr
+Flower: `latentfuse.testing.flower_loopback` (a SuperLink, two SuperNodes with authentication, `flwr
 run`); a release round is one train message to each SuperNode and its reply with the release
 bytes; its transport share is the round's time less the slowest client's training and the
 server's training. HTTP: `latentfuse serve`'s service behind uvicorn with TLS in this process,
@@ -29,19 +29,18 @@ sys.path.insert(0, str(REPO))
 
 def http_rounds(toml: Path, data: dict, root: Path, rounds: int, args) -> dict:
     """The same rounds over HTTPS: upload seconds per round, seconds per sampling request."""
+    from latentfuse.deploy.client.job import ClientJob
+    from latentfuse.deploy.client.remote import RemoteServer, read_token
+    from latentfuse.deploy.client.remote_sample import finish_remote
+    from latentfuse.deploy.config import load_deploy_config, sampling_scheduler
+    from latentfuse.deploy.server.app import BackgroundServer
+    from latentfuse.deploy.server.auth import TokenBook, issue_tokens
+    from latentfuse.deploy.server.service import ServerService
+    from latentfuse.deploy.server.trainer import ServerTrainer
+    from latentfuse.deploy.wire import SampleRequest
     from latentfuse.pipelines import CollaFuseClientPipeline
     from latentfuse.pipelines.sampling import client_labels
-
-    from latentfuse.flower_loopback import make_tls
-    from latentfuse.http.app import BackgroundServer
-    from latentfuse.http.auth import TokenBook, issue_tokens
-    from latentfuse.http.client_job import ClientJob
-    from latentfuse.http.deploy import load_deploy_config, sampling_scheduler
-    from latentfuse.http.remote import RemoteServer, read_token
-    from latentfuse.http.remote_sample import finish_remote
-    from latentfuse.http.service import ServerService
-    from latentfuse.http.trainer import ServerTrainer
-    from latentfuse.http.wire import SampleRequest
+    from latentfuse.testing.flower_loopback import make_tls
 
     config, deploy = load_deploy_config(str(toml), [])
     tls = make_tls(root / "tls")
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from latentfuse.flower_loopback import run_loopback
+    from latentfuse.testing.flower_loopback import run_loopback
     from tests.test_http_client import client_folder
     from tests.test_http_e2e import CLIENT_CLASSES, deploy_toml
     from tests.worlds import make_tiny_world

@@ -29,10 +29,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from latentfuse.http.auth import issue_tokens
-from latentfuse.http.remote import RemoteServer, read_token, upload_id
-from latentfuse.http.wire import encode_release
-from latentfuse.transport import ReleaseBatch
+from latentfuse.deploy.client.remote import RemoteServer, read_token, upload_id
+from latentfuse.deploy.server.auth import issue_tokens
+from latentfuse.deploy.wire import encode_release
+from latentfuse.method.transport import ReleaseBatch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 def start_server(config: Path, root: Path, *extra: str, threads: int = 1) -> subprocess.Popen:
     """`latentfuse serve` on a free loopback port in a child process; waits for /healthz."""
     state = root / "state"
-    command = [sys.executable, "-m", "latentfuse.cli", "serve", "--config", str(config)]
+    command = [sys.executable, "-m", "latentfuse.cli.main", "serve", "--config", str(config)]
     command += ["--clients", str(root / "clients.json"), "--state-dir", str(state), "--port", "0"]
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     log = open(root / "server.log", "w")  # noqa: SIM115  (the child writes it)
@@ -64,17 +64,16 @@ def stop(process: subprocess.Popen) -> None:
 # ---- sampling ----------------------------------------------------------------------------------
 def sampling_bench(config_path: Path, batch: int, steps: int, scheduler: str, repeats: int) -> dict:
     """Median seconds of one batch in-process and over HTTP, and their ratio."""
-    from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
-
-    from latentfuse.autoencoder import load_vae
-    from latentfuse.http.deploy import latent_shape, load_deploy_config, sampling_scheduler
-    from latentfuse.http.remote_sample import finish_remote
-    from latentfuse.http.service import server_description
-    from latentfuse.http.trainer import build_server_unet
-    from latentfuse.http.wire import SampleRequest
+    from latentfuse.data.autoencoder import load_vae
+    from latentfuse.deploy.client.remote_sample import finish_remote
+    from latentfuse.deploy.config import latent_shape, load_deploy_config, sampling_scheduler
+    from latentfuse.deploy.server.service import server_description
+    from latentfuse.deploy.server.trainer import build_server_unet
+    from latentfuse.deploy.wire import SampleRequest
+    from latentfuse.method.schedule import client_split, make_scheduler
     from latentfuse.models import build_unet
     from latentfuse.paths import resolve_path
-    from latentfuse.schedule import client_split, make_scheduler
+    from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
 
     config, deploy = load_deploy_config(config_path)
     client_id, (channels, size, _) = 0, latent_shape(config)
@@ -362,7 +361,7 @@ def keepalive_latency(nodelay: bool, requests: int) -> float:
     import uvicorn
     from fastapi import FastAPI
 
-    from latentfuse.http.app import bind_socket
+    from latentfuse.deploy.server.app import bind_socket
 
     app = FastAPI()
 

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from latentfuse.http.store import ReleaseDatabase  # noqa: E402
-from latentfuse.http.wire import encode_release  # noqa: E402
-from latentfuse.transport import ReleaseBatch  # noqa: E402
+from latentfuse.deploy.server.store import ReleaseDatabase  # noqa: E402
+from latentfuse.deploy.wire import encode_release  # noqa: E402
+from latentfuse.method.transport import ReleaseBatch  # noqa: E402
 
 SHAPE = (4, 16, 16)
 
@@ -69,8 +69,8 @@ def training_throughput(releases: int, steps: int) -> dict:
     """Steps/s of the deployment trainer (configs/deploy.toml's server UNet) that syncs with
     the database before every step, against the same trainer drawing from its in-memory store
     with no database reads (the baseline), on the same `releases`."""
-    from latentfuse.http.deploy import load_deploy_config
-    from latentfuse.http.trainer import ServerTrainer
+    from latentfuse.deploy.config import load_deploy_config
+    from latentfuse.deploy.server.trainer import ServerTrainer
 
     repo = Path(__file__).resolve().parent.parent
     config, deploy = load_deploy_config(

@@ -17,17 +17,17 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
-from latentfuse.client import Client
 from latentfuse.config import load_config
-from latentfuse.datasets import ImageDataset
-from latentfuse.engine import make_accelerator
+from latentfuse.data.datasets import ImageDataset
+from latentfuse.method.client import Client
+from latentfuse.method.release_key import new_release_key
+from latentfuse.method.schedule import make_scheduler
+from latentfuse.method.server import Server
+from latentfuse.method.split import DiffusionSplit
 from latentfuse.models import build_unet, count_parameters
-from latentfuse.release_key import new_release_key
-from latentfuse.schedule import make_scheduler
-from latentfuse.server import Server
-from latentfuse.setup_run import Run
-from latentfuse.split import DiffusionSplit
-from latentfuse.training import Trainer
+from latentfuse.training.engine import make_accelerator
+from latentfuse.training.setup import Run
+from latentfuse.training.trainer import Trainer
 
 
 def plain_loop(

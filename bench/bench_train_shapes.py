@@ -135,10 +135,9 @@ def run(
     palette: str = "grey",
 ) -> dict:
     """Steps 1-4; the figures as a dict (also written to work/result.json)."""
+    from latentfuse.cli.main import main as latentfuse
     from latentfuse.pipelines import CollaFusePipeline
-
-    from latentfuse.cli import main as latentfuse
-    from latentfuse.shapes import SHAPES, make_shapes
+    from latentfuse.testing.shapes import SHAPES, make_shapes
 
     work.mkdir(parents=True, exist_ok=True)
     classes = list(SHAPES[:4])
@@ -163,7 +162,7 @@ def run(
     )
     judge = train_classifier(judge_x, judge_y)
     real_accuracy = accuracy(judge, check_x, check_y)
-    from latentfuse.autoencoder import decode, encode, load_vae, psnr
+    from latentfuse.data.autoencoder import decode, encode, load_vae, psnr
 
     config = json.loads((work / "run" / "config.json").read_text())
     vae = load_vae(config["vae"])

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from latentfuse.autoencoder import load_vae, vae_fingerprint
-from latentfuse.client import Client
 from latentfuse.config import UNetConfig, load_config
-from latentfuse.datasets import load_cifar10
-from latentfuse.engine import denoising_loss
-from latentfuse.latents import cached_latents
+from latentfuse.data.autoencoder import load_vae, vae_fingerprint
+from latentfuse.data.datasets import load_cifar10
+from latentfuse.data.latents import cached_latents
+from latentfuse.method.client import Client
+from latentfuse.method.release_key import new_release_key
+from latentfuse.method.schedule import make_scheduler
+from latentfuse.method.server import Server
+from latentfuse.method.split import DiffusionSplit
 from latentfuse.models import build_unet
 from latentfuse.paths import DEFAULT_VAE_DIR, cache_dir
-from latentfuse.release_key import new_release_key
-from latentfuse.schedule import make_scheduler
-from latentfuse.server import Server
-from latentfuse.split import DiffusionSplit
+from latentfuse.training.engine import denoising_loss
 
 VARIANTS = [
     ("exact", "none"),

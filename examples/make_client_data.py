@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from latentfuse.checkpointing import atomic_write_dir
-from latentfuse.datasets import ImageDataset, load_cifar10
+from latentfuse.data.datasets import ImageDataset, load_cifar10
 
 
 def choose(

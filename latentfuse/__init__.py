@@ -9,7 +9,7 @@ __all__ = ["CollaFusePipeline", "__version__"]
 def __getattr__(name: str):
     # Lazy: `import latentfuse` stays cheap; the pipeline pulls in diffusers on first use.
     if name == "CollaFusePipeline":
-        from .pipelines import CollaFusePipeline
+        from latentfuse.pipelines import CollaFusePipeline
 
         return CollaFusePipeline
     raise AttributeError(f"module 'latentfuse' has no attribute {name!r}")

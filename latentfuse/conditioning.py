@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from .config import UNetConfig
-from .datasets import ImageDataset
+from latentfuse.config import UNetConfig
+from latentfuse.data.datasets import ImageDataset
 
 KINDS = ("class", "attributes", "text")
 TEXT_FOLDERS = ("tokenizer", "text_encoder")  # the diffusers layout of a model folder
@@ -82,7 +82,7 @@ class TextConditioner:
         a run's export), or from one transformers checkpoint folder or hub id holding both."""
         from transformers import AutoTokenizer
 
-        from .cli_common import check_model_path
+        from latentfuse.paths import check_model_path
 
         source = str(source)
         check_model_path(source, "conditioning.text_encoder")
@@ -185,7 +185,7 @@ def build_denoiser(
     """The denoiser for one conditioning kind: `UNet2DModel` for class labels (or none: the
     server under server_labels "client"/"none" passes kind "class"), `UNet2DConditionModel`
     with a projection embedding for attributes, with cross-attention for text."""
-    from .models import build_unet
+    from latentfuse.models import build_unet
 
     if kind == "class":
         return build_unet(cfg, sample_size, channels, num_class_embeds)

@@ -10,7 +10,7 @@ from typing import Any
 
 import tomllib
 
-from .split import CLIENT_ENTRIES, OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
+from latentfuse.method.split import CLIENT_ENTRIES, OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
 
 PARTITIONS = ("iid", "classes", "dirichlet", "attributes")
 RELEASE_POLICIES = ("once", "fresh")
@@ -182,7 +182,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """The formal-privacy mode (analytic Gaussian mechanism, latentfuse/privacy.py).
+    """The formal-privacy mode (analytic Gaussian mechanism, latentfuse/method/privacy.py).
 
     With `clip_norm` > 0 every client scales each latent to L2 norm <= clip_norm before it
     releases it, so a guarantee holds and is recorded in collafuse.json. With

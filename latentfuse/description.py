@@ -1,7 +1,8 @@
 """The model description (`collafuse.json`): one typed record, written by one function.
 
 The in-process job, the deployment server and the deployment client each describe the model
-folder they write with `model_description`; the pipelines read it back (`pipelines/folder.py`).
+folder they write with `model_description`; the pipelines read it back
+(`latentfuse/pipelines/folder.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig
-from .privacy import guarantee_record
-from .split import DiffusionSplit, client_start
+from latentfuse.config import RunConfig
+from latentfuse.method.privacy import guarantee_record
+from latentfuse.method.split import DiffusionSplit, client_start
 
 DESCRIPTION_FORMAT = 1
 
@@ -89,3 +90,20 @@ def model_description(
     if data is not None:
         description["data"] = data
     return description
+
+
+def guidance_rule(label_dropout: float, server_labels: str, guidance_scale: float | None) -> float:
+    """The guidance a model is sampled with by default: `guidance_scale` if set, else 3 for a
+    model trained with label dropout on class labels (it has learnt the unconditional score
+    that classifier-free guidance needs, and looks class-like only with it), else 1."""
+    guided = bool(label_dropout) and server_labels == "class"
+    return float(guidance_scale or (3.0 if guided else 1.0))
+
+
+def default_guidance(description: dict[str, Any]) -> float:
+    """The guidance a model folder was made for: recorded in collafuse.json, else the rule
+    (`guidance_rule`) applied to the run config it records."""
+    if "guidance_scale" in description:
+        return float(description["guidance_scale"])
+    train = description.get("run_config", {}).get("train", {})
+    return guidance_rule(train.get("label_dropout", 0), description.get("server_labels"), None)

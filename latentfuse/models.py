@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from .config import UNetConfig
+from latentfuse.config import UNetConfig
 
 
 def build_unet(

@@ -25,3 +25,22 @@ def resolve_path(path: str) -> str:
     """A relative path that exists under the repository root, else the path unchanged."""
     candidate = REPO_ROOT / path
     return str(candidate) if not Path(path).exists() and candidate.exists() else path
+
+
+def looks_local(text: str) -> bool:
+    """Whether a model argument names a local path rather than a hub id (`owner/name`):
+    absolute, relative (`./`, `~`), more or fewer than one `/`, or under a folder that exists
+    here (`checkpoints/no-such-model`)."""
+    path = Path(text).expanduser()
+    return (
+        path.is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") != 1
+        or Path(path.parts[0]).is_dir()
+    )
+
+
+def check_model_path(text: str, option: str = "--model") -> None:
+    """A local-looking path that does not exist is reported as such, before any hub look-up."""
+    if looks_local(text) and not Path(text).expanduser().exists():
+        raise FileNotFoundError(f"{option} {text}: no such folder (a local path, not a hub id)")

@@ -16,15 +16,15 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from latentfuse.autoencoder_training import (
+from latentfuse.checkpointing import atomic_write_dir, load_state, save_state
+from latentfuse.data.datasets import load_cifar10, load_image
+from latentfuse.training.autoencoder import (
     AutoencoderLoss,
     augment,
     autoencoder_loss,
     cosine_learning_rate,
     reconstruction_metrics,
 )
-from latentfuse.checkpointing import atomic_write_dir, load_state, save_state
-from latentfuse.datasets import load_cifar10, load_image
 
 logger = logging.getLogger("train_autoencoder")
 

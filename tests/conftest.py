@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentfuse.fixtures import CELEBA_ATTRIBUTES as FIXTURE_CELEBA_ATTRIBUTES
+from latentfuse.testing.fixtures import CELEBA_ATTRIBUTES as FIXTURE_CELEBA_ATTRIBUTES
 
 IMAGE_FOLDER_CLASSES = ("cat", "dog", "frog", "ship")
 IMAGES_PER_CLASS = 6

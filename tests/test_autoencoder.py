@@ -14,7 +14,7 @@ from conftest import TINY_VAE_SCALING_FACTOR
 from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
-from latentfuse.autoencoder import (
+from latentfuse.data.autoencoder import (
     decode,
     encode,
     latent_geometry,
@@ -178,7 +178,7 @@ def test_shipped_vae_reconstructs_cifar10_train_images() -> None:
     """The shipped checkpoint works with plain diffusers: no latentfuse code in the loop."""
     if not CIFAR10_ARCHIVE.is_file():
         pytest.skip("CIFAR-10 archive not present")
-    from latentfuse.datasets import load_cifar10
+    from latentfuse.data.datasets import load_cifar10
 
     assert (SHIPPED_VAE_DIR / "config.json").is_file(), (
         f"shipped autoencoder missing: {SHIPPED_VAE_DIR} (train it with "

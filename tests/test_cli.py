@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from latentfuse.cli import main
+from latentfuse.cli.main import main
 
 RESOLUTION = 32
 PAD = 2  # make_grid's padding between tiles
@@ -105,7 +105,7 @@ def test_reconstruct_split_must_exist(
 @pytest.fixture(scope="module")
 def tiny_model(tiny_world, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step model on the tiny world."""
-    from latentfuse.runner import train
+    from latentfuse.training.runner import train
     from tests.worlds import tiny_config
 
     with pytest.MonkeyPatch.context() as patch:

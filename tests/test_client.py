@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from latentfuse.client import Client, EpochSampler
-from latentfuse.release_key import KEY_BYTES
-from latentfuse.split import DiffusionSplit
-from latentfuse.transport import InProcessTransport, ReleaseBatch
+from latentfuse.method.client import Client, EpochSampler
+from latentfuse.method.release_key import KEY_BYTES
+from latentfuse.method.split import DiffusionSplit
+from latentfuse.method.transport import InProcessTransport, ReleaseBatch
 
 T = 1000
 NUM_IMAGES = 10
@@ -312,7 +312,7 @@ def test_client_state_round_trip(release_policy):
 def test_clipped_release_is_the_release_of_the_clipped_latent():
     """With clip_norm set the release carries sqrt(abar_r) clip(z0): no latent's signal exceeds
     the norm the guarantee assumes."""
-    from latentfuse.privacy import clip_latent_norm
+    from latentfuse.method.privacy import clip_latent_norm
 
     z0 = make_latents() * 10
     client = make_client(100, z0, clip_norm=2.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentfuse.evaluation.collaboration import (
+from experiments.collaboration import (
     BenchmarkSettings,
     FeatureStats,
     ModelSpec,
@@ -22,7 +22,7 @@ from latentfuse.evaluation.collaboration import (
     run_benchmark,
     verdicts,
 )
-from latentfuse.evaluation.collaboration_report import write_report
+from experiments.collaboration_report import write_report
 from tests.worlds import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +101,7 @@ def test_settings_name_bad_input():
 
 
 def test_the_shipped_config_holds_the_core_grid():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark_collaboration import load
+    from experiments.run_collaboration import load
 
     config, settings = load(ROOT / "configs/collaboration-cifar10-cpu.toml", [])
     names = {m.name for m in settings.models}
@@ -123,10 +122,8 @@ def test_committed_rows_keep_their_keys_under_the_current_code():
     code computes for its point: a renamed config key or a changed default would orphan it."""
     import json
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from benchmark_collaboration import load
-
-    from latentfuse.evaluation.collaboration import point_config, point_key
+    from experiments.collaboration import point_config, point_key
+    from experiments.run_collaboration import load
 
     config, settings = load(ROOT / "configs/collaboration-cifar10-cpu.toml", [])
     rows = json.loads((ROOT / "results/collaboration.json").read_text())["rows"]
@@ -182,7 +179,7 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     assert again == rows
     with pytest.raises(FileExistsError, match="--resume"):
         run_benchmark(config, out, settings)
-    meta = {"command": "python scripts/benchmark_collaboration.py ...", "config": "x"}
+    meta = {"command": "python -m experiments.run_collaboration ...", "config": "x"}
     summary = write_report(tmp_path / "report", config, settings, rows, meta, out)
     assert summary["verdicts"] and (tmp_path / "report.png").stat().st_size > 0
     assert (tmp_path / "report-worst-cases.png").is_file()
@@ -191,7 +188,7 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     known = {r["name"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
     assert run_benchmark(config, tmp_path / "fresh", settings, known=known) == rows
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
-    from latentfuse.evaluation.collaboration import point_config, point_key
+    from experiments.collaboration import point_config, point_key
 
     point = benchmark_points(settings)[0]
     changed = tiny_config(tiny_world, "data.eval_fraction=0.25", "train.learning_rate=1e-3")
@@ -204,7 +201,7 @@ def test_claim_skips_a_live_holder_and_takes_a_stale_lock(tmp_path):
     import os
     import subprocess
 
-    from latentfuse.evaluation.collaboration import LOCK, claim
+    from experiments.collaboration import LOCK, claim
 
     held = tmp_path / "held"
     held.mkdir()
@@ -246,7 +243,7 @@ def test_compensated_arms_sample_with_as_many_network_evaluations(entry, steps, 
 
     from diffusers import DDIMScheduler
 
-    from latentfuse.evaluation.collaboration import chain_evaluations, matched_inference_steps
+    from experiments.collaboration import chain_evaluations, matched_inference_steps
 
     pipe = SimpleNamespace(
         scheduler=DDIMScheduler(num_train_timesteps=1000),

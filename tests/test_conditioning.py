@@ -19,12 +19,12 @@ from latentfuse.conditioning import (
     unet_inputs,
 )
 from latentfuse.config import UNetConfig, load_config
-from latentfuse.datasets import load_dataset
-from latentfuse.engine import make_accelerator
-from latentfuse.fixtures import CELEBA_ATTRIBUTES, make_awa2_fixture, make_celeba_fixture
-from latentfuse.runner import build_pipeline, train
-from latentfuse.setup_run import build_run
-from latentfuse.training import Trainer
+from latentfuse.data.datasets import load_dataset
+from latentfuse.testing.fixtures import CELEBA_ATTRIBUTES, make_awa2_fixture, make_celeba_fixture
+from latentfuse.training.engine import make_accelerator
+from latentfuse.training.runner import build_pipeline, train
+from latentfuse.training.setup import build_run
+from latentfuse.training.trainer import Trainer
 from tests.worlds import tiny_clip_text, tiny_t5
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ def test_celeba_setting_trains_attribute_groups_and_samples_with_attributes(worl
 def test_latentfuse_train_runs_the_celeba_config_and_sample_draws_attributes(
     world, tmp_path, capsys
 ):
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
 
     out = tmp_path / "run"
     args = ["train", "--data", str(world["celeba"]), "--config", str(REPO / "configs/celeba.toml")]
@@ -199,7 +199,7 @@ def test_latentfuse_train_runs_the_celeba_config_and_sample_draws_attributes(
 
 @pytest.mark.slow
 def test_celeba_setting_is_evaluated_per_client(world, tmp_path):
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
 
     model = train(celeba_config(world), tmp_path / "run")
     out = tmp_path / "results.json"
@@ -319,7 +319,7 @@ def test_what_the_server_receives_of_each_kind(world, tmp_path, kind, mode):
 
 
 def test_the_http_deployment_refuses_other_kinds_in_one_line(world):
-    from latentfuse.http.deploy import require_class_conditioning
+    from latentfuse.deploy.config import require_class_conditioning
 
     require_class_conditioning(celeba_config(world, 'conditioning.kind="class"'))
     with pytest.raises(ValueError, match="carries class labels only"):

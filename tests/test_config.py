@@ -161,7 +161,7 @@ def test_a_renamed_key_is_read_under_its_old_name_everywhere(tmp_path):
     """data.split became data.subfolder: saved configs, TOML files and overrides still work,
     a resume does not see a difference, and setting both names is an error."""
     from latentfuse.config import config_from_dict, first_form, load_config
-    from latentfuse.engine import config_differences
+    from latentfuse.training.engine import config_differences
 
     saved = first_form(load_config(overrides=['data.subfolder=""']).to_dict())
     assert "split" in saved["data"] and "subfolder" not in saved["data"]
@@ -183,7 +183,7 @@ def test_latentfuse_config_prints_every_key_as_toml_that_reads_back(source, caps
 
     import tomllib
 
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
     from latentfuse.config import config_from_dict, load_config
 
     root = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from conftest import (
     celeba_row,
 )
 
-from latentfuse.datasets import (
+from latentfuse.data.datasets import (
     load_awa2,
     load_celeba,
     load_dataset,

@@ -168,7 +168,7 @@ def isolated(tiny_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> No
 def tiny_model(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-client split model trained for 2 steps (the weights do not matter here)."""
     from latentfuse.config import load_config
-    from latentfuse.runner import train
+    from latentfuse.training.runner import train
 
     overrides = [
         f'vae="{tiny_world["vae"]}"',
@@ -217,7 +217,7 @@ def test_guidance_reaches_the_samples(tiny_model):
 
 
 def test_reference_statistics_are_cached(tiny_world, inception, monkeypatch):
-    from latentfuse.datasets import load_image_folder
+    from latentfuse.data.datasets import load_image_folder
 
     dataset = load_image_folder(tiny_world["images"])
     first = cached_reference_stats(inception, dataset, (0, 13, 30), 32)
@@ -236,7 +236,7 @@ def test_reference_statistics_are_cached(tiny_world, inception, monkeypatch):
 
 
 def test_evaluate_cli_writes_results(tiny_model, tmp_path, capsys):
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
 
     out = tmp_path / "results.json"
     args = ["evaluate", "--model", str(tiny_model), "--num-samples", "8", "--out", str(out)]
@@ -275,7 +275,7 @@ def test_partition_is_rebuilt_and_checked_against_the_model(tiny_model):
 
 
 def test_evaluate_rejects_a_folder_that_is_not_a_model(tmp_path, capsys):
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
 
     assert main(["evaluate", "--model", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
     assert "collafuse.json" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from latentfuse.evaluation.attacks import (
     release_membership,
 )
 from latentfuse.evaluation.statistics import binomial_summary, roc_auc, roc_summary, tpr_at_fpr
-from latentfuse.release_key import release_noise
+from latentfuse.method.release_key import release_noise
 
 T = 1000
 SHAPE = (4, 4, 4)

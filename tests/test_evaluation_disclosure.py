@@ -19,7 +19,7 @@ from latentfuse.evaluation import (
     ssim,
 )
 from latentfuse.evaluation.disclosure import attack_timesteps
-from latentfuse.split import DiffusionSplit
+from latentfuse.method.split import DiffusionSplit
 from tests.worlds import tiny_clip
 
 T = 1000

@@ -16,9 +16,9 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from latentfuse.flower import app as client_app  # noqa: E402
-from latentfuse.flower import run_server  # noqa: E402
-from latentfuse.release_key import KEY_FILE  # noqa: E402
+from latentfuse.deploy.flower import app as client_app  # noqa: E402
+from latentfuse.deploy.flower import run_server  # noqa: E402
+from latentfuse.method.release_key import KEY_FILE  # noqa: E402
 from tests.test_http_client import client_folder  # noqa: E402
 from tests.test_http_e2e import CLIENT_CLASSES, deploy_toml  # noqa: E402
 
@@ -92,13 +92,13 @@ def server_weights(state: Path) -> dict[str, torch.Tensor]:
 
 
 def test_flower_and_http_carry_the_same_bytes_to_the_same_server_weights(setting, monkeypatch):
-    from latentfuse.http.app import BackgroundServer
-    from latentfuse.http.auth import TokenBook, issue_tokens
-    from latentfuse.http.client_job import ClientJob
-    from latentfuse.http.deploy import load_deploy_config
-    from latentfuse.http.remote import RemoteServer, read_token
-    from latentfuse.http.service import ServerService
-    from latentfuse.http.trainer import ServerTrainer
+    from latentfuse.deploy.client.job import ClientJob
+    from latentfuse.deploy.client.remote import RemoteServer, read_token
+    from latentfuse.deploy.config import load_deploy_config
+    from latentfuse.deploy.server.app import BackgroundServer
+    from latentfuse.deploy.server.auth import TokenBook, issue_tokens
+    from latentfuse.deploy.server.service import ServerService
+    from latentfuse.deploy.server.trainer import ServerTrainer
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(setting["files"]["cache"]))
     root = setting["root"]
@@ -152,7 +152,7 @@ def test_flower_and_http_carry_the_same_bytes_to_the_same_server_weights(setting
         assert torch.equal(http_weights[key], flower_weights[key]), key
     # the same upload bodies were committed, byte for byte
     http_uploads = {(e.client_id, e.upload_id, e.sha256) for e in service.database.uploads()}
-    from latentfuse.http.store import ReleaseDatabase
+    from latentfuse.deploy.server.store import ReleaseDatabase
 
     flower_db = ReleaseDatabase(flower_root / "state" / "releases.db", service.latent_shape)
     assert {(e.client_id, e.upload_id, e.sha256) for e in flower_db.uploads()} == http_uploads
@@ -169,7 +169,7 @@ def test_a_superlink_and_two_supernodes_with_tls_and_node_auth_train_and_sample(
     """Flower's deployment engine on loopback, started and stopped by the test (at most 10
     minutes): TLS with a CA of the test's own, SuperNode authentication with registered
     P-384 keys, `flwr run` of examples/flower."""
-    from latentfuse.flower_loopback import run_loopback
+    from latentfuse.testing.flower_loopback import run_loopback
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(setting["files"]["cache"]))
     work = setting["root"] / "deployment"
@@ -189,7 +189,7 @@ def test_the_simulation_engine_runs_the_same_app(setting, monkeypatch):
     """Flower's simulation engine (Ray, a local simulation SuperLink that `flwr run` starts):
     the same ServerApp and ClientApp, two simulated SuperNodes."""
     pytest.importorskip("ray")
-    from latentfuse.flower_loopback import run_simulation_engine
+    from latentfuse.testing.flower_loopback import run_simulation_engine
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(setting["files"]["cache"]))
     template = str(setting["root"] / "data-{client}")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from latentfuse.evaluation.frontier_report import (
+from experiments.frontier_report import (
     frontier_verdicts,
     headline,
     holm,

@@ -14,11 +14,11 @@ import httpx
 import pytest
 import torch
 
-from latentfuse.http.app import BackgroundServer, create_app
-from latentfuse.http.auth import Credential, TokenBook, issue_tokens, parse_client_id
-from latentfuse.http.remote import RemoteServer, read_token
-from latentfuse.http.wire import WireError
-from latentfuse.transport import ReleaseBatch
+from latentfuse.deploy.client.remote import RemoteServer, read_token
+from latentfuse.deploy.server.app import BackgroundServer, create_app
+from latentfuse.deploy.server.auth import Credential, TokenBook, issue_tokens, parse_client_id
+from latentfuse.deploy.wire import WireError
+from latentfuse.method.transport import ReleaseBatch
 from tests.test_http_app import (  # noqa: F401  (world: a fixture, by name)
     make_service,
     release_body,
@@ -170,7 +170,7 @@ def test_a_poisoned_release_is_refused_before_it_is_stored(server, tiny, value):
 def test_honest_releases_are_never_refused(t_cut):
     """Releases of latents like the shipped autoencoder's (std 1, a few elements at 6-7) and of
     a data set with std 2.5 pass at every level; their bounds are not vacuous."""
-    from latentfuse.split import DiffusionSplit
+    from latentfuse.method.split import DiffusionSplit
 
     alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     split = DiffusionSplit(alphas, t_cut)
@@ -191,8 +191,8 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights():
     from accelerate import Accelerator
 
     from latentfuse.config import TrainConfig, UNetConfig
-    from latentfuse.engine import Engine
     from latentfuse.models import build_unet
+    from latentfuse.training.engine import Engine
 
     torch.manual_seed(0)
     unet = build_unet(UNetConfig(block_out_channels=(32,), layers_per_block=1), 8, 4, 3)
@@ -221,8 +221,8 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights():
 
 
 def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny, tmp_path):
-    from latentfuse.http.store import DuplicateUpload
-    from latentfuse.http.trainer import ServerTrainer
+    from latentfuse.deploy.server.store import DuplicateUpload
+    from latentfuse.deploy.server.trainer import ServerTrainer
     from tests.test_http_app import tiny_deploy
 
     trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
@@ -255,8 +255,8 @@ def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny,
 
 @pytest.mark.parametrize(("balance", "share"), [("clients", 0.5), ("releases", 10 / 1010)])
 def test_one_client_draws_its_share_of_a_batch_whatever_it_uploads(balance, share):
-    from latentfuse.server import Server
-    from latentfuse.split import DiffusionSplit
+    from latentfuse.method.server import Server
+    from latentfuse.method.split import DiffusionSplit
 
     alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     splits = {c: DiffusionSplit(alphas, 100) for c in (0, 1)}
@@ -270,8 +270,8 @@ def test_one_client_draws_its_share_of_a_batch_whatever_it_uploads(balance, shar
 
 
 def test_the_remove_command_reports_what_it_removed(tmp_path, capsys):
-    from latentfuse.cli import main
-    from latentfuse.http.store import ReleaseDatabase
+    from latentfuse.cli.main import main
+    from latentfuse.deploy.server.store import ReleaseDatabase
 
     database = ReleaseDatabase(tmp_path / "releases.db", (4, 2, 2))
     for client in (0, 1):
@@ -305,7 +305,7 @@ def test_an_interrupted_checkpoint_write_is_recovered_and_nothing_else_touched(t
 
 
 def test_a_corrupt_checkpoint_refuses_to_start_naming_the_file(tiny, tmp_path):
-    from latentfuse.http.trainer import ServerTrainer
+    from latentfuse.deploy.server.trainer import ServerTrainer
     from tests.test_http_app import tiny_deploy
 
     trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
@@ -319,7 +319,7 @@ def test_a_corrupt_checkpoint_refuses_to_start_naming_the_file(tiny, tmp_path):
 
 
 def test_a_database_older_than_the_model_refuses_to_start(tiny, tmp_path):
-    from latentfuse.http.trainer import ServerTrainer
+    from latentfuse.deploy.server.trainer import ServerTrainer
     from tests.test_http_app import tiny_deploy
 
     trainer = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
@@ -339,7 +339,7 @@ def test_a_database_older_than_the_model_refuses_to_start(tiny, tmp_path):
 
 
 def test_an_unreadable_database_refuses_to_start_naming_it(tmp_path):
-    from latentfuse.http.store import ReleaseDatabase
+    from latentfuse.deploy.server.store import ReleaseDatabase
 
     (tmp_path / "releases.db").write_bytes(b"not a database" * 100)
     with pytest.raises(ValueError, match=r"releases\.db is unreadable"):
@@ -648,7 +648,7 @@ def test_sampling_processes_answer_as_the_web_process_does_at_a_lower_priority(t
     uploads and status calls need): the same bytes, from a process at the set niceness."""
     import os
 
-    from latentfuse.http.sampler import ProcessSampler
+    from latentfuse.deploy.server.sampler import ProcessSampler
 
     body = _own_sample_body(tiny)
     local = make_service(tiny, tmp_path / "a")
@@ -736,7 +736,7 @@ def test_a_client_listed_after_start_but_outside_the_run_is_401(tiny, tmp_path):
 def test_concurrent_uploads_cannot_pass_a_quota_together(tmp_path):
     import threading
 
-    from latentfuse.http.store import QuotaExceeded, ReleaseDatabase
+    from latentfuse.deploy.server.store import QuotaExceeded, ReleaseDatabase
 
     database = ReleaseDatabase(tmp_path / "r.db", (4, 2, 2))
     barrier, refused = threading.Barrier(20), []

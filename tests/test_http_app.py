@@ -9,26 +9,26 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from latentfuse.pipelines import CollaFuseClientPipeline, CollaFusePipeline
 from safetensors.torch import save
 
-from latentfuse.http.app import BackgroundServer, serve
-from latentfuse.http.auth import TokenBook, issue_tokens
-from latentfuse.http.deploy import DeployConfig, sampling_scheduler
-from latentfuse.http.remote import (
+from latentfuse.deploy.client.remote import (
     RemoteError,
     RemoteServer,
     RetryPolicy,
     chunks,
     read_token,
 )
-from latentfuse.http.remote_sample import finish_remote
-from latentfuse.http.service import ServerService
-from latentfuse.http.wire import SampleRequest, encode_release
-from latentfuse.runner import collafuse_description
-from latentfuse.server import Server
-from latentfuse.setup_run import build_run
-from latentfuse.transport import ReleaseBatch
+from latentfuse.deploy.client.remote_sample import finish_remote
+from latentfuse.deploy.config import DeployConfig, sampling_scheduler
+from latentfuse.deploy.server.app import BackgroundServer, serve
+from latentfuse.deploy.server.auth import TokenBook, issue_tokens
+from latentfuse.deploy.server.service import ServerService
+from latentfuse.deploy.wire import SampleRequest, encode_release
+from latentfuse.method.server import Server
+from latentfuse.method.transport import ReleaseBatch
+from latentfuse.pipelines import CollaFuseClientPipeline, CollaFusePipeline
+from latentfuse.training.runner import collafuse_description
+from latentfuse.training.setup import build_run
 from tests.worlds import tiny_config
 
 CLASS_NAMES = ("class0", "class1", "class2", "class3")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import torch
 
-from latentfuse.http.app import BackgroundServer
-from latentfuse.http.remote import RemoteError, upload_id
+from latentfuse.deploy.client.remote import RemoteError, upload_id
+from latentfuse.deploy.server.app import BackgroundServer
 from tests.test_http_app import (
     make_service,
     release_body,
@@ -136,8 +136,8 @@ def client_folder(world_images: Path, out: Path, classes: tuple[str, ...]) -> Pa
 
 @pytest.mark.parametrize(("t_cut", "folders"), [(100, ["clients"]), (0, [])], ids=["split", "GM"])
 def test_client_job_uploads_trains_exports_samples_and_resumes(tiny_run, tmp_path, t_cut, folders):
-    from latentfuse.http.client_job import ClientJob
-    from latentfuse.http.remote_sample import sample_remote
+    from latentfuse.deploy.client.job import ClientJob
+    from latentfuse.deploy.client.remote_sample import sample_remote
 
     config = tiny_run["config"]
     config = dataclasses.replace(config, split=dataclasses.replace(config.split, t_cut=t_cut))
@@ -238,7 +238,7 @@ def test_client_job_uploads_trains_exports_samples_and_resumes(tiny_run, tmp_pat
     ],
 )
 def test_command_line_refuses_bad_invocations(argv, message, tmp_path, capsys):
-    from latentfuse.cli import main
+    from latentfuse.cli.main import main
 
     token = tmp_path / "t.token"
     token.write_text("lf0.secret\n")
@@ -253,8 +253,8 @@ def test_a_changed_release_is_refused_before_its_body_leaves(monkeypatch):
     by the client itself, so the server never receives a second noisy copy."""
     import torch
 
-    from latentfuse.http.remote import RemoteServer, upload_id
-    from latentfuse.transport import ReleaseBatch
+    from latentfuse.deploy.client.remote import RemoteServer, upload_id
+    from latentfuse.method.transport import ReleaseBatch
 
     batch = lambda latents: ReleaseBatch(0, (0, 1, 2, 3), latents, None, 100, 0)
     first = batch(torch.zeros(4, 4, 2, 2))

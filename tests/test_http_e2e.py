@@ -19,12 +19,12 @@ import httpx
 import pytest
 import torch
 
-from latentfuse.cli import main
-from latentfuse.http.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
-from latentfuse.http.store import ReleaseDatabase
-from latentfuse.http.train_server import trainer_command
-from latentfuse.http.wire import SampleRequest, encode_release
-from latentfuse.release_key import load_release_key
+from latentfuse.cli.main import main
+from latentfuse.deploy.client.remote import RemoteServer, RetryPolicy, chunks, read_token, upload_id
+from latentfuse.deploy.server.store import ReleaseDatabase
+from latentfuse.deploy.server.train_server import trainer_command
+from latentfuse.deploy.wire import SampleRequest, encode_release
+from latentfuse.method.release_key import load_release_key
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
 
@@ -82,7 +82,7 @@ def start_server(
     state: str = "state",
 ) -> subprocess.Popen:
     """`latentfuse serve` in a child process; returns once /healthz answers."""
-    command = [sys.executable, "-m", "latentfuse.cli", "serve", "--config", str(toml)]
+    command = [sys.executable, "-m", "latentfuse.cli.main", "serve", "--config", str(toml)]
     command += ["--clients", str(root / "clients.json"), "--state-dir", str(root / state)]
     command += ["--port", str(port), *extra]
     (root / state / "endpoint.json").unlink(missing_ok=True)
@@ -129,7 +129,7 @@ def test_server_and_two_client_processes_train_and_sample(tiny_run, deployment, 
         clients = []
         for cid, classes in CLIENT_CLASSES.items():
             data = client_folder(files["images"], root / f"data{cid}", classes)
-            command = [sys.executable, "-m", "latentfuse.cli", "client", "--server", url]
+            command = [sys.executable, "-m", "latentfuse.cli.main", "client", "--server", url]
             command += ["--token-file", str(root / "tokens" / f"client-{cid}.token")]
             command += ["--data", str(data), "--client-id", str(cid), "--config", str(toml)]
             command += ["--work-dir", str(root / f"client{cid}"), "--max-steps", "3"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentfuse.http.store import DuplicateUpload, ReleaseDatabase, migrate_release_log
-from latentfuse.http.wire import encode_release
-from latentfuse.transport import ReleaseBatch
+from latentfuse.deploy.server.store import DuplicateUpload, ReleaseDatabase, migrate_release_log
+from latentfuse.deploy.wire import encode_release
+from latentfuse.method.transport import ReleaseBatch
 
 SHAPE = (4, 2, 2)
 

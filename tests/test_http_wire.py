@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from latentfuse.pipelines import HandOff, SolverState
 from safetensors.torch import save
 
-from latentfuse.http.auth import TokenBook, issue_tokens
-from latentfuse.http.deploy import DeployConfig, deploy_from_dict, load_deploy_config
-from latentfuse.http.remote import chunks, read_token, upload_id
-from latentfuse.http.wire import (
+from latentfuse.deploy.client.remote import chunks, read_token, upload_id
+from latentfuse.deploy.config import DeployConfig, deploy_from_dict, load_deploy_config
+from latentfuse.deploy.server.auth import TokenBook, issue_tokens
+from latentfuse.deploy.wire import (
     META_KEY,
     SampleRequest,
     WireError,
@@ -26,12 +25,13 @@ from latentfuse.http.wire import (
     encode_release,
     encode_sample_request,
 )
-from latentfuse.transport import ReleaseBatch
+from latentfuse.method.transport import ReleaseBatch
+from latentfuse.pipelines import HandOff, SolverState
 
 REPO = Path(__file__).resolve().parent.parent
-HTTP = REPO / "latentfuse" / "http"
-SERVER_SIDE = {"auth", "persist", "store", "trainer", "train_server", "service", "app"}
-CLIENT_SIDE = {"remote", "remote_sample", "client_job"}
+DEPLOY = REPO / "latentfuse" / "deploy"
+SERVER_SIDE = sorted(p.stem for p in (DEPLOY / "server").glob("*.py") if p.stem != "__init__")
+CLIENT_SIDE = sorted(p.stem for p in (DEPLOY / "client").glob("*.py") if p.stem != "__init__")
 LIMIT = 1 << 20
 
 
@@ -213,23 +213,32 @@ def test_deploy_config_is_checked(tmp_path):
 
 
 def imports_of(path: Path) -> set[str]:
-    """Names of the latentfuse.http modules a file imports (relative or absolute)."""
+    """The modules a file imports, as absolute names (the package uses absolute imports)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            module = node.module.split(".")[-1]
-            names.add(module)
-            names.update(alias.name for alias in node.names)
+            assert node.level == 0, f"{path}: relative import of {node.module}"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[-1] for alias in node.names)
+            names.update(alias.name for alias in node.names)
     return names
 
 
-@pytest.mark.parametrize("module", sorted(CLIENT_SIDE))
+def test_both_sides_have_modules():
+    assert {"app", "service", "store", "trainer"} <= set(SERVER_SIDE)
+    assert {"job", "remote"} <= set(CLIENT_SIDE)
+
+
+@pytest.mark.parametrize("module", CLIENT_SIDE)
 def test_client_side_never_imports_the_server_side(module):
-    assert not imports_of(HTTP / f"{module}.py") & (SERVER_SIDE | {"server"})
+    imported = imports_of(DEPLOY / "client" / f"{module}.py")
+    assert not {n for n in imported if n.startswith("latentfuse.deploy.server")}
+    assert "latentfuse.method.server" not in imported
 
 
-@pytest.mark.parametrize("module", sorted(SERVER_SIDE))
+@pytest.mark.parametrize("module", SERVER_SIDE)
 def test_server_side_never_imports_the_client_side(module):
-    assert not imports_of(HTTP / f"{module}.py") & (CLIENT_SIDE | {"client"})
+    imported = imports_of(DEPLOY / "server" / f"{module}.py")
+    assert not {n for n in imported if n.startswith("latentfuse.deploy.client")}
+    assert "latentfuse.method.client" not in imported

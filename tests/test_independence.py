@@ -11,29 +11,34 @@ import sys
 import pytest
 
 CLIENT_ONLY = {
-    "latentfuse.client",
-    "latentfuse.setup_run",
-    "latentfuse.http.client_job",
-    "latentfuse.http.remote",
-    "latentfuse.http.remote_sample",
+    "latentfuse.method.client",
+    "latentfuse.training.setup",
+    "latentfuse.deploy.client.job",
+    "latentfuse.deploy.client.remote",
+    "latentfuse.deploy.client.remote_sample",
 }
 SERVER_ONLY = {
-    "latentfuse.server",
-    "latentfuse.http.app",
-    "latentfuse.http.auth",
-    "latentfuse.http.persist",
-    "latentfuse.http.service",
-    "latentfuse.http.trainer",
+    "latentfuse.method.server",
+    "latentfuse.deploy.server.app",
+    "latentfuse.deploy.server.auth",
+    "latentfuse.deploy.server.persist",
+    "latentfuse.deploy.server.service",
+    "latentfuse.deploy.server.trainer",
 }
 # What both sides meet in: the messages, the cut, the engine, the config (and the pipelines).
-SHARED = {"latentfuse.transport", "latentfuse.split", "latentfuse.engine", "latentfuse.config"}
+SHARED = {
+    "latentfuse.method.transport",
+    "latentfuse.method.split",
+    "latentfuse.training.engine",
+    "latentfuse.config",
+}
 
 
 ENTRY_MODULES = (
-    "latentfuse.http.client_job",
-    "latentfuse.http.remote_sample",
-    "latentfuse.http.app",
-    "latentfuse.http.service",
+    "latentfuse.deploy.client.job",
+    "latentfuse.deploy.client.remote_sample",
+    "latentfuse.deploy.server.app",
+    "latentfuse.deploy.server.service",
 )
 
 
@@ -63,14 +68,18 @@ def loaded_modules(module: str) -> frozenset[str]:
     return _all_loaded()[module]
 
 
-@pytest.mark.parametrize("module", ["latentfuse.http.client_job", "latentfuse.http.remote_sample"])
+@pytest.mark.parametrize(
+    "module", ["latentfuse.deploy.client.job", "latentfuse.deploy.client.remote_sample"]
+)
 def test_client_side_loads_nothing_of_the_server(module):
     loaded = loaded_modules(module)
     assert module in loaded
     assert not loaded & SERVER_ONLY, sorted(loaded & SERVER_ONLY)
 
 
-@pytest.mark.parametrize("module", ["latentfuse.http.app", "latentfuse.http.service"])
+@pytest.mark.parametrize(
+    "module", ["latentfuse.deploy.server.app", "latentfuse.deploy.server.service"]
+)
 def test_server_side_loads_nothing_of_the_client(module):
     loaded = loaded_modules(module)
     assert module in loaded
@@ -80,8 +89,8 @@ def test_server_side_loads_nothing_of_the_client(module):
 def test_both_sides_meet_in_the_shared_modules():
     """The check can fail: each side does load the role-neutral modules it shares."""
     client, server = (
-        loaded_modules("latentfuse.http.client_job"),
-        loaded_modules("latentfuse.http.service"),
+        loaded_modules("latentfuse.deploy.client.job"),
+        loaded_modules("latentfuse.deploy.server.service"),
     )
     assert client & server >= SHARED
-    assert "latentfuse.client" in client and "latentfuse.server" in server
+    assert "latentfuse.method.client" in client and "latentfuse.method.server" in server

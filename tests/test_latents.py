@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import write_image
 
-import latentfuse.latents
-from latentfuse.autoencoder import Autoencoder, load_vae, vae_fingerprint
-from latentfuse.datasets import ImageDataset, load_image_folder
-from latentfuse.latents import cached_latents, encode_images
+import latentfuse.data.latents
+from latentfuse.data.autoencoder import Autoencoder, load_vae, vae_fingerprint
+from latentfuse.data.datasets import ImageDataset, load_image_folder
+from latentfuse.data.latents import cached_latents, encode_images
 
 INDICES = (0, 3, 7, 12, 23)
 
@@ -43,7 +43,7 @@ def dataset(image_folder: Path) -> ImageDataset:
 
 def _spy(monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> EncodeSpy:
     spy = EncodeSpy(fail)
-    monkeypatch.setattr(latentfuse.latents, "encode_images", spy)
+    monkeypatch.setattr(latentfuse.data.latents, "encode_images", spy)
     return spy
 
 
@@ -153,7 +153,7 @@ def test_failed_write_leaves_no_half_written_cache(
     def broken_save_file(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(latentfuse.latents, "save_file", broken_save_file)
+    monkeypatch.setattr(latentfuse.data.latents, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         cached_latents(vae, dataset, INDICES, cache)
     if stale_cache:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentfuse.datasets import ImageDataset, ImageRecord, load_celeba, load_image_folder
-from latentfuse.partition import (
+from latentfuse.data.datasets import ImageDataset, ImageRecord, load_celeba, load_image_folder
+from latentfuse.data.partition import (
     ClientShare,
     load_shares,
     partition,
@@ -209,7 +209,7 @@ def test_client_split_rejects_index_in_train_and_eval() -> None:
 
 @pytest.mark.skipif(not CIFAR10_ARCHIVE.is_file(), reason="CIFAR-10 archive not present")
 def test_cifar10_classes_partition() -> None:
-    from latentfuse.datasets import load_cifar10
+    from latentfuse.data.datasets import load_cifar10
 
     dataset = load_cifar10("train")
     assert len(dataset) == 50_000 and len(dataset.class_names) == 10
@@ -222,7 +222,7 @@ def test_cifar10_classes_partition() -> None:
 
 def test_limit_train_images_draws_a_seeded_subset_of_every_class():
     """A prefix of the sorted indices would hold one class only (ImageFolder order)."""
-    from latentfuse.partition import ClientShare, limit_train_images
+    from latentfuse.data.partition import ClientShare, limit_train_images
 
     labels = [i // 50 for i in range(100)]  # two classes, in data set order
     share = ClientShare(3, tuple(range(90)), tuple(range(90, 100)), (0, 1))

@@ -10,11 +10,11 @@ import huggingface_hub
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
-from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
 from PIL import Image
 
 from latentfuse import CollaFusePipeline
-from latentfuse.runner import train
+from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
+from latentfuse.training.runner import train
 from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +195,7 @@ def test_card_metrics_come_from_an_evaluate_results_file():
     ],
 )
 def test_user_mistakes_are_named_before_any_work(kwargs, message):
-    from pipelines.sampling import check_label_values, client_entry
+    from latentfuse.pipelines.sampling import check_label_values, client_entry
 
     with pytest.raises(ValueError, match=re.escape(message)):
         client_entry({"clients": {"0": {}}}, kwargs["client_id"])

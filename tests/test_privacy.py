@@ -15,7 +15,7 @@ from latentfuse.evaluation import (
     gaussian_delta,
     release_privacy,
 )
-from latentfuse.privacy import log_normal_cdf, normal_cdf
+from latentfuse.method.privacy import log_normal_cdf, normal_cdf
 
 DELTA = 1e-5
 CLIP_NORM = 40.0  # an L2 bound on latents: (4, 16, 16) ones of unit variance have norm ~32
@@ -118,7 +118,7 @@ SCHEDULE = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float6
 @pytest.mark.parametrize("target", [1.0, 8.0, 64.0])
 @pytest.mark.parametrize(("policy", "releases"), [("once", 1), ("fresh", 4)])
 def test_private_t_cut_is_the_smallest_cut_that_meets_the_target(target, policy, releases):
-    from latentfuse.privacy import private_t_cut
+    from latentfuse.method.privacy import private_t_cut
 
     cut = private_t_cut(SCHEDULE, 30.0, target, 1e-5, policy, releases)
     k = 1 if policy == "once" else releases
@@ -127,7 +127,7 @@ def test_private_t_cut_is_the_smallest_cut_that_meets_the_target(target, policy,
 
 
 def test_release_guarantee_needs_enforced_clipping():
-    from latentfuse.privacy import release_guarantee
+    from latentfuse.method.privacy import release_guarantee
 
     assert release_guarantee(SCHEDULE, 500, 0.0, 1e-5, "once", 0)["status"].startswith(
         "not applicable"
@@ -154,7 +154,7 @@ def test_gaussian_dp_reading_of_the_formal_mode(alphas_cumprod):
     """mu = D / s; the worst-case membership AUC Phi(mu / sqrt 2) and TPR Phi(Phi^-1(a) + mu):
     at cut 892 with clip 46.66 (the privacy sweep's epsilon-8 point) mu is 1.66 and the bound
     on AUC about 0.88, far from the 0.5 an (8, 1e-5) reading suggests."""
-    from latentfuse.privacy import normal_cdf, normal_quantile
+    from latentfuse.method.privacy import normal_cdf, normal_quantile
 
     report = release_privacy(alphas_cumprod, 892, 46.66, DELTA)
     gdp = report["gaussian_dp"]

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from latentfuse.evaluation.privacy_report import plot_privacy, privacy_markdown
-from latentfuse.evaluation.privacy_sweep import (
+from experiments.privacy_report import plot_privacy, privacy_markdown
+from experiments.privacy_sweep import (
     ATTACKS_VERSION,
     PrivacySweepSettings,
     reattack_releases,
     run_privacy_sweep,
 )
-from latentfuse.runner import train
+from latentfuse.training.runner import train
 from tests.worlds import tiny_config
 
 
@@ -60,7 +60,7 @@ def test_privacy_sweep_attacks_every_point_and_resumes(tiny_world, tmp_path):
     again = run_privacy_sweep(config, tmp_path / "sweep", SETTINGS, resume=True)
     assert (tmp_path / "sweep" / "cut-0100-base" / "privacy.json").stat().st_mtime_ns == stamp
     assert again["rows"] == json.loads(json.dumps(summary["rows"]))
-    report = privacy_markdown(summary, "python scripts/privacy_sweep.py ...")
+    report = privacy_markdown(summary, "python -m experiments.run_privacy_sweep ...")
     assert all(name in report for name in rows)
     assert plot_privacy(summary, tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(FileExistsError, match="--resume"):

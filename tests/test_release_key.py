@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from latentfuse.release_key import (
+from latentfuse.method.release_key import (
     KEY_BYTES,
     client_key_path,
     load_or_create_release_key,

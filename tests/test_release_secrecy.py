@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentfuse.engine import make_accelerator
-from latentfuse.http.wire import encode_release
-from latentfuse.release_key import client_key_path, load_release_key, release_noise
-from latentfuse.runner import export
-from latentfuse.setup_run import build_run
-from latentfuse.training import Trainer
+from latentfuse.deploy.wire import encode_release
+from latentfuse.method.release_key import client_key_path, load_release_key, release_noise
+from latentfuse.training.engine import make_accelerator
+from latentfuse.training.runner import export
+from latentfuse.training.setup import build_run
+from latentfuse.training.trainer import Trainer
 from tests.worlds import tiny_config
 
 SMALL_SEEDS = range(512)  # the brute force: every small run seed / key the server might guess

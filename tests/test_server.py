@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from latentfuse.client import Client
-from latentfuse.server import ReleaseStore, Server
-from latentfuse.split import DiffusionSplit
-from latentfuse.transport import InProcessTransport, ReleaseBatch
+from latentfuse.method.client import Client
+from latentfuse.method.server import ReleaseStore, Server
+from latentfuse.method.split import DiffusionSplit
+from latentfuse.method.transport import InProcessTransport, ReleaseBatch
 
 T = 1000
 LATENT_SHAPE = (4, 4, 4)

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from latentfuse.config import SplitConfig
-from latentfuse.split import (
+from latentfuse.method.split import (
     DiffusionSplit,
     client_start,
     client_train_cut,
@@ -376,7 +376,7 @@ def _lam2(abar, release_cut, s):
 
 @pytest.mark.parametrize("release_cut", [20, 100, 500])
 def test_buffered_cut_is_the_first_timestep_with_bounded_target_variance(release_cut):
-    from latentfuse.split import buffered_cut
+    from latentfuse.method.split import buffered_cut
 
     abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
     handoff = buffered_cut(abar, release_cut, 4.0)
@@ -391,7 +391,7 @@ def test_buffered_cut_is_the_first_timestep_with_bounded_target_variance(release
 def test_a_buffered_split_releases_at_its_release_cut_and_stays_exact():
     """The release keeps the configured level; the server's z_s at s >= hand-off has the
     forward process's marginal given z0, and its target is lam_s eps_s with lam from r."""
-    from latentfuse.split import buffered_cut
+    from latentfuse.method.split import buffered_cut
 
     abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.double()
     handoff = buffered_cut(abar, 100, 4.0)
@@ -422,7 +422,7 @@ def test_config_checks_max_target_variance():
 
 def test_compensated_start_follows_the_authors_rule():
     """t' = floor(t_c (2 - t_c / T)): T = 100, t_c = 20 gives 36 (collafuse_imagen)."""
-    from latentfuse.split import compensated_start
+    from latentfuse.method.split import compensated_start
 
     assert compensated_start(20, 100) == 36
     assert compensated_start(100, 1000) == 190 and compensated_start(500, 1000) == 750
@@ -444,7 +444,7 @@ def test_split_timesteps_with_client_start_reruns_the_levels_below_it():
 def test_restart_client_chain_points_a_stateful_scheduler_at_the_clients_entry():
     from diffusers import EulerDiscreteScheduler
 
-    from pipelines.sampling import restart_client_chain
+    from latentfuse.pipelines.sampling import restart_client_chain
 
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(10)

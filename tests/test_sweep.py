@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from latentfuse.evaluation.sweep import SweepSettings, point_config, sweep_points
+from experiments.sweep import SweepSettings, point_config, sweep_points
 from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,11 +21,8 @@ pytestmark = pytest.mark.slow  # the sweep fixture trains every point of a tiny 
 
 
 def load_script():
-    """scripts/sweep.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("sweep_script", REPO / "scripts" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """experiments/run_sweep.py as a module."""
+    return importlib.import_module("experiments.run_sweep")
 
 
 def as_overrides(values: dict, prefix: str = "") -> list[str]:
@@ -148,9 +145,9 @@ def test_resume_skips_finished_points(swept, sweep_args, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished point was trained or evaluated again")
 
-    monkeypatch.setattr("latentfuse.evaluation.sweep.train", refuse)
-    monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
-    monkeypatch.setattr("latentfuse.evaluation.sweep.client_burden", refuse)
+    monkeypatch.setattr("experiments.sweep.train", refuse)
+    monkeypatch.setattr("experiments.sweep.evaluate_model", refuse)
+    monkeypatch.setattr("experiments.sweep.client_burden", refuse)
     out_dir = Path(sweep_args[1])
     evaluations = sorted(out_dir.glob("*/evaluation.json"))
     assert len(evaluations) == 5
@@ -195,7 +192,7 @@ def test_ablations_choose_which_variants_run(tiny_world):
 
 
 def test_the_report_says_when_fresh_never_released_twice(swept):
-    from latentfuse.evaluation.sweep_report import notes
+    from experiments.sweep_report import notes
 
     fresh = next(r for r in swept["ablations"] if r["release_policy"] == "fresh")
     once_only = {**swept, "ablations": [{**fresh, "releases_per_image": 1}]}
@@ -239,7 +236,7 @@ def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("a finished point was evaluated again")
 
-    monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
+    monkeypatch.setattr("experiments.sweep.evaluate_model", refuse)
     out_dir = Path(sweep_args[1])
     (out_dir / "cut-0100-base" / "burden.json").unlink()
     assert load_script().main([*sweep_args, "--resume"]) == 0
@@ -253,7 +250,7 @@ def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkey
 
 
 def test_the_report_names_the_config_overrides(swept):
-    from latentfuse.evaluation.sweep_report import notes
+    from experiments.sweep_report import notes
 
     assert any(
         "data.max_images_per_client=10" in n
@@ -266,7 +263,7 @@ def test_choosing_fewer_ablations_on_resume_evaluates_nothing_again(swept, sweep
     def refuse(*args, **kwargs):
         raise AssertionError("a finished point was evaluated again")
 
-    monkeypatch.setattr("latentfuse.evaluation.sweep.evaluate_model", refuse)
+    monkeypatch.setattr("experiments.sweep.evaluate_model", refuse)
     assert load_script().main([*sweep_args, "--resume", "--ablations", "release"]) == 0
     out_dir = Path(sweep_args[1])
     again = strict_json(out_dir.with_name(f"{out_dir.name}.json"))
@@ -274,8 +271,8 @@ def test_choosing_fewer_ablations_on_resume_evaluates_nothing_again(swept, sweep
 
 
 def test_same_config_reads_old_runs_through_current_defaults():
+    from experiments.sweep import same_config
     from latentfuse.config import load_config
-    from latentfuse.evaluation.sweep import same_config
 
     config = load_config(None, ["split.t_cut=200"])
     saved = config.to_dict()

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from latentfuse.cli import main as latentfuse
-from latentfuse.shapes import make_shapes
-from latentfuse.train_cli import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
+from latentfuse.cli.main import main as latentfuse
+from latentfuse.cli.train import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
+from latentfuse.testing.shapes import make_shapes
 
 TINY = [
     "server_unet.block_out_channels=[32]",
@@ -133,7 +133,7 @@ def test_an_autoencoder_that_does_not_fit_the_data_is_fitted_saved_and_shipped(
 ):
     """The random tiny autoencoder reconstructs the shapes badly: `--fit-vae auto` fine-tunes
     it, saves it in OUT/vae with a record, and the run (latents, model folder) uses it."""
-    from latentfuse.autoencoder import load_vae, vae_fingerprint
+    from latentfuse.data.autoencoder import load_vae, vae_fingerprint
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -168,7 +168,7 @@ def test_a_rerun_without_resume_is_refused_before_the_autoencoder_is_touched(
 def test_resume_refuses_another_autoencoder(shapes, tiny_vae_dir, tmp_path, monkeypatch, capsys):
     """The resume check compares the autoencoder's hash, not only the config's strings: the
     same path holding other weights is refused."""
-    from latentfuse.autoencoder import load_vae
+    from latentfuse.data.autoencoder import load_vae
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
     out, vae_dir = tmp_path / "run", tmp_path / "vae"
@@ -189,7 +189,7 @@ def test_the_time_budget_stops_the_run_with_a_model(tiny_world, tmp_path, monkey
     records the steps it made against those planned."""
     import time
 
-    from latentfuse.runner import train as train_run
+    from latentfuse.training.runner import train as train_run
     from tests.worlds import tiny_config
 
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
@@ -203,7 +203,7 @@ def test_an_autoencoder_that_fits_is_left_alone(
     shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("latentfuse.train_cli.MIN_PSNR_DB", -100.0)  # every one "fits"
+    monkeypatch.setattr("latentfuse.cli.train.MIN_PSNR_DB", -100.0)  # every one "fits"
     out = tmp_path / "run"
     assert train(shapes, out, tiny_vae_dir, fit="auto") == 0
     assert not (out / "vae").exists()
@@ -214,7 +214,7 @@ def test_an_autoencoder_that_fits_is_left_alone(
 def test_fitting_an_autoencoder_improves_its_reconstructions_and_is_reproducible():
     import torch
 
-    from latentfuse.autoencoder_training import fit_autoencoder, reconstruction_metrics
+    from latentfuse.training.autoencoder import fit_autoencoder, reconstruction_metrics
     from tests.conftest import tiny_autoencoder
 
     torch.manual_seed(1)

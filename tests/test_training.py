@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentfuse.engine import lr_at, make_accelerator
-from latentfuse.runner import train
-from latentfuse.setup_run import build_run
-from latentfuse.training import Trainer
+from latentfuse.training.engine import lr_at, make_accelerator
+from latentfuse.training.runner import train
+from latentfuse.training.setup import build_run
+from latentfuse.training.trainer import Trainer
 from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,7 +265,7 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
     --resume from there gives the same weights as a run that was never stopped."""
     import signal
 
-    from latentfuse.training import Trainer
+    from latentfuse.training.trainer import Trainer
 
     original = Trainer.train_step
 
@@ -296,8 +296,8 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
 def test_a_buffered_run_releases_at_the_cut_and_hands_off_above_it(tiny_world, tmp_path):
     """split.max_target_variance: the release level and the privacy record stay at the
     configured cut; the server trains and samples only from the hand-off up."""
-    from latentfuse.privacy import release_guarantee
-    from latentfuse.split import buffered_cut
+    from latentfuse.method.privacy import release_guarantee
+    from latentfuse.method.split import buffered_cut
 
     config = tiny_config(tiny_world, "split.max_target_variance=4.0", "privacy.clip_norm=20")
     run = build_run(config, tmp_path / "run")
@@ -318,7 +318,7 @@ def test_original_objective_records_the_authors_compensation(tiny_world, tmp_pat
     the pipeline's chain gives the client the entries below it."""
     from diffusers import DDIMScheduler
 
-    from pipelines.sampling import split_schedule
+    from latentfuse.pipelines.sampling import split_schedule
 
     model = train(tiny_config(tiny_world, 'split.objective="original"'), tmp_path / "run")
     described = json.loads((model / "collafuse.json").read_text())
@@ -327,8 +327,8 @@ def test_original_objective_records_the_authors_compensation(tiny_world, tmp_pat
     scheduler.set_timesteps(25)
     server, client = split_schedule(scheduler, described, 0)
     assert server.min() >= 100 and client.max() < 190 and client.max() > server.min() - 40
-    from latentfuse.http.deploy import sampling_scheduler
-    from pipelines import CollaFusePipeline
+    from latentfuse.deploy.config import sampling_scheduler
+    from latentfuse.pipelines import CollaFusePipeline
 
     pipe = CollaFusePipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from latentfuse.transport import SCHEMA_VERSION, InProcessTransport, ReleaseBatch
+from latentfuse.method.transport import SCHEMA_VERSION, InProcessTransport, ReleaseBatch
 
 
 def release_fields(**changes) -> dict:

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-from ..privacy import (
-    analytic_gaussian_epsilon,
-    classical_gaussian_epsilon,
-    clip_latent_norm,
-    gaussian_delta,
-    release_privacy,
-)
-from .burden import client_burden, count_flops
-from .disclosure import (
+from latentfuse.evaluation.burden import client_burden, count_flops
+from latentfuse.evaluation.disclosure import (
     ddim_reconstruct,
     decode_latents,
     reconstruction_attack,
@@ -18,8 +11,13 @@ from .disclosure import (
     release_fid,
     ssim,
 )
-from .evaluate import EvaluationSettings, evaluate_model, model_partition, write_results
-from .features import (
+from latentfuse.evaluation.evaluate import (
+    EvaluationSettings,
+    evaluate_model,
+    model_partition,
+    write_results,
+)
+from latentfuse.evaluation.features import (
     ClipExtractor,
     InceptionExtractor,
     default_inception_path,
@@ -27,9 +25,21 @@ from .features import (
     load_clip,
     to_uint8,
 )
-from .generate import generate_images, sample_labels, sample_seed
-from .metrics import FeatureStats, distribution_scores, frechet_distance, kernel_distance
-from .reference import cached_reference_stats, load_real_images
+from latentfuse.evaluation.generate import generate_images, sample_labels, sample_seed
+from latentfuse.evaluation.metrics import (
+    FeatureStats,
+    distribution_scores,
+    frechet_distance,
+    kernel_distance,
+)
+from latentfuse.evaluation.reference import cached_reference_stats, load_real_images
+from latentfuse.method.privacy import (
+    analytic_gaussian_epsilon,
+    classical_gaussian_epsilon,
+    clip_latent_norm,
+    gaussian_delta,
+    release_privacy,
+)
 
 __all__ = [
     "ClipExtractor",

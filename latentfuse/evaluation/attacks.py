@@ -16,11 +16,11 @@ import math
 import numpy as np
 import torch
 
-from ..autoencoder import Autoencoder
-from ..autoencoder import psnr as psnr_db
-from ..privacy import clip_latent_norm
-from .disclosure import decode_latents, ssim
-from .statistics import binomial_summary, bootstrap_mean, roc_summary
+from latentfuse.data.autoencoder import Autoencoder
+from latentfuse.data.autoencoder import psnr as psnr_db
+from latentfuse.evaluation.disclosure import decode_latents, ssim
+from latentfuse.evaluation.statistics import binomial_summary, bootstrap_mean, roc_summary
+from latentfuse.method.privacy import clip_latent_norm
 
 
 def expected_release(latents: torch.Tensor, abar_r: float, clip_norm: float = 0.0) -> torch.Tensor:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..autoencoder import Autoencoder
-from ..split import DiffusionSplit
+from latentfuse.data.autoencoder import Autoencoder
+from latentfuse.method.split import DiffusionSplit
 
 BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -82,7 +82,7 @@ def _unet_costs(unet, batch_size: int, repeats: int, measure_time: bool) -> dict
 
 
 def _decoder_costs(vae: Autoencoder, latent_shape, batch_size, repeats, measure_time) -> dict:
-    from ..autoencoder import decode
+    from latentfuse.data.autoencoder import decode
 
     latents = torch.randn(batch_size, *latent_shape, device=vae.device, dtype=vae.dtype)
     call = lambda: decode(vae, latents)

@@ -8,10 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..autoencoder import Autoencoder, decode
-from ..autoencoder import psnr as psnr_db
-from .features import FeatureExtractor, extract_features, to_uint8
-from .metrics import FeatureStats, distribution_scores
+from latentfuse.data.autoencoder import Autoencoder, decode
+from latentfuse.data.autoencoder import psnr as psnr_db
+from latentfuse.evaluation.features import FeatureExtractor, extract_features, to_uint8
+from latentfuse.evaluation.metrics import FeatureStats, distribution_scores
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

@@ -11,14 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpointing import atomic_write_json
-from ..config import RunConfig, config_from_dict
-from ..datasets import ImageDataset
-from ..partition import ClientShare
-from .features import InceptionExtractor, extract_features, load_clip
-from .generate import generate_images, sample_labels
-from .metrics import KID_MAX_SUBSET_SIZE, KID_SUBSETS, FeatureStats, distribution_scores
-from .reference import cached_reference_stats, reference_is_cached
+from latentfuse.checkpointing import atomic_write_json
+from latentfuse.config import RunConfig, config_from_dict
+from latentfuse.data.datasets import ImageDataset
+from latentfuse.data.partition import ClientShare
+from latentfuse.evaluation.features import InceptionExtractor, extract_features, load_clip
+from latentfuse.evaluation.generate import generate_images, sample_labels
+from latentfuse.evaluation.metrics import (
+    KID_MAX_SUBSET_SIZE,
+    KID_SUBSETS,
+    FeatureStats,
+    distribution_scores,
+)
+from latentfuse.evaluation.reference import cached_reference_stats, reference_is_cached
 
 SECONDS_PER_IMAGE = 0.24  # Inception features on one CPU thread, measured here
 
@@ -52,7 +57,7 @@ class EvaluationSettings:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        from ..http.deploy import SCHEDULER_NAMES
+        from latentfuse.deploy.config import SCHEDULER_NAMES
 
         if self.scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {self.scheduler!r}")
@@ -62,7 +67,7 @@ def model_partition(
     collafuse_config: dict,
 ) -> tuple[RunConfig, ImageDataset, dict[int, ClientShare]]:
     """Rebuild the run's data set and partition from a model's `collafuse.json`."""
-    from ..setup_run import load_run_dataset, partition_clients
+    from latentfuse.training.setup import load_run_dataset, partition_clients
 
     if "run_config" not in collafuse_config:
         raise ValueError("collafuse.json has no run_config: cannot rebuild the clients' data")
@@ -114,14 +119,14 @@ def _pool(stats: list[dict[str, FeatureStats]]) -> dict[str, FeatureStats]:
 def evaluate_model(model_dir: str | os.PathLike, settings: EvaluationSettings) -> dict:
     """Sample `settings.num_samples` images per client and score them against its held-out
     real images; returns the results.json document."""
-    from ..pipelines import CollaFusePipeline
+    from latentfuse.pipelines import CollaFusePipeline
 
     root = Path(model_dir)
     if not (root / "collafuse.json").is_file():
         raise FileNotFoundError(f"{root} is not a CollaFuse model folder (no collafuse.json)")
     collafuse_config = json.loads((root / "collafuse.json").read_text())
     config, dataset, shares = model_partition(collafuse_config)
-    from ..http.deploy import sampling_scheduler
+    from latentfuse.deploy.config import sampling_scheduler
 
     pipe = CollaFusePipeline.from_pretrained(root).to(settings.device)
     pipe.scheduler = sampling_scheduler(settings.scheduler, pipe.scheduler.config)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..datasets import sha256_file
+from latentfuse.data.datasets import sha256_file
 
 logger = logging.getLogger(__name__)
 

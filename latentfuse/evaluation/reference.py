@@ -18,12 +18,12 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..checkpointing import atomic_write_dir
-from ..datasets import ImageDataset, load_image
-from ..latents import dataset_fingerprint
-from ..paths import cache_dir
-from .features import FeatureExtractor, extract_features, to_uint8
-from .metrics import FeatureStats
+from latentfuse.checkpointing import atomic_write_dir
+from latentfuse.data.datasets import ImageDataset, load_image
+from latentfuse.data.latents import dataset_fingerprint
+from latentfuse.evaluation.features import FeatureExtractor, extract_features, to_uint8
+from latentfuse.evaluation.metrics import FeatureStats
+from latentfuse.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

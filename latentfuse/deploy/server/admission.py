@@ -1,0 +1,130 @@
+"""Admission control: one client cannot starve the others.
+
+Checked in the event loop before a request takes a worker thread, so refused work costs
+nothing and waiting work is bounded:
+- sampling: at most `deploy.max_sampling_per_client` requests of one client in the server at
+  once (429 beyond), at most `deploy.max_concurrent_sampling` computing and
+  `deploy.max_sampling_queue` waiting in all (503 beyond); a per-client budget of sampling cost
+  per minute, cost = images x steps x (2 with classifier-free guidance) (429 beyond);
+- uploads: a per-client rate, `deploy.uploads_per_minute`, and at most
+  `deploy.max_uploads_in_flight_per_client` of one client's bodies being read or stored at
+  once, so that concurrent large bodies cannot fill the server's memory (429 beyond either).
+Every refusal carries `Retry-After`. /healthz takes no part: it never waits for work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from latentfuse.deploy.config import DeployConfig
+from latentfuse.deploy.wire import WireError
+
+
+@dataclass
+class TokenBucket:
+    """`rate` units a minute, at most one minute's worth saved up."""
+
+    rate: float
+    level: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.level = self.rate
+
+    def take(self, amount: float) -> float:
+        """Take `amount` if there is that much; else the seconds until there will be."""
+        now = time.monotonic()
+        self.level = min(self.rate, self.level + (now - self.stamp) * self.rate / 60.0)
+        self.stamp = now
+        if amount <= self.level:
+            self.level -= amount
+            return 0.0
+        return (amount - self.level) * 60.0 / self.rate
+
+
+def sampling_cost(images: int, steps: int, guidance_scale: float) -> int:
+    """The cost of a sampling request: denoiser evaluations (a guided step runs two)."""
+    return images * steps * (1 if guidance_scale == 1.0 else 2)
+
+
+class Admission:
+    """Counters and buckets of the requests in the server (one event loop: no locks)."""
+
+    def __init__(self, deploy: DeployConfig):
+        self.deploy = deploy
+        self.sampling: dict[int, int] = {}  # client -> its sampling requests in the server
+        self.uploads: dict[int, TokenBucket] = {}
+        self.uploading: dict[int, int] = {}  # client -> its upload bodies in the server
+        self.budgets: dict[int, TokenBucket] = {}
+        self.refused: dict[str, int] = {"429": 0, "503": 0}
+
+    def _refuse(self, message: str, status: int, code: str, seconds: float) -> WireError:
+        self.refused[str(status)] += 1
+        return WireError(message, status, code, retry_after=max(1, math.ceil(seconds)))
+
+    @contextlib.contextmanager
+    def sampling_request(self, client_id: int, cost: int) -> Iterator[None]:
+        """Hold one of the client's sampling places for the request's life (or refuse)."""
+        d = self.deploy
+        mine = self.sampling.get(client_id, 0)
+        if mine >= d.max_sampling_per_client:
+            raise self._refuse(
+                f"client {client_id} has {mine} sampling requests in progress (at most "
+                f"{d.max_sampling_per_client}); retry when one finishes",
+                429,
+                "too_many_requests",
+                1,
+            )
+        if sum(self.sampling.values()) >= d.max_concurrent_sampling + d.max_sampling_queue:
+            raise self._refuse(
+                "the server is at its sampling capacity; retry shortly", 503, "overloaded", 2
+            )
+        if d.sampling_cost_per_minute:
+            bucket = self.budgets.setdefault(client_id, TokenBucket(d.sampling_cost_per_minute))
+            wait = bucket.take(cost)
+            if wait:
+                raise self._refuse(
+                    f"client {client_id}'s sampling budget ({d.sampling_cost_per_minute} "
+                    f"denoiser evaluations a minute) is spent; this request costs {cost}",
+                    429,
+                    "budget_exceeded",
+                    wait,
+                )
+        self.sampling[client_id] = mine + 1
+        try:
+            yield
+        finally:
+            self.sampling[client_id] -= 1
+
+    @contextlib.contextmanager
+    def upload(self, client_id: int) -> Iterator[None]:
+        """Hold one of the client's upload places while its body is read and stored; count it
+        against the client's rate (or refuse)."""
+        mine, most = self.uploading.get(client_id, 0), self.deploy.max_uploads_in_flight_per_client
+        if mine >= most:
+            raise self._refuse(
+                f"client {client_id} has {mine} uploads in progress (at most {most}); "
+                "retry when one finishes",
+                429,
+                "too_many_requests",
+                1,
+            )
+        rate = self.deploy.uploads_per_minute
+        if rate:
+            wait = self.uploads.setdefault(client_id, TokenBucket(rate)).take(1)
+            if wait:
+                raise self._refuse(
+                    f"client {client_id} uploads faster than {rate} a minute",
+                    429,
+                    "too_many_requests",
+                    wait,
+                )
+        self.uploading[client_id] = mine + 1
+        try:
+            yield
+        finally:
+            self.uploading[client_id] -= 1

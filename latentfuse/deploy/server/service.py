@@ -1,0 +1,404 @@
+"""The web front's state behind the HTTP routes: tokens, the durable store, sampling.
+
+Every request that changes state is checked in full first; a release upload is committed to
+the release database (one transaction), then acknowledged. Training is not the front's: the
+trainer (`latentfuse.deploy.server.trainer`) reads the database and publishes weights to
+`published/`, in a thread of this process (`trainer="thread"`), as its own process under
+`accelerate launch` that the front starts (`trainer="process"`), or started by the operator
+(`trainer="none"`). The front samples with the newest published weights (the trainer
+thread's live EMA in thread mode), reloading them without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentfuse import __version__
+from latentfuse.config import RunConfig
+from latentfuse.deploy.config import DeployConfig, latent_shape
+from latentfuse.deploy.server.auth import TokenBook
+from latentfuse.deploy.server.persist import UPLOAD_ID
+from latentfuse.deploy.server.sampler import LocalSampler, ProcessSampler
+from latentfuse.deploy.server.store import (
+    DuplicateUpload,
+    QuotaExceeded,
+    ReleaseDatabase,
+    migrate_release_log,
+)
+from latentfuse.deploy.server.train_server import trainer_environment
+from latentfuse.deploy.server.trainer import (
+    DATABASE,
+    STATUS,
+    ServerTrainer,
+    server_splits,
+)
+from latentfuse.deploy.wire import (
+    WIRE_VERSION,
+    SampleRequest,
+    WireError,
+    decode_release,
+    decode_sample_request,
+)
+from latentfuse.description import client_entry, model_description
+from latentfuse.method.split import DiffusionSplit
+from latentfuse.method.transport import ReleaseBatch
+
+logger = logging.getLogger(__name__)
+
+TRAINER_MODES = ("thread", "process", "none")
+
+
+def server_description(
+    config: RunConfig, deploy: DeployConfig, splits: dict[int, DiffusionSplit]
+) -> dict[str, Any]:
+    """The collafuse.json the server half pipeline needs, at each client's effective cut
+    (`splits`, from `client_split`: raised in the formal-privacy mode); every class is allowed
+    to every client."""
+    classes = range(deploy.num_classes)
+    entries = {
+        cid: client_entry(config, split, classes, deploy.class_names)
+        for cid, split in splits.items()
+    }
+    alphas_cumprod = next(iter(splits.values())).alphas_cumprod
+    return model_description(config, deploy.class_names, entries, alphas_cumprod)
+
+
+class ServerService:
+    """Everything the routes call; thread-safe (the store and the log share one lock)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        deploy: DeployConfig,
+        tokens: TokenBook,
+        state_dir: str | Path,
+        train: bool = True,
+        init_from: str | Path | None = None,
+        trainer: str | None = None,
+        trainer_command: list[str] | None = None,
+    ):
+        self.config, self.deploy, self.tokens = config, deploy, tokens
+        self.mode = trainer or ("thread" if train else "none")
+        if self.mode not in TRAINER_MODES:
+            raise ValueError(f"trainer must be one of {TRAINER_MODES}, got {self.mode!r}")
+        if self.mode == "process" and not trainer_command:
+            raise ValueError("trainer='process' needs the trainer_command to start")
+        self.train = self.mode != "none"
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        bad = [c for c in tokens.client_ids if c >= config.data.num_clients]
+        if bad:
+            raise ValueError(
+                f"clients file lists ids {bad}, but data.num_clients={config.data.num_clients}"
+            )
+        self.splits = server_splits(config)
+        if all(s.is_independent for s in self.splits.values()):
+            raise ValueError("every client has t_cut = T: there is nothing for a server to do")
+        self.latent_shape = latent_shape(config)
+        self.description = server_description(config, deploy, self.splits)
+        self.database = ReleaseDatabase(self.state_dir / DATABASE, self.latent_shape)
+        migrate_release_log(self.state_dir / "releases", self.database)
+        self.init_from = Path(init_from) if init_from else None
+        self.trainer: ServerTrainer | None = None
+        if self.mode == "thread":
+            self.trainer = ServerTrainer(config, deploy, self.state_dir, init_from)
+            self.trainer.load_checkpoint()
+        self.trainer_command, self._process, self._exited_at = trainer_command, None, None
+        self._stop, self._thread = threading.Event(), None
+        self.sampler: LocalSampler | ProcessSampler
+        if self.trainer is not None or not deploy.sampling_processes:  # the live EMA is here
+            self.sampler = LocalSampler(
+                config, deploy, self.state_dir, self.description, self.init_from, self.trainer
+            )
+        else:
+            self.sampler = ProcessSampler(
+                config=config,
+                deploy=deploy,
+                state_dir=self.state_dir,
+                description=self.description,
+                init_from=self.init_from,
+            )
+        logger.info("holding %d uploads (%s releases)", len(self.database), self.database.counts())
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the trainer: a thread, or its own process (`trainer_command`)."""
+        if self.mode == "thread" and self._thread is None:
+            self._thread = threading.Thread(
+                target=self.trainer.run, args=(self._stop,), name="server-training", daemon=True
+            )
+            self._thread.start()
+        elif self.mode == "process" and self._process is None:
+            log = open(self.state_dir / "trainer.log", "ab")  # noqa: SIM115 (the child keeps it)
+            logger.info("starting the trainer: %s", " ".join(self.trainer_command))
+            self._process = subprocess.Popen(
+                self.trainer_command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stop() signals the launcher and its workers together
+                env=trainer_environment(),
+            )
+            log.close()
+
+    def stop(self) -> None:
+        """Stop training after its current step (it checkpoints on the way out), and the
+        sampling processes."""
+        self._stop.set()
+        self.sampler.close()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                os.killpg(self._process.pid, signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                    self._process.wait()
+            self._process = None
+        step = self.trainer_status().get("step", 0)
+        logger.info("stopped at step %d with %d uploads held", step, len(self.database))
+
+    # ---- requests ------------------------------------------------------------------------------
+    def authenticate(self, client_id: int, token: str | None) -> None:
+        """WireError 401 unless `token` is client `client_id`'s token."""
+        if not token:
+            raise WireError(
+                "missing bearer token (Authorization: Bearer <token>)", 401, "unauthorized"
+            )
+        self.tokens.refresh()  # a token reissued or revoked while the server runs
+        # One answer, and one key derivation, whether the id is unknown or the token wrong; an
+        # id outside the run's clients (listed in clients.json since) is refused the same way.
+        if not self.tokens.verify(client_id, token) or client_id not in self.splits:
+            raise WireError(f"invalid token for client {client_id}", 401, "unauthorized")
+
+    def authenticated_before(self, client_id: int, token: str | None) -> bool:
+        """Whether `token` was accepted for `client_id` before (no key derivation): the routes
+        check this in the event loop and take a worker thread only for the slow path."""
+        self.tokens.refresh()
+        known = bool(token) and self.tokens.verified_before(client_id, token)
+        return known and client_id in self.splits
+
+    def authenticate_any(self, token: str | None) -> int:
+        """The id of the client whose token this is; WireError 401 if none."""
+        self.tokens.refresh()
+        client_id = self.tokens.claimed_id(token) if token else None
+        if client_id is None or not self.tokens.verify(client_id, token):
+            raise WireError("missing or unknown bearer token", 401, "unauthorized")
+        return client_id
+
+    def check_release(self, client_id: int, batch: ReleaseBatch) -> None:
+        """WireError unless the server can take `batch` from `client_id` as it is."""
+        if batch.client_id != client_id:
+            raise WireError(
+                f"release names client {batch.client_id}, but client {client_id} sent it",
+                403,
+                "forbidden",
+            )
+        expected_cut = self.splits[client_id].t_cut
+        if batch.t_cut != expected_cut:
+            raise WireError(
+                f"release has t_cut={batch.t_cut}, client {client_id} has {expected_cut}"
+            )
+        if tuple(batch.latents.shape[1:]) != self.latent_shape:
+            raise WireError(
+                f"release latents must be (n, {', '.join(map(str, self.latent_shape))}), "
+                f"got {tuple(batch.latents.shape)}"
+            )
+        if max(batch.image_ids) >= self.deploy.max_images_per_client:
+            raise WireError(
+                f"image ids must be < {self.deploy.max_images_per_client}, "
+                f"got {max(batch.image_ids)}"
+            )
+        if self.config.server_labels != "class":
+            if batch.labels is not None:
+                raise WireError(f"server_labels={self.config.server_labels!r}: send no labels")
+        elif batch.labels is None:
+            raise WireError("server_labels='class': a release must carry its class labels")
+        elif batch.labels.min() < 0 or batch.labels.max() >= self.deploy.num_classes:
+            raise WireError(
+                f"labels must lie in [0, {self.deploy.num_classes}), got {batch.labels.tolist()}"
+            )
+        self.check_statistics(client_id, batch)
+
+    def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
+        """WireError 400 for a release no z0 of the autoencoder's range could give at the
+        client's level (DiffusionSplit.release_bounds): finite, bounded per element and in
+        norm. A poisoned release (say, every element 1e30) is refused before it is stored."""
+        latents = batch.latents.double().flatten(1)
+        if not torch.isfinite(latents).all():
+            raise WireError("release latents must be finite")
+        dim, clip = latents.shape[1], self.config.privacy.clip_norm
+        max_norm = self.deploy.max_latent_rms * dim**0.5
+        bounds = self.splits[client_id].release_bounds(
+            dim, self.deploy.max_latent_abs, min(max_norm, clip) if clip > 0 else max_norm
+        )
+        norms, peaks = latents.norm(dim=1), latents.abs().amax(dim=1)
+        for i, (norm, peak) in enumerate(zip(norms.tolist(), peaks.tolist(), strict=True)):
+            if peak > bounds["max_abs"] or not bounds["min_norm"] <= norm <= bounds["max_norm"]:
+                raise WireError(
+                    f"release of image {batch.image_ids[i]} is impossible at client "
+                    f"{client_id}'s level: max |z_r| {peak:.4g} (bound {bounds['max_abs']:.4g}),"
+                    f" norm {norm:.4g} (bounds [{bounds['min_norm']:.4g}, "
+                    f"{bounds['max_norm']:.4g}]) with deploy.max_latent_abs="
+                    f"{self.deploy.max_latent_abs:g}, "
+                    f"max_latent_rms={self.deploy.max_latent_rms:g}",
+                    code="implausible_release",
+                )
+
+    def _duplicate(self, error: DuplicateUpload, digest: str) -> WireError:
+        same = error.entry is not None and error.entry.sha256 == digest
+        return WireError(
+            f"{error} ({'same' if same else 'different'} bytes); a replay changes nothing",
+            409,
+            "duplicate_upload",
+            sha256=error.entry.sha256 if error.entry else None,
+            same_content=same,
+        )
+
+    def submit(self, client_id: int, upload_id: str, body: bytes) -> dict[str, Any]:
+        """Check, then commit one release upload (one transaction); the acknowledgement."""
+        if not UPLOAD_ID.fullmatch(upload_id):
+            raise WireError(f"upload id {upload_id!r} must match {UPLOAD_ID.pattern}")
+        digest = hashlib.sha256(body).hexdigest()
+        committed = self.database.lookup(client_id, upload_id)
+        if committed is not None:
+            raise self._duplicate(DuplicateUpload(client_id, upload_id, committed), digest)
+        batch = decode_release(body, self.deploy.max_body_bytes, self.deploy.upload_chunk_size)
+        self.check_release(client_id, batch)
+        d = self.deploy
+        try:
+            entry = self.database.append(
+                upload_id, batch, body, d.max_releases_per_client, d.max_upload_bytes_per_client
+            )
+        except DuplicateUpload as error:  # a concurrent twin committed first
+            raise self._duplicate(error, digest) from None
+        except QuotaExceeded as error:
+            raise WireError(str(error), 403, "quota_exceeded") from None
+        return {
+            "upload_id": upload_id,
+            "seq": entry.seq,
+            "sha256": entry.sha256,
+            "images": len(batch.image_ids),
+            "held": self.database.counts().get(client_id, 0),
+        }
+
+    def committed(self, client_id: int) -> dict[str, str]:
+        """upload id -> sha256 of every committed upload of `client_id` (to resume from)."""
+        return {e.upload_id: e.sha256 for e in self.database.uploads(client_id)}
+
+    def check_sample_request(self, client_id: int, request: SampleRequest) -> None:
+        """Refuse (WireError) a sampling request this client may not make."""
+        if request.client_id != client_id:
+            raise WireError(
+                f"request names client {request.client_id}, but client {client_id} sent it",
+                403,
+                "forbidden",
+            )
+        if len(request.seeds) > self.deploy.max_sample_batch:
+            raise WireError(
+                f"at most {self.deploy.max_sample_batch} images per request, "
+                f"got {len(request.seeds)}",
+                413,
+                "too_large",
+            )
+        if max(request.class_labels) >= self.deploy.num_classes:
+            raise WireError(
+                f"class_labels must lie in [0, {self.deploy.num_classes}), "
+                f"got {list(request.class_labels)}"
+            )
+        if self.config.server_labels == "class" and not self.deploy.sample_any_class:
+            own = self.database.labels(client_id)
+            foreign = sorted(set(request.class_labels) - own)
+            if foreign:
+                raise WireError(
+                    f"client {client_id} may sample the classes it released ({sorted(own)}), "
+                    f"not {foreign} (deploy.sample_any_class = true allows every class)",
+                    403,
+                    "forbidden",
+                )
+
+    def sample(self, client_id: int, body: bytes) -> bytes:
+        """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
+        request = decode_sample_request(body, self.deploy.max_body_bytes)
+        self.check_sample_request(client_id, request)
+        return self.sampler.sample(client_id, request)
+
+    def sampling_unet(self) -> torch.nn.Module:
+        """The denoiser the web process would sample with now (tests compare weights)."""
+        return self._local_sampler().unet()
+
+    def _local_sampler(self) -> LocalSampler:
+        if isinstance(self.sampler, LocalSampler):
+            return self.sampler
+        return LocalSampler(
+            self.config, self.deploy, self.state_dir, self.description, self.init_from
+        )
+
+    def limits(self) -> dict[str, int | bool]:
+        """The limits a client needs to size its requests."""
+        d = self.deploy
+        return {
+            "max_body_bytes": d.max_body_bytes,
+            "upload_chunk_size": d.upload_chunk_size,
+            "max_sample_batch": d.max_sample_batch,
+            "max_images_per_client": d.max_images_per_client,
+        }
+
+    def trainer_status(self) -> dict[str, Any]:
+        """The trainer's own report: live in thread mode, else its `trainer.json`."""
+        if self.trainer is not None:
+            return self.trainer.status()
+        try:
+            status = json.loads((self.state_dir / STATUS).read_text())
+        except (OSError, ValueError):
+            status = {"step": 0, "training": "not started"}
+        if self.mode == "process" and self._process is not None:
+            code = self._process.poll()
+            if code is not None and self._exited_at is None:
+                self._exited_at = time.time()
+            newer = status.get("unix_time", 0) > (self._exited_at or 0)  # one started by hand
+            if code is not None and not newer and status.get("training") != "finished":
+                status["training"] = f"trainer exited with code {code}"
+        elif self.mode == "none":
+            status.setdefault("training", "external")
+        return status
+
+    def health(self) -> dict[str, Any]:
+        """Liveness plus what a client must agree with (versions, limits)."""
+        return {
+            "ok": not str(self.trainer_status().get("training", "")).startswith("failed"),
+            "version": __version__,
+            "wire_version": WIRE_VERSION,
+            "limits": self.limits(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Training step and state, releases held per client, uploads, the last checkpoint."""
+        trainer = self.trainer_status()
+        if self.mode == "none" and self.trainer is None and not (self.state_dir / STATUS).exists():
+            trainer["training"] = "disabled"
+        return {
+            "step": trainer.get("step", 0),
+            "max_steps": self.config.train.max_steps,
+            "training": trainer.get("training"),
+            "last_loss": trainer.get("last_loss"),
+            "releases_held": {str(k): v for k, v in self.database.counts().items()},
+            "uploads": len(self.database),
+            "last_checkpoint": trainer.get("last_checkpoint"),
+            "resumed_from_step": trainer.get("resumed_from_step"),
+            "skipped_steps": trainer.get("skipped_steps", 0),
+            "trainer": self.mode,
+        }

@@ -1,0 +1,247 @@
+"""The deployment server's trainer: releases from the durable store in, published weights out.
+
+It meets the web front only in the state folder: it reads the releases the front committed
+(`releases.db`), trains the shared denoiser on the one engine (the optimiser, warm-up, EMA and
+checkpoint layout of train.py), publishes the EMA weights to `published/` for the front to
+sample with, and reports its progress in `trainer.json`. The same object runs in a thread of
+the front (`latentfuse serve`, the default) or as its own process under `accelerate launch`
+(`latentfuse serve --trainer-processes N`, or `latentfuse.deploy.server.train_server` by hand).
+
+Data parallelism: at every step the main process reads how far the store goes and tells the
+others, so every process holds the same releases and draws the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from latentfuse.checkpointing import atomic_write_dir, atomic_write_json
+from latentfuse.config import RunConfig
+from latentfuse.deploy.config import DeployConfig, latent_shape, require_class_conditioning
+from latentfuse.deploy.server.store import ReleaseDatabase
+from latentfuse.method.schedule import client_split, make_scheduler
+from latentfuse.method.server import ReleaseStore, Server
+from latentfuse.models import build_unet
+from latentfuse.training.engine import Batch, Engine, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+DATABASE = "releases.db"
+PUBLISHED = "published"
+STATUS = "trainer.json"
+
+
+def build_server_unet(
+    config: RunConfig, deploy: DeployConfig, init_from: Path | None = None
+) -> torch.nn.Module:
+    """The shared denoiser, seeded as train.py seeds it, or with the weights of a model folder."""
+    channels, size, _ = latent_shape(config)
+    num_embeds = {
+        "class": deploy.num_classes + 1,
+        "client": config.data.num_clients + 1,
+        "none": None,
+    }[config.server_labels]
+    torch.manual_seed(config.train.seed * 1000)
+    unet = build_unet(config.server_unet, size, channels, num_embeds)
+    if init_from is not None:
+        from safetensors.torch import load_file
+
+        weights = Path(init_from) / "server_unet" / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"--init-from: no server denoiser weights at {weights}")
+        unet.load_state_dict(load_file(weights))
+    return unet
+
+
+def server_splits(config: RunConfig) -> dict:
+    """Every client's cut as the server sees it (raised in the formal-privacy mode)."""
+    scheduler = make_scheduler(config)
+    return {c: client_split(config, scheduler, c) for c in range(config.data.num_clients)}
+
+
+class ServerTrainer:
+    """The shared denoiser on an `Engine`, fed from the release database of `state_dir`."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        deploy: DeployConfig,
+        state_dir: str | Path,
+        init_from: str | Path | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        require_class_conditioning(config)
+        self.config, self.deploy, self.state_dir = config, deploy, Path(state_dir)
+        self.server = Server(
+            server_splits(config),
+            config.split.objective,
+            config.split.weighting,
+            config.server_labels,
+            seed=config.train.seed,
+            timestep_density=config.split.server_timesteps,
+            balance=deploy.balance,
+        )
+        self.database = ReleaseDatabase(self.state_dir / DATABASE, latent_shape(config))
+        self.null_label = (
+            config.data.num_clients if config.server_labels == "client" else deploy.num_classes
+        )
+        self.checkpoint_dir = self.state_dir / "checkpoint"
+        self.accelerator = accelerator or make_accelerator(config.train, self.state_dir)
+        unet = build_server_unet(config, deploy, Path(init_from) if init_from else None)
+        self.engine = Engine(
+            self.accelerator,
+            {"server": unet},
+            {"server": config.train.learning_rate},
+            config.train,
+            config.to_dict(),
+        )
+        self.seen = 0  # uploads up to this sequence number are in the server's store
+        self.removals = self.database.removal_version()
+        self.state = "idle"
+        self.resumed_from: int | None = None
+        self.last_checkpoint: dict | None = None
+        self.last_loss: float | None = None
+        self._status_written = 0.0
+
+    @property
+    def step(self) -> int:
+        """Optimiser steps taken."""
+        return self.engine.step
+
+    # ---- releases in ---------------------------------------------------------------------------
+    def sync(self, stop: threading.Event | None = None) -> bool:
+        """Take the uploads committed since the last call into the store; whether to stop. The
+        main process decides both for every process (a signal may reach them at other times)."""
+        decision = [0, False, 0]
+        if self.accelerator.is_main_process:
+            stopping = stop is not None and stop.is_set()
+            decision = [self.database.max_seq(), stopping, self.database.removal_version()]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision)  # every process reads the same uploads
+        if decision[2] != self.removals:  # an operator removed releases: start the store over
+            self.server.store, self.seen, self.removals = ReleaseStore(), 0, decision[2]
+            logger.info("releases were removed: the store is read again")
+        for batch in self.database.read_since(self.seen, decision[0]):
+            self.server.receive(batch)
+        self.seen = max(self.seen, decision[0])
+        return bool(decision[1])
+
+    def _draw(self) -> dict[str, Batch]:
+        cfg = self.config.train
+        batch = self.server.draw_batch(
+            cfg.server_batch_size,
+            cfg.label_dropout,
+            self.null_label,
+            device=self.accelerator.device,
+        )
+        return {"server": batch}
+
+    def train_step(self) -> float:
+        """One optimiser step (with gradient accumulation) on batches of held releases."""
+        self.last_loss = self.engine.train_step(self._draw)["server"]
+        return self.last_loss
+
+    # ---- weights and state out -----------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """The engine's checkpoint plus the server's generator, then the published weights."""
+        extra = {
+            "releases_held": len(self.server.store),
+            "seen": self.seen,  # the newest upload trained on: a restored older database shows
+            "unix_time": time.time(),
+        }
+        tensors = {"generator.server": self.server.generator.get_state()}
+        self.engine.save(self.checkpoint_dir, extra, tensors)
+        self.last_checkpoint = {"step": self.step, **extra}
+        self.publish()
+        logger.info("checkpoint at step %d (%d releases held)", self.step, len(self.server.store))
+
+    def publish(self) -> None:
+        """Write the EMA weights to `published/` (atomically) for the front to sample with."""
+        if not self.accelerator.is_main_process:
+            return
+        model = self.ema_model()
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp / "server_unet", safe_serialization=True)
+            atomic_write_json(tmp / "published.json", {"step": self.step, "unix_time": time.time()})
+
+        atomic_write_dir(self.state_dir / PUBLISHED, write)
+
+    def load_checkpoint(self) -> bool:
+        """Resume from `checkpoint_dir` if it holds a checkpoint; returns whether it did."""
+        loaded = self.engine.load(self.checkpoint_dir)
+        if loaded is None:
+            return False
+        extra, tensors = loaded
+        newest = self.database.max_seq()
+        if extra.get("seen", 0) > newest:
+            raise ValueError(
+                f"{self.database.path} holds uploads up to {newest}, but {self.checkpoint_dir} "
+                f"was trained on uploads up to {extra['seen']}: the database is older than the "
+                "model (restored from an old backup?). Restore the newer database, or move the "
+                "checkpoint aside to train from the start; nothing was changed"
+            )
+        self.server.generator.set_state(tensors["generator.server"])
+        self.resumed_from = self.step
+        self.last_checkpoint = {
+            k: extra[k] for k in ("step", "releases_held", "unix_time") if k in extra
+        }
+        logger.info("resumed from %s at step %d", self.checkpoint_dir, self.step)
+        return True
+
+    def ema_model(self) -> torch.nn.Module:
+        """A float32 copy of the denoiser carrying the EMA weights (for sampling)."""
+        return self.engine.ema_model("server")
+
+    def status(self) -> dict:
+        """What the front reports of training."""
+        return {
+            "step": self.step,
+            "training": self.state,
+            "last_loss": self.last_loss,
+            "last_checkpoint": self.last_checkpoint,
+            "resumed_from_step": self.resumed_from,
+            "skipped_steps": self.engine.skipped.get("server", 0),
+            "processes": self.accelerator.num_processes,
+            "pid": os.getpid(),
+            "unix_time": time.time(),
+        }
+
+    def write_status(self, force: bool = False) -> None:
+        """`trainer.json`, at most once a second unless `force`."""
+        now = time.monotonic()
+        if self.accelerator.is_main_process and (force or now - self._status_written > 1.0):
+            atomic_write_json(self.state_dir / STATUS, self.status())
+            self._status_written = now
+
+    def run(self, stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        """Train until `train.max_steps` or `stop`, checkpointing (and publishing) every
+        `train.checkpoint_every` steps and on the way out."""
+        cfg = self.config.train
+        try:
+            while self.step < cfg.max_steps and not self.sync(stop):
+                if len(self.server.store) == 0:
+                    self.state = "waiting for releases"
+                    self.write_status()
+                    stop.wait(poll_seconds)
+                    continue
+                self.state = "training"
+                self.train_step()
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                self.write_status()
+            if self.step > 0 and (self.last_checkpoint or {}).get("step") != self.step:
+                self.save_checkpoint()
+            self.state = "finished" if self.step >= cfg.max_steps else "stopped"
+        except Exception as error:  # the front stays up and reports it in /v1/status
+            logger.exception("server training failed")
+            self.state = f"failed: {type(error).__name__}: {error}"
+        self.write_status(force=True)
