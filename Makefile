@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 STAMP = .cache/install.stamp
 
-.PHONY: install demo reconstruct test test-all bench
+.PHONY: install demo reconstruct test test-all bench docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PIP) install "torch==2.14.1" "torchvision==0.29.1"
@@ -20,10 +20,14 @@ demo: install
 reconstruct: install
 	latentfuse reconstruct --num-images 16 --out reconstruction.png
 
-test: install
+test: install docs
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest
+
+# The documentation site (docs/, mkdocs.yml); --strict fails on a broken link or anchor.
+docs: install
+	$(PYTHON) -m mkdocs build --strict --quiet
 
 test-all: install
 	$(PYTHON) -m pytest -m ""

@@ -1,4 +1,4 @@
-"""Which server loss weighting learns E[eps | z_s] best? (DESIGN section 2: an experiment.)
+"""Which server loss weighting learns E[eps | z_s] best? (method.md §2, §4)
 
 Trains the same small server UNet from `once` releases at `t_cut` with each weighting of the
 exact objective, the authors' original objective, and a central reference trained directly on

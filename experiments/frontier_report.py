@@ -45,9 +45,12 @@ Group = tuple[int, str]
 
 
 def _release_level(row: dict) -> int | None:
-    """The level a point actually releases at: `release_t` when given, else `t_cut`."""
+    """The level r a point actually releases at: `release_t` when the row records it (the
+    formal mode raises the configured cut), else t_cut - 1 (-1: GM's clean latents)."""
     level = row.get("release_t")
-    return row.get("t_cut") if level is None else level
+    if level is None and row.get("t_cut") is not None:
+        return row["t_cut"] - 1
+    return level
 
 
 def _by_group(rows: list[dict]) -> dict[Group, list[dict]]:

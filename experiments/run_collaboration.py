@@ -35,6 +35,7 @@ from experiments.collaboration import (
     run_benchmark,
 )
 from experiments.collaboration_report import write_report
+from experiments.frontier_report import write_frontier_report
 from latentfuse.config import apply_overrides, config_from_dict
 
 
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a benchmark in --out-dir")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="K/N: run points i %% N == K")
     p.add_argument("--report-only", action="store_true", help="rewrite the report; no training")
+    p.add_argument(
+        "--format",
+        choices=("collaboration", "frontier"),
+        default="collaboration",
+        help="the report: the collaboration benchmark's, or the privacy-utility frontier's "
+        "(pooled seed variance, Holm's correction, FID against re-identification)",
+    )
     p.add_argument(
         "--known",
         type=Path,
@@ -104,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = backfill_keys(
             config, args.out_dir, settings, collect_rows(args.out_dir, settings, known, config)
         )
-        write_report(args.report, config, settings, rows, meta, args.out_dir)
+        if args.format == "frontier":
+            train = command.replace(" --report-only", "")
+            train += "" if "--resume" in train else " --resume"
+            commands = [f"OMP_NUM_THREADS=1 {train}  # twice, side by side"]
+            commands.append(f"{train} --report-only")
+            write_frontier_report(args.report, rows, {**meta, "commands": commands})
+        else:
+            write_report(args.report, config, settings, rows, meta, args.out_dir)
 
     if not args.report_only:
         meta["command"] = command

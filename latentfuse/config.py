@@ -118,7 +118,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """The cut and the server objective (DESIGN section 2)."""
+    """The cut and the server objective (method.md §2)."""
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"

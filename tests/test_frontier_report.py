@@ -199,7 +199,7 @@ def test_writer_produces_three_files_that_round_trip(tmp_path, icm_privacy: dict
     assert loaded["pooled"]["fid"] == pytest.approx({"s": 1.0, "df": 6})
     markdown = paths[1].read_text()
     assert markdown.splitlines()[2] == summary["headline"]
-    assert "| 250 | ICM | 1000 |" in markdown and "nothing released" in markdown
+    assert "| 250 | ICM | 999 |" in markdown and "nothing released" in markdown
     assert "not measured" in markdown and "0.123" in markdown  # TPR@0.1% absent / present
     assert "1 seed: no verdict" in markdown and meta["commands"][0] in markdown
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The cut point: ownership, the release, the server's exact objective and chain splitting.
 
 The statistical tests draw many samples with a fixed seed and compare against the closed
-forms of DESIGN section 2; every tolerance is a number of standard errors of the estimate.
+forms of method.md §2; every tolerance is a number of standard errors of the estimate.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def gaussian_fit_z_scores(split: DiffusionSplit, s: int, objective: str) -> list
     """How far a linear fit of the server target on z_s is from E[eps | z_s], in std errors.
 
     For z0 ~ N(mu, tau^2): E[eps | z_s] = sqrt(1-abar_s)(z_s - sqrt(abar_s) mu) /
-    (abar_s tau^2 + 1 - abar_s) (DESIGN 2), linear in z_s.
+    (abar_s tau^2 + 1 - abar_s) (method.md §2), linear in z_s.
     """
     mu, tau = 1.5, 0.5
     g = torch.Generator().manual_seed(99 + split.t_cut + s)

@@ -1,5 +1,5 @@
 """The attacker suite: what an honest-but-curious server learns of a client's images from its
-releases z_r and from the model it trains on them (DESIGN 2, threat model).
+releases z_r and from the model it trains on them (method.md §2, threat model).
 
 Each attacker is stated by what it knows. The server always holds every release (image ids
 and epochs included), the run config (so the cut, the schedule and any clip norm) and its
@@ -179,7 +179,7 @@ def posterior_mean(
     seed: int = 0,
 ) -> torch.Tensor:
     """The server's estimate of z0 from z_r with its own denoiser (trained for s >= t_cut):
-    noise z_r to s = t_cut with the exact kernel (DESIGN 2: a = abar_s / abar_r), then Tweedie,
+    noise z_r to s = t_cut with the exact kernel (method.md §2: a = abar_s / abar_r), then Tweedie,
     z0_hat = (z_s - sqrt(1 - abar_s) eps_theta(z_s, s)) / sqrt(abar_s). At t_cut = 0 the
     release is the clean latent."""
     if t_cut == 0:

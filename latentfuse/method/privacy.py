@@ -1,7 +1,7 @@
 """A formal bound on what a release discloses: the analytic Gaussian mechanism.
 
 With every latent clipped to L2 norm C, a `once` release
-z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps (DESIGN 2) is the Gaussian mechanism
+z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps (method.md §2) is the Gaussian mechanism
 f(z0) + N(0, s^2 I) with f = sqrt(abar_r) z0: replacing one image moves f by at most
 D = 2 C sqrt(abar_r), and s = sqrt(1 - abar_r). Balle & Wang (2018, "Improving the Gaussian
 mechanism for differential privacy", Theorem 8): it is (eps, delta)-DP iff

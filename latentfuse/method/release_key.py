@@ -1,4 +1,4 @@
-"""A client's secret release key and the release noise eps_c derived from it (DESIGN 2).
+"""A client's secret release key and the release noise eps_c derived from it (method.md §2).
 
 z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps_c is safe to send only while eps_c is unknown
 to the server: with both, z0 = (z_r - sqrt(1 - abar_r) eps_c) / sqrt(abar_r) exactly. So

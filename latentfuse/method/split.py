@@ -1,5 +1,5 @@
 """The one place that owns the cut point: who owns each timestep, the release, the server's
-noising and target (../shared/DESIGN.md section 2), and how a sampling chain is split.
+noising and target (method.md §2), and how a sampling chain is split.
 
 Notation as in diffusers' DDPMScheduler: timesteps t = 0..T-1,
 z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. Client timesteps are 0..t_cut-1, server
@@ -125,7 +125,7 @@ class DiffusionSplit:
         abar_s = self.alphas_cumprod[s.cpu()]
         shape = (-1,) + (1,) * (z_r.ndim - 1)
         if objective == "exact":
-            # DESIGN 2: a = abar_s / abar_r; z_s = sqrt(a) z_r + sqrt(1-a) eps_s has marginal
+            # method.md §2: a = abar_s / abar_r; z_s = sqrt(a) z_r + sqrt(1-a) eps_s has marginal
             # q(z_s | z0); E[eps | z_s] minimises ||eps_theta - lam_s eps_s||^2.
             a = abar_s / self.abar_release
             lam = ((1 - abar_s) / (1 - a)).sqrt()
@@ -150,7 +150,7 @@ class DiffusionSplit:
         """Split one sampling chain (descending timesteps) into the server's and client's parts.
 
         The list is cut, never re-scheduled: `set_timesteps(timesteps=full[:k])` would send
-        the last server step to t = -1 (DESIGN 2, Sampling). With `client_start` t' (the
+        the last server step to t = -1 (method.md §2, Sampling). With `client_start` t' (the
         original objective's compensation, `compensated_start`) the client's part is the
         chain's entries below t' instead: it takes the server's output for a sample at its
         first entry and re-runs the levels between the cut and t'.
@@ -215,7 +215,7 @@ def buffered_cut(alphas_cumprod: torch.Tensor, release_cut: int, max_target_vari
 
 
 def loss_weights(lam: torch.Tensor, weighting: Weighting) -> torch.Tensor:
-    """Per-sample weights w_s of the server loss; none changes the minimiser (DESIGN 2)."""
+    """Per-sample weights w_s of the server loss; none changes the minimiser (method.md §2)."""
     if weighting == "none":
         return torch.ones_like(lam)
     if weighting == "inverse_lambda2":

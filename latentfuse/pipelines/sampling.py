@@ -1,7 +1,7 @@
 """Sampling pieces shared by CollaFusePipeline and its server and client halves.
 
 One chain: `set_timesteps(N)` once, the server runs the entries >= t_cut, the client the rest,
-from the server's latents (../shared/DESIGN.md section 2, Sampling).
+from the server's latents (method.md §2, Sampling).
 """
 
 from __future__ import annotations
