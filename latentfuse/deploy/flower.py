@@ -43,6 +43,7 @@ from latentfuse.deploy.wire import (
     encode_release,
     encode_sample_request,
 )
+from latentfuse.training.loop import fit
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ def train(message: Message, context: Context) -> Message:
     job = client_job(context, outbox)
     target = int(message.content["config"]["client-step"])
     start = time.perf_counter()
-    while job.trains and job.step < target:
-        job.train_step()
+    if job.trains:
+        fit(job, target, None, desc=f"client {job.client_id}", progress=False)
     job.upload_due()
     job.save_checkpoint()
     releases = ConfigRecord(
@@ -240,8 +241,7 @@ class FlowerServer:
             slowest = max(slowest, float(reply.content[STATUS]["seconds"]))
         training = time.perf_counter()
         self.trainer.sync()
-        for _ in range(server_steps):
-            self.trainer.train_step()
+        fit(self.trainer, self.trainer.step + server_steps, None, desc="server", progress=False)
         self.trainer.save_checkpoint()
         self.trainer.publish()
         now = time.perf_counter()

@@ -20,6 +20,7 @@ from latentfuse.config import RunConfig
 from latentfuse.data.imaging import make_grid, save_image
 from latentfuse.description import client_entry, guidance_rule, model_description
 from latentfuse.training.engine import config_differences, make_accelerator
+from latentfuse.training.loop import Hooks, fit
 from latentfuse.training.setup import Run, build_run
 from latentfuse.training.trainer import Trainer
 
@@ -303,56 +304,48 @@ def stop_on_signal() -> Iterator[StopRequest]:
 
 
 def _loop(run: Run, trainer: Trainer, output_dir: Path, deadline: float | None = None) -> None:
-    with stop_on_signal() as stop:
-        _steps(run, trainer, output_dir, stop, deadline)
-
-
-def _steps(
-    run: Run, trainer: Trainer, output_dir: Path, stop: StopRequest, deadline: float | None
-) -> None:
+    """`fit` with this job's hooks: losses logged, previews, a signal or the deadline stops
+    it with a checkpoint; at the end, previews, the loss plot and the exported model."""
     cfg, accelerator = run.config.train, trainer.accelerator
-    progress = accelerator.is_main_process
-    from tqdm.auto import tqdm
+    main = accelerator.is_main_process
+    start = time.time()
 
-    bar = tqdm(total=cfg.max_steps, initial=trainer.step, desc="train", disable=not progress)
-    start, history = time.time(), []
-    while trainer.step < cfg.max_steps:
-        late = deadline is not None and time.monotonic() >= deadline
-        if _any_process(accelerator, late):
-            trainer.save_checkpoint()
-            logger.warning(
-                "the time budget is spent: stopped after step %d of %d (checkpointed; "
-                "--resume --max-steps N continues it)",
-                trainer.step,
-                cfg.max_steps,
-            )
-            break
-        if stop.agreed(accelerator):
-            trainer.save_checkpoint()
-            accelerator.wait_for_everyone()
-            bar.close()
-            raise KeyboardInterrupt(
-                f"training stopped by {signal.Signals(stop.signal or signal.SIGINT).name} at "
-                f"step {trainer.step}; the checkpoint in {trainer.checkpoint_dir()} holds it: "
-                "run again with --resume to continue"
-            )
-        losses = trainer.train_step()
-        bar.update(1)
-        bar.set_postfix({k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()})
-        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps:
+    def after_step(step: int, losses: dict[str, float]) -> None:
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
             losses = global_losses(accelerator, losses)
-            accelerator.log({f"loss/{k}": v for k, v in losses.items()}, step=trainer.step)
-            history.append({"step": trainer.step, **losses})
-            if progress:
+            accelerator.log({f"loss/{k}": v for k, v in losses.items()}, step=step)
+            if main:
                 with open(output_dir / "losses.jsonl", "a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
-        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.max_steps:
-            trainer.save_checkpoint()
-        if progress and cfg.sample_every and trainer.step % cfg.sample_every == 0:
+                    f.write(json.dumps({"step": step, **losses}) + "\n")
+        if main and cfg.sample_every and step % cfg.sample_every == 0:
             write_previews(run, trainer, output_dir / "samples")
             plot_losses(output_dir / "losses.jsonl", output_dir / "loss.png")
-    bar.close()
-    if progress:
+
+    with stop_on_signal() as stop:
+        hooks = Hooks(
+            should_stop=lambda: stop.agreed(accelerator),
+            after_step=after_step,
+            deadline_passed=(
+                None
+                if deadline is None
+                else lambda: _any_process(accelerator, time.monotonic() >= deadline)
+            ),
+        )
+        outcome = fit(trainer, cfg.max_steps, cfg.checkpoint_every, hooks, progress=main)
+    if outcome == "stopped":
+        raise KeyboardInterrupt(
+            f"training stopped by {signal.Signals(stop.signal or signal.SIGINT).name} at "
+            f"step {trainer.step}; the checkpoint in {trainer.checkpoint_dir()} holds it: "
+            "run again with --resume to continue"
+        )
+    if outcome == "deadline":
+        logger.warning(
+            "the time budget is spent: stopped after step %d of %d (checkpointed; "
+            "--resume --max-steps N continues it)",
+            trainer.step,
+            cfg.max_steps,
+        )
+    if main:
         write_previews(run, trainer, output_dir / "samples")
         if (output_dir / "losses.jsonl").is_file():
             plot_losses(output_dir / "losses.jsonl", output_dir / "loss.png")

@@ -14,7 +14,6 @@ from latentfuse.checkpointing import atomic_write_json
 from latentfuse.conditioning import (
     TextConditioner,
     attribute_vectors,
-    build_denoiser,
     image_prompts,
     null_condition,
 )
@@ -33,6 +32,7 @@ from latentfuse.method.schedule import client_split, make_scheduler
 from latentfuse.method.server import Server
 from latentfuse.method.split import client_train_cut
 from latentfuse.paths import cache_dir, resolve_path
+from latentfuse.training.jobs import DenoiserSpec, client_denoiser, server_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,12 @@ def build_run(
         text = TextConditioner.load(
             resolve_path(config.conditioning.text_encoder), config.conditioning.max_length
         )
-    sizes = {
-        "num_attributes": len(dataset.attribute_names),
-        "cross_attention_dim": text.hidden_size if text is not None else 0,
-    }
+    spec = DenoiserSpec(
+        kind,
+        len(dataset.class_names),
+        num_attributes=len(dataset.attribute_names),
+        cross_attention_dim=text.hidden_size if text is not None else 0,
+    )
     for share in shares:
         cid = share.client_id
         indices = share.train_indices  # data.max_images_per_client applied by the partition
@@ -222,15 +224,7 @@ def build_run(
             )
         )
         if cuts[cid].t_cut > 0:
-            torch.manual_seed(config.train.seed * 1000 + cid + 1)
-            client_unets[cid] = build_denoiser(
-                config.client_unet_config(cid),
-                kind,
-                latent_size,
-                channels,
-                num_class_embeds=len(dataset.class_names) + 1,
-                **sizes,
-            )
+            client_unets[cid] = client_denoiser(config, cid, spec, latent_size, channels)
     server, server_unet = None, None
     if any(not s.is_independent for s in cuts.values()):
         server = Server(
@@ -241,20 +235,7 @@ def build_run(
             seed=config.train.seed,
             timestep_density=config.split.server_timesteps,
         )
-        num_embeds = {
-            "class": len(dataset.class_names) + 1,
-            "client": config.data.num_clients + 1,
-            "none": None,
-        }[config.server_labels]
-        torch.manual_seed(config.train.seed * 1000)
-        server_unet = build_denoiser(
-            config.server_unet,
-            kind if config.server_labels == "class" else "class",  # else ids or nothing
-            latent_size,
-            channels,
-            num_class_embeds=num_embeds,
-            **sizes,
-        )
+        server_unet = server_denoiser(config, spec, latent_size, channels)
     return Run(
         config,
         dataset,

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from latentfuse.checkpointing import atomic_write_dir
 from latentfuse.config import RunConfig
@@ -27,9 +26,10 @@ from latentfuse.method.client import Client
 from latentfuse.method.release_key import KEY_FILE, load_or_create_release_key
 from latentfuse.method.schedule import client_split, make_scheduler
 from latentfuse.method.split import client_train_cut
-from latentfuse.models import build_unet
 from latentfuse.paths import resolve_path
 from latentfuse.training.engine import Batch, Engine, make_accelerator
+from latentfuse.training.jobs import DenoiserSpec, client_denoiser
+from latentfuse.training.loop import fit
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +94,9 @@ class ClientJob:
         self.model_name = f"client_{client_id}"  # the in-process job's name for this model
         models = {}
         if split.t_cut > 0:  # the same initial weights as build_run gives this client
-            torch.manual_seed(cfg.seed * 1000 + client_id + 1)
-            models[self.model_name] = build_unet(
-                config.client_unet_config(client_id),
-                latents.latents.shape[-1],
-                latents.latents.shape[1],
-                deploy.num_classes + 1,
-            )
+            spec = DenoiserSpec("class", deploy.num_classes)
+            size, channels = latents.latents.shape[-1], latents.latents.shape[1]
+            models[self.model_name] = client_denoiser(config, client_id, spec, size, channels)
         self.engine = Engine(
             self.accelerator,
             models,
@@ -170,14 +166,7 @@ class ClientJob:
         self.upload_due()
         if self.trains:
             every = self.config.train.checkpoint_every
-            bar = tqdm(total=max_steps, initial=self.step, desc=f"client {self.client_id}")
-            while self.step < max_steps:
-                loss = self.train_step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-                if self.step % every == 0:
-                    self.save_checkpoint()
-            bar.close()
+            fit(self, max_steps, every, desc=f"client {self.client_id}")
         self.save_checkpoint()
         return self.export()
 

@@ -29,8 +29,9 @@ from latentfuse.deploy.config import DeployConfig, latent_shape, require_class_c
 from latentfuse.deploy.server.store import ReleaseDatabase
 from latentfuse.method.schedule import client_split, make_scheduler
 from latentfuse.method.server import ReleaseStore, Server
-from latentfuse.models import build_unet
 from latentfuse.training.engine import Batch, Engine, make_accelerator
+from latentfuse.training.jobs import DenoiserSpec, server_denoiser
+from latentfuse.training.loop import Hooks, fit
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,7 @@ def build_server_unet(
 ) -> torch.nn.Module:
     """The shared denoiser, seeded as train.py seeds it, or with the weights of a model folder."""
     channels, size, _ = latent_shape(config)
-    num_embeds = {
-        "class": deploy.num_classes + 1,
-        "client": config.data.num_clients + 1,
-        "none": None,
-    }[config.server_labels]
-    torch.manual_seed(config.train.seed * 1000)
-    unet = build_unet(config.server_unet, size, channels, num_embeds)
+    unet = server_denoiser(config, DenoiserSpec("class", deploy.num_classes), size, channels)
     if init_from is not None:
         from safetensors.torch import load_file
 
@@ -226,18 +221,25 @@ class ServerTrainer:
         """Train until `train.max_steps` or `stop`, checkpointing (and publishing) every
         `train.checkpoint_every` steps and on the way out."""
         cfg = self.config.train
-        try:
-            while self.step < cfg.max_steps and not self.sync(stop):
-                if len(self.server.store) == 0:
-                    self.state = "waiting for releases"
-                    self.write_status()
-                    stop.wait(poll_seconds)
-                    continue
-                self.state = "training"
-                self.train_step()
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-                self.write_status()
+
+        def ready() -> bool:
+            self.state = "training" if len(self.server.store) else "waiting for releases"
+            return bool(len(self.server.store))
+
+        def wait() -> None:
+            self.write_status()
+            stop.wait(poll_seconds)
+
+        def after_step(step: int, losses: dict[str, float]) -> None:
+            if step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            self.write_status()
+
+        hooks = Hooks(
+            should_stop=lambda: self.sync(stop), ready=ready, wait=wait, after_step=after_step
+        )
+        try:  # the front reports progress in /v1/status (trainer.json), not a progress bar
+            fit(self, cfg.max_steps, None, hooks, desc="server", progress=False)
             if self.step > 0 and (self.last_checkpoint or {}).get("step") != self.step:
                 self.save_checkpoint()
             self.state = "finished" if self.step >= cfg.max_steps else "stopped"
