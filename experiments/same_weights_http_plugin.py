@@ -15,53 +15,49 @@ parts) instead of the CSPRNG, so two trees get the same releases:
 import hashlib
 import importlib
 import os
+import sys
+from pathlib import Path
 
 
-def pytest_configure(config):
-    for name in os.environ["TRAINER_MODULES"].split(","):
+def _first_module(variable: str):
+    """The first importable module of the comma-separated names in $variable."""
+    for name in os.environ[variable].split(","):
         try:
-            mod = importlib.import_module(name)
-            break
+            return importlib.import_module(name)
         except ImportError:
             continue
-    original = mod.ServerTrainer.publish
+    raise ImportError(f"none of ${variable} imports: {os.environ[variable]}")
+
+
+def pytest_configure(config) -> None:
+    """Wrap ServerTrainer.publish to record the hash of the weights it publishes."""
+    trainer = _first_module("TRAINER_MODULES")
+    original = trainer.ServerTrainer.publish
 
     def publish(self):
-        sd = self.engine.ema_model("server").state_dict()
-        h = hashlib.sha256()
-        for k in sorted(sd):
-            h.update(k.encode())
-            h.update(sd[k].detach().cpu().numpy().tobytes())
+        state = self.engine.ema_model("server").state_dict()
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].detach().cpu().numpy().tobytes())
         with open(os.environ["HASH_OUT"], "a") as f:
-            f.write(f"{self.step} {h.hexdigest()}\n")
+            f.write(f"{self.step} {digest.hexdigest()}\n")
         return original(self)
 
-    mod.ServerTrainer.publish = publish
+    trainer.ServerTrainer.publish = publish
 
 
-def pytest_sessionstart(session):
-    import hashlib as _h
-
-    for name in os.environ["KEY_MODULES"].split(","):
-        try:
-            mod = importlib.import_module(name)
-            break
-        except ImportError:
-            continue
-    original = mod.load_or_create_release_key
+def pytest_sessionstart(session) -> None:
+    """Release keys from their file's path, so every tree gets the same ones."""
+    keys = _first_module("KEY_MODULES")
+    original = keys.load_or_create_release_key
 
     def by_path(path):
-        from pathlib import Path as P
-
-        tail = "/".join(P(path).parts[-2:])
-        mod.new_release_key = lambda: _h.sha256(f"fixed-{tail}".encode()).digest()
+        tail = "/".join(Path(path).parts[-2:])
+        keys.new_release_key = lambda: hashlib.sha256(f"fixed-{tail}".encode()).digest()
         return original(path)
 
-    mod.load_or_create_release_key = by_path
-    for name in list(__import__("sys").modules):
-        m = __import__("sys").modules[name]
-        if (
-            name.startswith("latentfuse")
-            and getattr(m, "load_or_create_release_key", None) is original
-        ):
-            m.load_or_create_release_key = by_path
+    keys.load_or_create_release_key = by_path
+    for module in list(sys.modules.values()):
+        if getattr(module, "load_or_create_release_key", None) is original:
+            module.load_or_create_release_key = by_path
