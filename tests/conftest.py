@@ -130,3 +130,25 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from tests.worlds import make_tiny_world
 
     return make_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<run>/model` of a 2-client, 2-step run at t_cut 100 on the tiny world: the one trained
+    model the tests that only need *a* model share (read it, never change it)."""
+    from latentfuse.training.runner import train
+    from tests.worlds import tiny_config
+
+    overrides = [
+        "train.server_batch_size=4",
+        "train.client_batch_size=2",
+        "train.max_steps=2",
+        "train.warmup_steps=1",
+        "train.num_preview_images=1",
+        "train.preview_inference_steps=2",
+        "split.t_cut=100",
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+        config = tiny_config(tiny_world, *overrides)
+        return train(config, tmp_path_factory.mktemp("tiny-model") / "run")

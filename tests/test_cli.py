@@ -102,18 +102,6 @@ def test_reconstruct_split_must_exist(
     assert "train" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_world, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-step model on the tiny world."""
-    from latentfuse.training.runner import train
-    from tests.worlds import tiny_config
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
-        config = tiny_config(tiny_world, "train.max_steps=2", "train.num_preview_images=1")
-        return train(config, tmp_path_factory.mktemp("sample-run") / "run")
-
-
 @pytest.mark.parametrize(("client", "rows"), [("all", 2), ("1", 1)])
 def test_sample_writes_a_grid_per_client(tiny_model, tmp_path, capsys, client, rows):
     out = tmp_path / "grid.png"
@@ -154,6 +142,7 @@ def test_sample_bad_arguments(tiny_model, tmp_path, capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_sampling_defaults_to_the_guidance_the_model_records(tiny_model, tmp_path, monkeypatch):
     """A trained model records the guidance it was made for; `sample` uses it unless told."""
     import json
@@ -176,6 +165,7 @@ def test_sampling_defaults_to_the_guidance_the_model_records(tiny_model, tmp_pat
     assert seen == [3.0, 1.5]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["sample", "evaluate", "reconstruct", "train"])
 def test_every_help_shows_defaults_and_an_example(command, capsys):
     with pytest.raises(SystemExit):

@@ -136,6 +136,7 @@ def test_committed_rows_keep_their_keys_under_the_current_code():
         ]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     config = tiny_config(tiny_world, "data.eval_fraction=0.25")
@@ -197,6 +198,7 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     assert "split-100 beats ICM at 6 images (FID)" in text and "Produced by" in text
 
 
+@pytest.mark.subprocess
 def test_claim_skips_a_live_holder_and_takes_a_stale_lock(tmp_path):
     import os
     import subprocess

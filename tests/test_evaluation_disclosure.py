@@ -216,4 +216,4 @@ def test_release_fid_grows_with_the_noise(inception, alphas_cumprod, tmp_path):
     assert low["kid"] < high["kid"]
     assert low["num_releases"] == low["num_real"] == 6
     assert low["fcd"] is None and low["fcd_status"].startswith("unavailable")
-    assert high["fcd_status"] == "ok" and high["fcd"] >= 0
+    assert high["fcd_status"] == "ok" and high["fcd"] > 0  # pure noise against the images

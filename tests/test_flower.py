@@ -91,6 +91,7 @@ def server_weights(state: Path) -> dict[str, torch.Tensor]:
     return load_file(state / "published" / "server_unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.e2e
 def test_flower_and_http_carry_the_same_bytes_to_the_same_server_weights(setting, monkeypatch):
     from latentfuse.deploy.client.job import ClientJob
     from latentfuse.deploy.client.remote import RemoteServer, read_token
@@ -162,6 +163,7 @@ def test_flower_and_http_carry_the_same_bytes_to_the_same_server_weights(setting
         assert (flower_root / f"work-{cid}" / "flower-samples.png").is_file()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_superlink_and_two_supernodes_with_tls_and_node_auth_train_and_sample(
     setting, monkeypatch
@@ -184,6 +186,7 @@ def test_a_superlink_and_two_supernodes_with_tls_and_node_auth_train_and_sample(
     assert superlink_log.count("Activated node_id") >= 2  # both authenticated
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_the_simulation_engine_runs_the_same_app(setting, monkeypatch):
     """Flower's simulation engine (Ray, a local simulation SuperLink that `flwr run` starts):

@@ -86,6 +86,7 @@ def _cryptography_certificate(key_file: Path) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@pytest.mark.e2e
 def test_tls_serves_a_client_that_trusts_the_certificate(tiny_run, tmp_path):
     cert, key = self_signed(tmp_path)
     service = make_service(tiny_run, tmp_path / "state")
@@ -103,6 +104,7 @@ def test_tls_serves_a_client_that_trusts_the_certificate(tiny_run, tmp_path):
             httpx.get(url.replace("https", "http") + "/healthz", timeout=5)
 
 
+@pytest.mark.e2e
 def test_server_trains_from_uploads_and_checkpoints(tiny_run, tmp_path):
     service = make_service(tiny_run, tmp_path / "state", train=True)
     with BackgroundServer(service) as url, remote(url, tiny_run, 0) as connection:
@@ -134,6 +136,7 @@ def client_folder(world_images: Path, out: Path, classes: tuple[str, ...]) -> Pa
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("t_cut", "folders"), [(100, ["clients"]), (0, [])], ids=["split", "GM"])
 def test_client_job_uploads_trains_exports_samples_and_resumes(tiny_run, tmp_path, t_cut, folders):
     from latentfuse.deploy.client.job import ClientJob

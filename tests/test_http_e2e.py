@@ -28,6 +28,9 @@ from latentfuse.method.release_key import load_release_key
 from tests.test_http_app import world  # noqa: F401  (fixture, by name)
 from tests.test_http_client import client_folder
 
+# every test here starts `latentfuse serve` (and clients) as processes
+pytestmark = [pytest.mark.e2e, pytest.mark.subprocess]
+
 CLASS_NAMES = ("class0", "class1", "class2", "class3")
 CLIENT_CLASSES = {0: ("class0", "class1"), 1: ("class2", "class3")}
 
@@ -237,19 +240,6 @@ def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment)
     assert duplicates == 0
     assert final["releases_held"] == {str(b.client_id): len(b.image_ids) for b in releases}
     assert final["uploads"] == sum(-(-len(b.image_ids) // 2) for b in releases)
-
-
-@pytest.mark.slow
-def test_load_20_clients_x_50_uploads_loses_nothing():
-    from bench.bench_http import load_bench
-
-    result = load_bench(clients=20, uploads=50, images=4, train=True, threads=1)
-    print(
-        f"\nload: {result['uploads']} uploads in {result['wall_s']:.1f} s = "
-        f"{result['uploads_per_s']:.1f} uploads/s, p95 {result['p95_ms']:.0f} ms, "
-        f"lost {result['lost']}, server steps meanwhile {result['server_steps']}"
-    )
-    assert result["uploads_committed"] == 1000 and result["held"] == 4000 and result["lost"] == 0
 
 
 def trained_behind_the_front(files, toml, root, state: str, processes: int) -> dict:

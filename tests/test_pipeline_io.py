@@ -14,28 +14,9 @@ from PIL import Image
 
 from latentfuse import CollaFusePipeline
 from latentfuse.pipelines import CollaFuseClientPipeline, CollaFuseServerPipeline
-from latentfuse.training.runner import train
-from tests.worlds import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 T_CUT = 100
-
-
-@pytest.fixture(scope="module")
-def trained_model(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<run>/model` of a 2-step run on the tiny world (4 classes of noise images)."""
-    overrides = [
-        "train.server_batch_size=4",
-        "train.client_batch_size=2",
-        "train.max_steps=2",
-        "train.warmup_steps=1",
-        "train.num_preview_images=1",
-        "train.preview_inference_steps=2",
-        f"split.t_cut={T_CUT}",
-    ]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
-        return train(tiny_config(tiny_world, *overrides), tmp_path_factory.mktemp("run") / "run")
 
 
 def sample(pipe, client_id: int, **kwargs) -> torch.Tensor:
@@ -48,13 +29,13 @@ def sample(pipe, client_id: int, **kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("client_id", [0, 1])
-def test_loads_what_training_writes(trained_model, client_id):
-    pipe = CollaFusePipeline.from_pretrained(trained_model)
+def test_loads_what_training_writes(tiny_model, client_id):
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
     assert pipe.client_ids == [0, 1] and pipe.t_cut(client_id) == T_CUT
     images = sample(pipe, client_id)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
-    server = CollaFuseServerPipeline.from_pretrained(trained_model)
-    client = CollaFuseClientPipeline.from_pretrained(trained_model, client_id=client_id)
+    server = CollaFuseServerPipeline.from_pretrained(tiny_model)
+    client = CollaFuseClientPipeline.from_pretrained(tiny_model, client_id=client_id)
     client.set_progress_bar_config(disable=True)
     server.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
@@ -64,8 +45,8 @@ def test_loads_what_training_writes(trained_model, client_id):
 
 
 @pytest.mark.parametrize("scheduler", [None, EulerDiscreteScheduler])
-def test_save_then_load_gives_identical_images(trained_model, tmp_path, scheduler):
-    pipe = CollaFusePipeline.from_pretrained(trained_model)
+def test_save_then_load_gives_identical_images(tiny_model, tmp_path, scheduler):
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(tmp_path / "copy")
@@ -95,12 +76,12 @@ def test_missing_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch,
         load(path.format(tmp=tmp_path))
 
 
-def test_repo_id_is_fetched_from_the_hub(trained_model, monkeypatch):
+def test_repo_id_is_fetched_from_the_hub(tiny_model, monkeypatch):
     asked = []
 
     def fake_download(repo_id: str, **kwargs) -> str:
         asked.append((repo_id, kwargs))
-        return str(trained_model)
+        return str(tiny_model)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert CollaFusePipeline.from_pretrained("someone/collafuse").client_ids == [0, 1]
@@ -111,7 +92,7 @@ def test_repo_id_is_fetched_from_the_hub(trained_model, monkeypatch):
 
 
 @pytest.mark.parametrize("recorded", [{}, {"fid": {"client_0": 41.25}}])
-def test_push_to_hub_uploads_the_folder_with_a_model_card(trained_model, monkeypatch, recorded):
+def test_push_to_hub_uploads_the_folder_with_a_model_card(tiny_model, monkeypatch, recorded):
     uploads = []
 
     def create_repo(repo_id: str, token=None, private=False, exist_ok=False, **kwargs):
@@ -128,7 +109,7 @@ def test_push_to_hub_uploads_the_folder_with_a_model_card(trained_model, monkeyp
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    pipe = CollaFusePipeline.from_pretrained(trained_model)
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
     pipe.collafuse_config["metrics"] = recorded
     pipe.push_to_hub("someone/collafuse", token="t0k", private=True, metrics={"psnr": 12.5})
     created, uploaded = uploads
@@ -144,9 +125,10 @@ def test_push_to_hub_uploads_the_folder_with_a_model_card(trained_model, monkeyp
     assert ("| fid.client_0 | 41.25 |" in card) == bool(recorded)
 
 
-def test_example_writes_a_grid_per_client(trained_model, tmp_path):
+@pytest.mark.e2e
+def test_example_writes_a_grid_per_client(tiny_model, tmp_path):
     main = runpy.run_path(str(REPO / "examples" / "sample.py"))["main"]
-    args = [str(trained_model), "--out", str(tmp_path), "--num-images", "3", "--steps", "2"]
+    args = [str(tiny_model), "--out", str(tmp_path), "--num-images", "3", "--steps", "2"]
     assert main([*args, "--scheduler", "ddim"]) == 0
     for client_id in (0, 1):
         with Image.open(tmp_path / f"client-{client_id}.png") as grid:
@@ -204,8 +186,8 @@ def test_user_mistakes_are_named_before_any_work(kwargs, message):
 
 # ---- diffusers' call conventions ----------------------------------------------------------------
 @pytest.mark.parametrize("argument", ["dtype", "torch_dtype"])
-def test_dtype_casts_every_denoiser_and_sampling_runs(trained_model, argument):
-    pipe = CollaFusePipeline.from_pretrained(trained_model, **{argument: torch.bfloat16})
+def test_dtype_casts_every_denoiser_and_sampling_runs(tiny_model, argument):
+    pipe = CollaFusePipeline.from_pretrained(tiny_model, **{argument: torch.bfloat16})
     dtypes = {pipe.server_unet.dtype, pipe.vae.dtype} | {
         u.dtype for u in pipe.client_unets.values()
     }
@@ -213,8 +195,8 @@ def test_dtype_casts_every_denoiser_and_sampling_runs(trained_model, argument):
     assert sample(pipe, 0).shape == (2, 3, 32, 32)
 
 
-def test_num_images_per_prompt_latents_and_step_callbacks(trained_model):
-    pipe = CollaFusePipeline.from_pretrained(trained_model)
+def test_num_images_per_prompt_latents_and_step_callbacks(tiny_model):
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
     label = int(pipe.collafuse_config["clients"]["0"]["classes"][0])
     out = pipe(
@@ -247,16 +229,16 @@ def test_num_images_per_prompt_latents_and_step_callbacks(trained_model):
         pipe.enable_model_cpu_offload()
 
 
-def test_diffusers_own_loader_and_components_give_a_working_pipeline(trained_model):
+def test_diffusers_own_loader_and_components_give_a_working_pipeline(tiny_model):
     """`DiffusionPipeline.from_pretrained(folder, custom_pipeline=...)` (diffusers' loader, not
     ours) reads the clients too, and `CollaFusePipeline(**pipe.components)` samples the same."""
     from diffusers import DiffusionPipeline
 
     code = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_collafuse.py"
     theirs = DiffusionPipeline.from_pretrained(
-        trained_model, custom_pipeline=str(code), trust_remote_code=True
+        tiny_model, custom_pipeline=str(code), trust_remote_code=True
     )
-    ours = CollaFusePipeline.from_pretrained(trained_model)
+    ours = CollaFusePipeline.from_pretrained(tiny_model)
     assert theirs.client_ids == ours.client_ids == [0, 1]
     rebuilt = CollaFusePipeline(**ours.components)
     expected = sample(ours, 1)

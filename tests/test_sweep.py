@@ -82,7 +82,7 @@ def test_rows_mark_gm_and_icm_and_carry_the_figures(swept):
     assert [r["model"] for r in rows] == ["GM", "split", "ICM"]
     assert swept["num_samples"] == 4 and swept["num_generated_pooled"] == 8
     for row in rows:
-        assert finite(row["fid"]) and finite(row["kid"]) and row["fid"] >= 0
+        assert finite(row["fid"]) and finite(row["kid"]) and row["fid"] > 0
         assert row["num_samples"] == 4 and row["steps"] == 2 and row["wall_seconds"] > 0
         assert 0 < row["client_flop_share"] <= 1
         assert set(row["clients"]) == {"0", "1"}
@@ -141,6 +141,7 @@ def test_report_files_are_written(swept, sweep_args):
     assert not list(out_dir.parent.glob(".*tmp*")), "no temporary file is left behind"
 
 
+@pytest.mark.e2e
 def test_resume_skips_finished_points(swept, sweep_args, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished point was trained or evaluated again")
@@ -229,6 +230,7 @@ def test_bad_settings_are_named(field, value):
         SweepSettings(**{field: value})
 
 
+@pytest.mark.e2e
 def test_a_point_evaluated_before_burden_json_gains_it(swept, sweep_args, monkeypatch):
     """An evaluation.json written before burden.json existed is kept (no re-evaluation) and
     the point's burden is measured and added to its row."""
@@ -259,6 +261,7 @@ def test_the_report_names_the_config_overrides(swept):
     assert not any("overrides" in n for n in notes({**swept, "overrides": []}))
 
 
+@pytest.mark.e2e
 def test_choosing_fewer_ablations_on_resume_evaluates_nothing_again(swept, sweep_args, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished point was evaluated again")

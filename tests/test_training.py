@@ -147,6 +147,7 @@ def test_transport_carries_only_releases(tiny_world, tmp_path, policy):
         assert per_client.count(cid) == expected
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -167,6 +168,7 @@ def test_bad_config_fails_before_any_work(tiny_world, tmp_path, capsys, override
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_missing_data_fails_before_output(tiny_world, tmp_path, capsys):
     from train import main
 
@@ -345,18 +347,6 @@ def test_original_objective_records_the_authors_compensation(tiny_world, tmp_pat
         "client_start" not in c
         for c in json.loads((exact / "collafuse.json").read_text())["clients"].values()
     )
-
-
-def test_lr_at_warms_up_then_holds_or_decays_by_the_cosine():
-    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = [lr_at(s, 1.0, 4, "cosine", 14) for s in range(16)]
-    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]  # the same warm-up
-    assert cosine[4] == 1.0 and cosine[9] == pytest.approx(0.5) and cosine[14] == 0.0
-    assert all(a > b for a, b in zip(cosine[4:14], cosine[5:15], strict=True))
-    assert cosine[15] == 0.0  # past max_steps (a resumed run) it stays at the floor
-    assert lr_at(14, 1.0, 4, "cosine", 14, floor=0.1) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="schedule"):
-        lr_at(5, 1.0, 4, "linear", 14)
 
 
 def test_a_cosine_run_steps_every_optimiser_at_the_scheduled_rate(tiny_world, tmp_path):
