@@ -46,10 +46,16 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--trainer-processes",
         type=int,
-        default=0,
+        default=1,
         metavar="N",
-        help="train in a separate process group of N processes under `accelerate launch` "
-        "(0, the default: a thread of this process)",
+        help="the trainer: its own process group of N processes under `accelerate launch`, "
+        "started and watched by this front (DDP over GPUs, or CPU processes without them)",
+    )
+    serve.add_argument(
+        "--trainer-thread",
+        action="store_true",
+        help="train in a thread of this process instead (one process for everything: "
+        "simplest, no Accelerate launcher, no data parallelism)",
     )
     serve.add_argument(
         "--api-docs",
@@ -143,7 +149,7 @@ def run_serve(args: argparse.Namespace) -> int:
     mode, command = "thread", None
     if args.no_train:
         mode = "none"
-    elif args.trainer_processes > 0:
+    elif not args.trainer_thread:
         from latentfuse.deploy.server.train_server import trainer_command
 
         mode = "process"

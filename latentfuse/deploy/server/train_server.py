@@ -34,18 +34,18 @@ def trainer_command(
     init_from: str | None = None,
     mixed_precision: str = "no",
 ) -> list[str]:
-    """The command that starts the trainer: under `accelerate launch` with `processes`
-    processes (DDP; on a machine without GPUs, CPU processes), or plain Python for one."""
+    """The command that starts the trainer under `accelerate launch` with `processes`
+    processes (DDP for more than one; on a machine without GPUs, CPU processes)."""
     if processes < 1:
         raise ValueError(f"--trainer-processes must be >= 1, got {processes}")
     module = ["-m", "latentfuse.deploy.server.train_server"]
     args = ["--config", str(config), "--state-dir", str(state_dir)]
     args += ["--init-from", str(init_from)] if init_from else []
-    launcher: list[str] = []
+    launcher = ["-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    launcher += ["--num_machines", "1", "--mixed_precision", mixed_precision]
+    launcher += ["--dynamo_backend", "no"]
     if processes > 1:
-        launcher = ["-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-        launcher += ["--num_machines", "1", "--mixed_precision", mixed_precision]
-        launcher += ["--dynamo_backend", "no", "--multi_gpu"]  # CPU DDP: trainer_environment
+        launcher += ["--multi_gpu"]  # CPU DDP where there is no GPU: trainer_environment
     return [sys.executable, *launcher, *module, *args, *overrides]
 
 
