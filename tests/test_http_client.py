@@ -269,3 +269,25 @@ def test_a_changed_release_is_refused_before_its_body_leaves(monkeypatch):
     with pytest.raises(RuntimeError, match="already holds other releases"):
         remote.upload_release(batch(torch.ones(4, 4, 2, 2)))
     assert sent == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "mode"), [([], "process"), (["--trainer-thread"], "thread"), (["--no-train"], "none")]
+)
+def test_serve_trains_under_accelerate_by_default(flags, mode):
+    import argparse
+
+    from latentfuse.cli.serve import add_serve_parser, trainer_mode
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    argv = ["serve", "--config", "c.toml", "--clients", "k.json", "--state-dir", "s", *flags]
+    args = parser.parse_args(argv)
+    chosen, command = trainer_mode(args, "no")
+    assert chosen == mode
+    if mode == "process":
+        launch = command.index("accelerate.commands.launch")
+        assert command[launch + 1 : launch + 3] == ["--num_processes", "1"]
+        assert command[-4:] == ["--config", "c.toml", "--state-dir", "s"]
+    else:
+        assert command is None

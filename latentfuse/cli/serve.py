@@ -146,21 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config, deploy = load_deploy_config(args.config, args.overrides)
     tokens = TokenBook.load(args.clients)
-    mode, command = "thread", None
-    if args.no_train:
-        mode = "none"
-    elif not args.trainer_thread:
-        from latentfuse.deploy.server.train_server import trainer_command
-
-        mode = "process"
-        command = trainer_command(
-            args.config,
-            args.state_dir,
-            args.trainer_processes,
-            args.overrides,
-            args.init_from,
-            config.train.mixed_precision,
-        )
+    mode, command = trainer_mode(args, config.train.mixed_precision)
     service = ServerService(
         config,
         deploy,
@@ -181,3 +167,23 @@ def run_serve(args: argparse.Namespace) -> int:
         api_docs=args.api_docs,
     )
     return 0
+
+
+def trainer_mode(args: argparse.Namespace, mixed_precision: str) -> tuple[str, list[str] | None]:
+    """("process", the `accelerate launch` command) by default; ("thread", None) with
+    --trainer-thread; ("none", None) with --no-train."""
+    if args.no_train:
+        return "none", None
+    if args.trainer_thread:
+        return "thread", None
+    from latentfuse.deploy.server.train_server import trainer_command
+
+    command = trainer_command(
+        args.config,
+        args.state_dir,
+        args.trainer_processes,
+        args.overrides,
+        args.init_from,
+        mixed_precision,
+    )
+    return "process", command
