@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+# A source checkout holds checkpoints/ beside the package; an installed wheel ships the
+# autoencoder and the configs under <prefix>/share/latentfuse (pyproject's data-files).
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+INSTALLED_DATA = Path(sys.prefix) / "share" / "latentfuse"
+SHIPPED_ROOT = REPO_ROOT if (REPO_ROOT / "checkpoints").is_dir() else INSTALLED_DATA
+CHECKPOINTS_DIR = SHIPPED_ROOT / "checkpoints"
 DEFAULT_VAE_DIR = CHECKPOINTS_DIR / "cifar10-vae"
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-CIFAR10_ARCHIVE = SHARED_DATA_DIR / "cifar10-jpg.tar.gz"
+# The CIFAR-10 JPEG archive: $LATENTFUSE_CIFAR10, else ../shared/data beside a source checkout.
+CIFAR10_ARCHIVE = Path(
+    os.environ.get("LATENTFUSE_CIFAR10") or SHARED_DATA_DIR / "cifar10-jpg.tar.gz"
+)
 CIFAR10_SHA256 = "7854ea059adc7729ab5267c5269ccc01e6eaeea6549d5f3c834c106bae86e8ee"
 
 
@@ -22,9 +30,15 @@ def cache_dir() -> Path:
 
 
 def resolve_path(path: str) -> str:
-    """A relative path that exists under the repository root, else the path unchanged."""
-    candidate = REPO_ROOT / path
-    return str(candidate) if not Path(path).exists() and candidate.exists() else path
+    """A relative path that does not exist here but under the shipped files (the source
+    checkout, or an installed wheel's share/latentfuse: `checkpoints/cifar10-vae`), else the
+    path unchanged."""
+    if Path(path).exists():
+        return path
+    for root in (REPO_ROOT, SHIPPED_ROOT):
+        if (root / path).exists():
+            return str(root / path)
+    return path
 
 
 def looks_local(text: str) -> bool:

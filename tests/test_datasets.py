@@ -275,3 +275,21 @@ def test_load_dataset_split_needs_image_folder(
 def test_load_dataset_reads_the_cifar10_archive_split() -> None:
     dataset = load_dataset(CIFAR10_ARCHIVE, subfolder="test", sha256=CIFAR10_SHA256)
     assert len(dataset) == 10_000 and len(dataset.class_names) == 10
+
+
+def test_a_missing_cifar10_archive_names_the_setting(tmp_path, monkeypatch):
+    from latentfuse.data.datasets import load_cifar10
+
+    monkeypatch.setattr("latentfuse.paths.CIFAR10_ARCHIVE", tmp_path / "nowhere.tar.gz")
+    with pytest.raises(FileNotFoundError, match="LATENTFUSE_CIFAR10"):
+        load_cifar10("train")
+
+
+def test_the_cifar10_location_is_a_setting(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import latentfuse.paths as p; print(p.CIFAR10_ARCHIVE)"
+    env = {**__import__("os").environ, "LATENTFUSE_CIFAR10": str(tmp_path / "c10.tar.gz")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(tmp_path / "c10.tar.gz")

@@ -164,6 +164,11 @@ def load_cifar10(subset: str = "train", source: str | os.PathLike | None = None)
     if subset not in ("train", "test"):
         raise ValueError(f"subset must be 'train' or 'test', got {subset!r}")
     source = Path(source) if source is not None else CIFAR10_ARCHIVE
+    if not source.exists():
+        raise FileNotFoundError(
+            f"the CIFAR-10 archive is not at {source}: set LATENTFUSE_CIFAR10 to the path of "
+            "cifar10-jpg.tar.gz (or a folder holding train/ and test/), or pass data.source"
+        )
     expected = CIFAR10_SHA256 if source == CIFAR10_ARCHIVE else None
     root = resolve_image_root(source, expected)
     for candidate in (root / "cifar10" / subset, root / subset):
