@@ -21,14 +21,17 @@ VAE_DIR = "vae"
 
 
 def read_description(folder: Path) -> dict[str, Any]:
-    """The `collafuse.json` of a model folder."""
+    """The `collafuse.json` of a model folder, read through `ModelDescription.from_json` (which
+    fills in what older files left out) and given back complete, as the pipelines hold it."""
+    from latentfuse.description import ModelDescription
+
     path = folder / COLLAFUSE_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {COLLAFUSE_CONFIG}: not a CollaFuse model")
-    description = json.loads(path.read_text())
-    if not isinstance(description.get("clients"), dict):
-        raise ValueError(f"{path} has no 'clients' table")
-    return description
+    try:
+        return ModelDescription.from_json(json.loads(path.read_text())).to_json()
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def load_scheduler(folder: Path) -> SchedulerMixin:

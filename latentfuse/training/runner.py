@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,50 +28,51 @@ from latentfuse.training.trainer import Trainer
 logger = logging.getLogger(__name__)
 
 
-def collafuse_description(run: Run) -> dict:
-    """What `collafuse.json` records: the split, the clients and their label sets, the data."""
+def collafuse_description(run: Run, training: dict | None = None) -> dict:
+    """What `collafuse.json` records: the split, the clients and their label sets, the data,
+    the conditioning (with each client's attribute rates: what sampling draws from when no
+    attributes are given) and, once known, how it was trained."""
     cfg, names = run.config, run.dataset.class_names
-    entries = {
-        client.client_id: client_entry(
-            cfg,
-            client.split,
-            share.classes,
-            names,
-            num_train_images=client.num_images,
-            num_eval_images=len(share.eval_indices),
-        )
-        for share, client in zip(run.shares, run.clients, strict=True)
-    }
-    data = {
-        "source": cfg.data.source,
-        "partition": cfg.data.partition,
-        "num_clients": cfg.data.num_clients,
-    }
-    description = model_description(
-        cfg, names, entries, run.scheduler.alphas_cumprod, vae_sha256=run.vae_hash, data=data
-    )
-    kind = cfg.conditioning.kind
-    description["conditioning"] = {"kind": kind}
-    if kind != "class" and run.dataset.attribute_names:
-        # the attribute names, and each client's attribute rates (the share of its training
-        # images with each attribute: what sampling draws from when no attributes are given)
-        description["conditioning"]["attribute_names"] = list(run.dataset.attribute_names)
-        attributes = run.dataset.attributes
-        for share in run.shares:
+    kind, attributes = cfg.conditioning.kind, run.dataset.attributes
+    with_rates = kind != "class" and bool(run.dataset.attribute_names)
+    entries = {}
+    for share, client in zip(run.shares, run.clients, strict=True):
+        rates = None
+        if with_rates:
             rows = attributes[list(share.train_indices)]
             rates = rows.mean(0).round(4).tolist() if len(rows) else [0.0] * rows.shape[1]
-            description["clients"][str(share.client_id)]["attribute_rates"] = rates
+        entries[client.client_id] = replace(
+            client_entry(
+                cfg,
+                client.split,
+                share.classes,
+                names,
+                num_train_images=client.num_images,
+                num_eval_images=len(share.eval_indices),
+            ),
+            attribute_rates=tuple(rates) if rates is not None else None,
+        )
+    conditioning: dict = {"kind": kind}
+    if with_rates:
+        conditioning["attribute_names"] = list(run.dataset.attribute_names)
     if kind == "text":
-        description["conditioning"].update(
+        conditioning.update(
             prompt_template=cfg.conditioning.prompt_template,
             max_length=cfg.conditioning.max_length,
             text_encoder=cfg.conditioning.text_encoder,
         )
-    return description
+    data = {"source": cfg.data.source, "partition": cfg.data.partition}
+    data["num_clients"] = cfg.data.num_clients
+    alphas = run.scheduler.alphas_cumprod
+    described = model_description(
+        cfg, names, entries, alphas, vae_sha256=run.vae_hash, data=data, conditioning=conditioning
+    )
+    return (described.with_training(training) if training else described).to_json()
 
 
-def build_pipeline(run: Run, trainer: Trainer):
-    """A CollaFusePipeline over the EMA weights of the current models."""
+def build_pipeline(run: Run, trainer: Trainer, description: dict | None = None):
+    """A CollaFusePipeline over the EMA weights of the current models (described by
+    `description`, default `collafuse_description(run)`)."""
     from latentfuse.pipelines import CollaFusePipeline
 
     models = trainer.ema_models()
@@ -80,7 +82,12 @@ def build_pipeline(run: Run, trainer: Trainer):
     if run.text is not None:
         text = {"tokenizer": run.text.tokenizer, "text_encoder": run.text.text_encoder}
     return CollaFusePipeline(
-        run.vae, scheduler, models.get("server"), clients, collafuse_description(run), **text
+        run.vae,
+        scheduler,
+        models.get("server"),
+        clients,
+        description or collafuse_description(run),
+        **text,
     )
 
 
@@ -175,9 +182,7 @@ def plot_losses(history: Path, out: Path) -> None:
 
 def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
     """Write the diffusers-layout model folder (atomically) into `output_dir/model`."""
-    pipe = build_pipeline(run, trainer)
-    pipe.collafuse_config["training"] = extra
-    pipe.collafuse_config["guidance_scale"] = sampling_guidance(run.config)
+    pipe = build_pipeline(run, trainer, collafuse_description(run, extra))
     return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
 
 

@@ -180,13 +180,14 @@ class ClientJob:
             self.deploy.class_names,
             num_train_images=self.client.num_images,
         )
-        return model_description(
+        described = model_description(
             self.config,
             self.deploy.class_names,
             {self.client_id: entry},
             self.scheduler.alphas_cumprod,
             vae_sha256=self.vae_hash,
         )
+        return described.to_json()
 
     def export(self) -> Path:
         """Write `work_dir/model`: vae/, scheduler/, clients/<id>/ (EMA weights), collafuse.json."""

@@ -71,7 +71,7 @@ def server_description(
         for cid, split in splits.items()
     }
     alphas_cumprod = next(iter(splits.values())).alphas_cumprod
-    return model_description(config, deploy.class_names, entries, alphas_cumprod)
+    return model_description(config, deploy.class_names, entries, alphas_cumprod).to_json()
 
 
 class ServerService:
