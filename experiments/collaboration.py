@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch
 from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
+from experiments.grid import claim
 from experiments.privacy_sweep import PrivacySweepSettings, evaluate_privacy_point
 from experiments.sweep import _jsonable, same_config, train_point
 from latentfuse.checkpointing import atomic_write_json
@@ -153,44 +153,6 @@ def benchmark_points(settings: BenchmarkSettings) -> list[BenchmarkPoint]:
         for model in settings.models
         if model.core == core
     ]
-
-
-LOCK = "worker.lock"
-
-
-def claim(folder: Path) -> bool:
-    """Take `folder` for this process: False while another live process holds it. A lock
-    left by a dead process (a killed job) is taken over."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid == os.getpid():
-                return True
-            if pid and _alive(pid):
-                return False
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def point_config(config: RunConfig, point: BenchmarkPoint) -> RunConfig:
@@ -501,14 +463,15 @@ def run_benchmark(
         key = point_key(cfg, settings)
         if _done(folder, key) or known.get(point.name, {}).get("key") == key:
             continue
-        if not claim(folder):
+        held = claim(folder)
+        if held is None:
             logger.info("%s: another job holds it, skipped", point.name)
             continue
-        _, train_seconds = train_point(cfg, folder)
-        result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
-        row = point_row(cfg, point, folder, result, train_seconds)
-        atomic_write_json(folder / "row.json", {**row, "key": key})
-        (folder / LOCK).unlink(missing_ok=True)
+        with held:
+            _, train_seconds = train_point(cfg, folder)
+            result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
+            row = point_row(cfg, point, folder, result, train_seconds)
+            atomic_write_json(folder / "row.json", {**row, "key": key})
         if on_point is not None:
             on_point()
     return collect_rows(out_dir, settings, known)

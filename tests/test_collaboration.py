@@ -199,25 +199,31 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
 
 
 @pytest.mark.subprocess
-def test_claim_skips_a_live_holder_and_takes_a_stale_lock(tmp_path):
-    import os
+def test_a_claim_excludes_other_processes_until_released_or_dead(tmp_path):
     import subprocess
 
-    from experiments.collaboration import LOCK, claim
+    from experiments.grid import claim
 
-    held = tmp_path / "held"
-    held.mkdir()
-    (held / LOCK).write_text(str(os.getppid()))  # a live process (this test's parent)
-    assert not claim(held)
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    folder = tmp_path / "point"
+    hold = (
+        "import sys, time; from pathlib import Path; from experiments.grid import claim; "
+        "c = claim(Path(sys.argv[1])); print('held' if c else 'busy', flush=True); time.sleep(60)"
     )
-    stale = tmp_path / "stale"
-    stale.mkdir()
-    (stale / LOCK).write_text(dead.stdout.decode().strip())
-    assert claim(stale) and (stale / LOCK).read_text() == str(os.getpid())
-    assert claim(stale)  # this process already holds it
-    assert claim(tmp_path / "fresh")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert claim(folder) is None  # a live holder
+    finally:
+        holder.kill()  # as kill -9 would: the lock goes with the process
+        holder.wait()
+    mine = claim(folder)
+    assert mine is not None
+    assert claim(tmp_path / "other") is not None
+    mine.release()
+    with claim(folder) as again:
+        assert again is not None
 
 
 def test_core_models_run_before_the_others():
