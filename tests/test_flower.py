@@ -16,8 +16,8 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.serde import message_from_proto, message_to_proto  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from latentfuse.deploy.flower import app as client_app  # noqa: E402
-from latentfuse.deploy.flower import run_server  # noqa: E402
+from latentfuse.deploy.flower.client_app import app as client_app  # noqa: E402
+from latentfuse.deploy.flower.server_app import run_server  # noqa: E402
 from latentfuse.method.release_key import KEY_FILE  # noqa: E402
 from tests.test_http_client import client_folder  # noqa: E402
 from tests.test_http_e2e import CLIENT_CLASSES, deploy_toml  # noqa: E402

@@ -16,6 +16,7 @@ CLIENT_ONLY = {
     "latentfuse.deploy.client.job",
     "latentfuse.deploy.client.remote",
     "latentfuse.deploy.client.remote_sample",
+    "latentfuse.deploy.flower.client_app",
 }
 SERVER_ONLY = {
     "latentfuse.method.server",
@@ -24,6 +25,7 @@ SERVER_ONLY = {
     "latentfuse.deploy.server.persist",
     "latentfuse.deploy.server.service",
     "latentfuse.deploy.server.trainer",
+    "latentfuse.deploy.flower.server_app",
 }
 # What both sides meet in: the messages, the cut, the engine, the config (and the pipelines).
 SHARED = {
@@ -39,6 +41,8 @@ ENTRY_MODULES = (
     "latentfuse.deploy.client.remote_sample",
     "latentfuse.deploy.server.app",
     "latentfuse.deploy.server.service",
+    "latentfuse.deploy.flower.client_app",
+    "latentfuse.deploy.flower.server_app",
 )
 
 
@@ -69,7 +73,12 @@ def loaded_modules(module: str) -> frozenset[str]:
 
 
 @pytest.mark.parametrize(
-    "module", ["latentfuse.deploy.client.job", "latentfuse.deploy.client.remote_sample"]
+    "module",
+    [
+        "latentfuse.deploy.client.job",
+        "latentfuse.deploy.client.remote_sample",
+        "latentfuse.deploy.flower.client_app",
+    ],
 )
 def test_client_side_loads_nothing_of_the_server(module):
     loaded = loaded_modules(module)
@@ -78,7 +87,12 @@ def test_client_side_loads_nothing_of_the_server(module):
 
 
 @pytest.mark.parametrize(
-    "module", ["latentfuse.deploy.server.app", "latentfuse.deploy.server.service"]
+    "module",
+    [
+        "latentfuse.deploy.server.app",
+        "latentfuse.deploy.server.service",
+        "latentfuse.deploy.flower.server_app",
+    ],
 )
 def test_server_side_loads_nothing_of_the_client(module):
     loaded = loaded_modules(module)

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-APP = Path(__file__).resolve().parent.parent / "examples" / "flower"
+APP = Path(__file__).resolve().parents[2] / "examples" / "flower"
 
 
 def free_port() -> int:

@@ -1,0 +1,78 @@
+"""The figures the README and docs/results.md quote are the committed result files' figures.
+
+Each table row that quotes the collaboration benchmark is parsed and compared, at the
+printed precision, with `results/collaboration.json`'s aggregates: a rerun that changes a
+figure, or an edit that mistypes one, fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AGGREGATES = json.loads((ROOT / "results/collaboration.json").read_text())["aggregates"]
+NUMBER = r"(\d+\.\d+) ± (\d+\.\d+)"
+
+
+def quoted(value: str, precise: float) -> bool:
+    """Whether `value` (as printed) is `precise` rounded to the printed decimals."""
+    decimals = len(value.split(".")[1])
+    return f"{precise:.{decimals}f}" == value
+
+
+def results_rows() -> list[tuple[str, int, str, str, str, str]]:
+    """(model, size, fid, fid_se, kid, kid_se) from docs/results.md's FID (KID) table."""
+    rows = []
+    for line in (ROOT / "docs/results.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not re.match(NUMBER, cells[1]):
+            continue
+        model = cells[0].split(" (")[0]
+        for size, cell in zip((250, 2000), cells[1:], strict=True):
+            m = re.fullmatch(NUMBER + r" \(" + NUMBER + r"\)", cell)
+            if m:
+                rows.append((model, size, *m.groups()))
+    return rows
+
+
+ROWS = results_rows()
+
+
+def test_the_results_table_was_found():
+    assert {(m, n) for m, n, *_ in ROWS} >= {("GM", 250), ("split-100", 2000), ("ICM", 250)}
+
+
+@pytest.mark.parametrize(("model", "size", "fid", "fid_se", "kid", "kid_se"), ROWS)
+def test_the_results_page_quotes_the_committed_aggregates(model, size, fid, fid_se, kid, kid_se):
+    key = f"{size}/{model}"
+    assert quoted(fid, AGGREGATES["fid"][key]["mean"]) and quoted(
+        fid_se, AGGREGATES["fid"][key]["se"]
+    )
+    assert quoted(kid, AGGREGATES["kid"][key]["mean"]) and quoted(
+        kid_se, AGGREGATES["kid"][key]["se"]
+    )
+
+
+README_MODELS = {"GM": "GM", "split, `t_cut` 100": "split-100", "split, `t_cut` 200": "split-200"}
+README_MODELS["ICM"] = "ICM"
+
+
+def readme_rows() -> list[tuple[str, str, str]]:
+    rows = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(NUMBER, cells[1]):
+            label = cells[0].split(" (")[0]
+            rows.append((README_MODELS[label], *re.fullmatch(NUMBER, cells[1]).groups()))
+    return rows
+
+
+def test_the_readme_quotes_the_committed_aggregates():
+    rows = readme_rows()
+    assert [r[0] for r in rows] == ["GM", "split-100", "split-200", "ICM"]
+    for model, fid, se in rows:
+        aggregate = AGGREGATES["fid"][f"250/{model}"]
+        assert quoted(fid, aggregate["mean"]) and quoted(se, aggregate["se"]), model
