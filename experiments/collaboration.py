@@ -420,10 +420,11 @@ def evaluate_point(
     settings: BenchmarkSettings,
     shared: _Shared,
     match_evaluations: bool = False,
+    cache: str = "benchmark.json",
 ) -> dict:
-    """Quality, memorisation and (optionally) privacy of one trained point, kept in
-    `benchmark.json` beside it and reused while the scoring settings are unchanged."""
-    path = folder / "benchmark.json"
+    """Quality, memorisation and (optionally) privacy of one trained point, kept in `cache`
+    beside it and reused while the scoring settings are unchanged."""
+    path = folder / cache
     key = {**_score_key(settings), **({"match_evaluations": True} if match_evaluations else {})}
     saved = json.loads(path.read_text()) if path.is_file() else {}
     if saved.get("key") == key:

@@ -171,6 +171,21 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     assert (by["compensated"]["client_start"], by["split-100"]["client_start"]) == (190, None)
     assert [by[m]["network_evaluations"] for m in ("split-100", "compensated")] == [25, 25]
     assert by["compensated"]["num_inference_steps"] == 23 and by["compensated"]["release_t"] == 99
+    # a rescore with another sampler keeps the grid's own scores and writes its own file
+    import dataclasses
+
+    from experiments.collaboration import _Shared, evaluate_point, point_config
+    from latentfuse.evaluation.features import InceptionExtractor
+
+    point = next(p for p in benchmark_points(settings) if p.model.name == "split-100")
+    folder = out / point.name
+    kept = (folder / "benchmark.json").read_text()
+    ddpm = dataclasses.replace(settings, scheduler="ddpm", num_inference_steps=6, privacy=False)
+    shared = _Shared(InceptionExtractor(None, "cpu"))
+    cfg = point_config(config, point)
+    rescored = evaluate_point(cfg, folder, ddpm, shared, cache="benchmark-ddpm6.json")
+    assert rescored["network_evaluations"] == 6 and "privacy" not in rescored
+    assert (folder / "benchmark.json").read_text() == kept
     # each client trained on 6 of its images, a seeded subset
     described = json.loads((out / rows[0]["name"] / "model" / "collafuse.json").read_text())
     assert all(c["num_train_images"] == 6 for c in described["clients"].values())
