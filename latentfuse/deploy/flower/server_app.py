@@ -12,7 +12,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+# The server side is imported when the app loads, not when it first runs: Flower's simulation
+# engine runs the ServerApp in an isolated runtime environment set up after loading, where a
+# first import of diffusers finds no torch and exports no schedulers (measured: ImportError
+# for DDPMScheduler, exit code 607).
 from latentfuse.deploy.flower.task import RELEASES, STATUS, load_settings
+from latentfuse.deploy.server.auth import TokenBook
+from latentfuse.deploy.server.service import ServerService
+from latentfuse.deploy.server.trainer import ServerTrainer
 from latentfuse.training.loop import fit
 
 logger = logging.getLogger(__name__)
@@ -26,10 +33,6 @@ class FlowerServer:
     trains; the same objects `latentfuse serve` runs behind its HTTP routes."""
 
     def __init__(self, run_config: dict[str, Any]) -> None:
-        from latentfuse.deploy.server.auth import TokenBook
-        from latentfuse.deploy.server.service import ServerService
-        from latentfuse.deploy.server.trainer import ServerTrainer
-
         self.config, self.deploy = load_settings(run_config)
         self.state_dir = Path(str(run_config["state-dir"]))
         # no tokens: Flower authenticates the SuperNodes; a node keeps the client id it first
