@@ -13,9 +13,8 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from experiments.sweep import latent_clip_norm
 from latentfuse.config import apply_overrides, config_from_dict

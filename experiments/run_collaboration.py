@@ -24,9 +24,8 @@ import logging
 import os
 import shlex
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from experiments.collaboration import (
     BenchmarkSettings,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from latentfuse.method.split import CLIENT_ENTRIES, OBJECTIVES, TIMESTEP_DENSITIES, WEIGHTINGS
 

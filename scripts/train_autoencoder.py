@@ -9,9 +9,9 @@ import argparse
 import json
 import logging
 import time
+import tomllib
 from pathlib import Path
 
-import tomllib
 import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm

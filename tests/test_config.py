@@ -180,9 +180,8 @@ def test_a_renamed_key_is_read_under_its_old_name_everywhere(tmp_path):
 @pytest.mark.parametrize("source", [None, "configs/cifar10.toml", "configs/smoke.toml"])
 def test_latentfuse_config_prints_every_key_as_toml_that_reads_back(source, capsys):
     """`latentfuse config` is the key reference: its output is the same config again."""
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     from latentfuse.cli.main import main
     from latentfuse.config import config_from_dict, load_config

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load, save
+
+from latentfuse import CollaFusePipeline
 from latentfuse.pipelines import (
     CollaFuseClientPipeline,
     CollaFuseServerPipeline,
     HandOff,
     SolverState,
 )
-from safetensors.torch import load, save
-
-from latentfuse import CollaFusePipeline
 from tests.test_pipeline import STEPS, T, tiny_pipeline, tiny_unet
 
 SERVER_FILES = ("scheduler", "server_unet", "collafuse.json")

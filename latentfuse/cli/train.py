@@ -32,10 +32,9 @@ import logging
 import math
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from latentfuse.config import RunConfig, apply_overrides, config_from_dict, current_names
 from latentfuse.paths import DEFAULT_VAE_DIR

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from latentfuse.config import RunConfig, apply_overrides, config_from_dict
 
