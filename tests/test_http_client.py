@@ -291,3 +291,26 @@ def test_serve_trains_under_accelerate_by_default(flags, mode):
         assert command[-4:] == ["--config", "c.toml", "--state-dir", "s"]
     else:
         assert command is None
+
+
+def test_a_trainer_stops_when_its_front_is_gone_and_one_trainer_holds_a_state_folder(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from latentfuse.deploy.server.train_server import hold_trainer_lock, watch_front
+
+    front = subprocess.Popen([sys.executable, "-c", "pass"])
+    front.wait()  # a front that is gone (as after kill -9)
+    stop = threading.Event()
+    threading.Thread(target=watch_front, args=(front.pid, stop, 0.05), daemon=True).start()
+    assert stop.wait(5)
+    held = hold_trainer_lock(tmp_path, rank=0)
+    with pytest.raises(TimeoutError, match="another trainer holds"):
+        hold_trainer_lock(tmp_path, rank=0, timeout=0.2)
+    assert hold_trainer_lock(tmp_path, rank=1) is None  # only rank 0 locks
+    import os
+
+    os.close(held)
+    again = hold_trainer_lock(tmp_path, rank=0, timeout=1)
+    os.close(again)

@@ -213,6 +213,9 @@ def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment)
     try:
         token = read_token(root / "tokens" / "client-0.token")
         with RemoteServer(url, token, 0) as connection:
+            # the front starts its trainer as a process: wait until it has resumed
+            resumed = lambda: connection.status().get("resumed_from_step") is not None  # noqa: E731
+            wait_until(resumed, 120, "the trainer to resume")
             restarted = connection.status()
             uploader.join(timeout=180)
             assert uploader.error is None and not uploader.is_alive(), uploader.error
@@ -236,7 +239,9 @@ def test_kill_9_mid_training_loses_no_acknowledged_release(tiny_run, deployment)
     )
     assert set(acked_before_kill) <= set(committed)
     assert held_after_restart >= 2 * len(acked_before_kill)
-    assert restarted["resumed_from_step"] == checkpoint_step
+    # the trainer is its own process: it outlives the front's kill -9 by at most a second
+    # (it watches the front), checkpoints on its way out, and the next trainer resumes there
+    assert restarted["resumed_from_step"] >= checkpoint_step
     assert duplicates == 0
     assert final["releases_held"] == {str(b.client_id): len(b.image_ids) for b in releases}
     assert final["uploads"] == sum(-(-len(b.image_ids) // 2) for b in releases)

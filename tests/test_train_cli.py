@@ -44,13 +44,17 @@ def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
     out = tmp_path / "run"
     assert train(shapes, out, tiny_vae_dir) == 0
     captured = capsys.readouterr()
-    printed = captured.out
-    assert "3 clients: min(5, 3 classes)" in printed
-    assert "each client holds its own classes" in printed
-    assert "client 0: " in printed and "classes " in printed
-    assert "steps: 2 (as configured)" in printed
-    assert "std after the autoencoder's scaling" in printed
-    assert "autoencoder: reconstructs this data at " in printed  # a random one: badly
+    plan = json.loads((out / "plan.json").read_text())  # the summary, as data
+    assert plan["notes"][:2] == [
+        "3 clients: min(5, 3 classes)",
+        "each client holds its own classes",
+    ]
+    classes = sorted(c for client in plan["clients"] for c in client["classes"])
+    assert classes == ["circle", "square", "triangle"] and len(plan["clients"]) == 3
+    assert sum(c["train_images"] + c["held_out"] for c in plan["clients"]) == 36
+    assert (plan["steps"], plan["why"]) == (2, "as configured")
+    assert plan["time_budget_seconds"] is None  # steps as configured: no deadline
+    assert plan["reconstruction_psnr_db"] < 20  # a random autoencoder: badly, and warned
     assert "warning: the autoencoder reconstructs these images at only" in captured.err
     model = json.loads((out / "model" / "collafuse.json").read_text())
     assert model["guidance_scale"] == 3.0  # trained with label dropout: sample guided
@@ -59,7 +63,6 @@ def test_train_on_a_plain_image_folder_summarises_and_writes_everything(
     # the new-data defaults: the server draws high-noise steps more often, the lr decays
     assert recorded["split"]["server_timesteps"] == "rising"
     assert recorded["train"]["lr_schedule"] == "cosine"
-    assert "timesteps rising towards T" in printed
     assert (out / "loss.png").stat().st_size > 0
     assert len(list((out / "samples").glob("step-000002-client-*.png"))) == 3
 
@@ -79,8 +82,9 @@ def test_a_train_level_is_found_and_the_user_keeps_the_last_word(
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["subfolder"] == "train"
     assert (config["data"]["num_clients"], config["data"]["partition"]) == (2, "iid")
-    printed = capsys.readouterr().out
-    assert "clients: min(5" not in printed and "(36 images, 3 classes)" in printed
+    plan = json.loads((out / "plan.json").read_text())
+    assert not any("min(5" in note for note in plan["notes"])  # the user chose the clients
+    assert (plan["data"]["images"], len(plan["data"]["classes"])) == (36, 3)
 
 
 @pytest.mark.parametrize(
@@ -115,8 +119,7 @@ def test_vae_scaling_auto_is_computed_once_recorded_and_shipped(
     shipped = json.loads((out / "model" / "vae" / "config.json").read_text())
     assert shipped["scaling_factor"] == pytest.approx(record["scaling_factor"])
     assert record["scaling_factor"] == pytest.approx(0.5 / record["latent_std_before"])
-    printed = capsys.readouterr().out
-    std = float(printed.split("std after the autoencoder's scaling ")[1].split()[0])
+    std = json.loads((out / "plan.json").read_text())["latent_std"]
     assert std == pytest.approx(1.0, abs=0.1)  # the summary's sample of 512 (all 36 here)
 
 

@@ -363,6 +363,50 @@ def summary(run, steps: int, why: str, seconds: float, std: tuple, notes: list[s
     return "\n".join(lines)
 
 
+PLAN = "plan.json"  # what `latentfuse train` decided before the first step, for people and tests
+
+
+def write_plan(
+    output_dir: Path,
+    run,
+    steps: int,
+    why: str,
+    seconds: float,
+    std: tuple,
+    notes: list[str],
+    reconstruction_db: float,
+    deadline: float | None,
+) -> None:
+    """The summary as data (`plan.json` in the run folder): clients, steps and why, the
+    latents' std, the autoencoder's PSNR on this data, the time budget."""
+    names = run.dataset.class_names
+    clients = [
+        {
+            "client_id": client.client_id,
+            "train_images": client.num_images,
+            "held_out": len(share.eval_indices),
+            "classes": [names[c] for c in share.classes],
+        }
+        for share, client in zip(run.shares, run.clients, strict=True)
+    ]
+    plan = {
+        "data": {"source": run.config.data.source, "images": len(run.dataset), "classes": names},
+        "notes": notes,
+        "clients": clients,
+        "steps": steps,
+        "why": why,
+        "seconds_per_step": seconds,
+        "latent_std": std[0],
+        "latent_std_per_channel": list(std[1]),
+        "reconstruction_psnr_db": reconstruction_db,
+        "time_budget_seconds": None if deadline is None else deadline - time.monotonic(),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from latentfuse.checkpointing import atomic_write_json
+
+    atomic_write_json(output_dir / PLAN, plan)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """Build, summarise, train, export; returns the exit status."""
     import torch
@@ -413,6 +457,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     print(summary(run, steps, why, seconds, std, notes), flush=True)
     print(f"autoencoder: reconstructs this data at {reconstruction_db:.1f} dB PSNR", flush=True)
+    write_plan(output_dir, run, steps, why, seconds, std, notes, reconstruction_db, deadline)
     if reconstruction_db < MIN_PSNR_DB:
         print(
             f"warning: the autoencoder reconstructs these images at only {reconstruction_db:.1f} "

@@ -36,7 +36,7 @@ from latentfuse.deploy.server.store import (
     ReleaseDatabase,
     migrate_release_log,
 )
-from latentfuse.deploy.server.train_server import trainer_environment
+from latentfuse.deploy.server.train_server import FRONT_PID, trainer_environment
 from latentfuse.deploy.server.trainer import (
     DATABASE,
     STATUS,
@@ -147,7 +147,7 @@ class ServerService:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # stop() signals the launcher and its workers together
-                env=trainer_environment(),
+                env={**trainer_environment(), FRONT_PID: str(os.getpid())},  # it stops with us
             )
             log.close()
 

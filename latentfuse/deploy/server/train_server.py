@@ -12,11 +12,13 @@ restart. It resumes from `<state-dir>/checkpoint/`; SIGTERM or SIGINT checkpoint
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,9 +89,60 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    trainer.load_checkpoint()
-    trainer.run(stop)
+    front = os.environ.get(FRONT_PID)
+    if front:  # started by `latentfuse serve`: stop when the front is gone (kill -9 included)
+        threading.Thread(target=watch_front, args=(int(front), stop), daemon=True).start()
+    try:
+        held = hold_trainer_lock(Path(args.state_dir), rank)
+    except TimeoutError as error:
+        print(f"latentfuse.deploy.server.train_server: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        trainer.load_checkpoint()
+        trainer.run(stop)
+    finally:
+        if held is not None:
+            os.close(held)
     return 1 if trainer.state.startswith("failed") else 0
+
+
+FRONT_PID = "LATENTFUSE_FRONT_PID"  # set by the front that starts the trainer
+TRAINER_LOCK = "trainer.lock"
+
+
+def watch_front(pid: int, stop: threading.Event, every: float = 1.0) -> None:
+    """Set `stop` once process `pid` (the front) no longer exists: a trainer outliving its
+    front would train beside the next front's trainer."""
+    while not stop.wait(every):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logging.getLogger(__name__).warning("the front (pid %d) is gone: stopping", pid)
+            stop.set()
+        except PermissionError:
+            pass  # it exists, under another user
+
+
+def hold_trainer_lock(state_dir: Path, rank: int, timeout: float = 120.0) -> int | None:
+    """One trainer per state folder: rank 0 holds an exclusive flock on `trainer.lock`,
+    waiting up to `timeout` seconds for a trainer that is still stopping. The descriptor (the
+    lock goes with it, or with the process); None on other ranks."""
+    if rank != 0:
+        return None
+    fd = os.open(state_dir / TRAINER_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise TimeoutError(
+                    f"another trainer holds {state_dir / TRAINER_LOCK}: one trainer per state "
+                    "folder (stop it, or give this one another --state-dir)"
+                ) from None
+            time.sleep(0.5)
 
 
 if __name__ == "__main__":
