@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from latentfuse.config import UNetConfig
+from latentfuse.config import RunConfig, UNetConfig
 from latentfuse.data.datasets import ImageDataset
 
 KINDS = ("class", "attributes", "text")
@@ -125,6 +125,32 @@ class TextConditioner:
         self.text_encoder.save_pretrained(str(folder / "text_encoder"))
 
 
+def text_encoder_folder(source: str | Path) -> str:
+    """Where the text encoder's own config lies: `source/text_encoder` in a model folder's
+    layout, else `source` (one transformers checkpoint folder or hub id)."""
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir() and all((folder / name).is_dir() for name in TEXT_FOLDERS):
+        return str(folder / "text_encoder")
+    return str(source)
+
+
+def text_width(source: str | Path) -> int:
+    """The width D of a text encoder's token states, from its config alone (no weights): what
+    a server that only checks and trains on token states needs to know of the encoder."""
+    from transformers import AutoConfig
+
+    from latentfuse.paths import check_model_path
+
+    check_model_path(str(source), "conditioning.text_encoder")
+    config = AutoConfig.from_pretrained(text_encoder_folder(source))
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if not width and hasattr(config, "text_config"):
+        width = config.text_config.hidden_size
+    if not width:
+        raise ValueError(f"conditioning.text_encoder: {source} records no hidden size")
+    return int(width)
+
+
 def load_text_encoder(source: str | Path) -> torch.nn.Module:
     """A CLIP text model or a T5 encoder, by the checkpoint's own config."""
     from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
@@ -139,6 +165,16 @@ def load_text_encoder(source: str | Path) -> torch.nn.Module:
         f"conditioning.text_encoder: {source} is a {kind!r} model; expected a CLIP text model "
         "or a T5 encoder"
     )
+
+
+def load_text(config: RunConfig) -> TextConditioner | None:
+    """The frozen text encoder of a text-conditioned run (None for the other kinds)."""
+    from latentfuse.paths import resolve_path
+
+    if config.conditioning.kind != "text":
+        return None
+    conditioning = config.conditioning
+    return TextConditioner.load(resolve_path(conditioning.text_encoder), conditioning.max_length)
 
 
 # ---- null values and denoiser inputs ---------------------------------------------------------

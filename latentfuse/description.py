@@ -162,6 +162,23 @@ def client_entry(
     )
 
 
+def conditioning_record(config: RunConfig, attribute_names: Sequence[str] = ()) -> dict[str, Any]:
+    """collafuse.json's "conditioning": the kind; for attribute and text kinds the attribute
+    names in vector order (what sampling draws and prompts are made of); for text the prompt
+    template, the prompt length and the text encoder."""
+    kind = config.conditioning.kind
+    record: dict[str, Any] = {"kind": kind}
+    if kind != "class" and attribute_names:
+        record["attribute_names"] = list(attribute_names)
+    if kind == "text":
+        record.update(
+            prompt_template=config.conditioning.prompt_template,
+            max_length=config.conditioning.max_length,
+            text_encoder=config.conditioning.text_encoder,
+        )
+    return record
+
+
 def model_description(
     config: RunConfig,
     class_names: Sequence[str],
@@ -182,7 +199,7 @@ def model_description(
         release_policy=config.split.release_policy,
         objective=config.split.objective,
         weighting=config.split.weighting,
-        conditioning=dict(conditioning or {"kind": config.conditioning.kind}),
+        conditioning=dict(conditioning or conditioning_record(config)),
         privacy=guarantee_record(
             config, alphas_cumprod, {cid: e.release_cut for cid, e in clients.items()}
         ),

@@ -85,6 +85,19 @@ def run_config(setting, state: Path, **extra) -> dict:
     }
 
 
+def train_rounds(jobs: dict, trainer) -> None:
+    """The Flower app's schedule run over HTTP: per round each client's steps and upload,
+    then the server's steps on what arrived."""
+    for r in range(1, ROUNDS + 1):
+        for job in jobs.values():
+            while job.step < r * CLIENT_STEPS:
+                job.train_step()
+            job.upload_due()
+        trainer.sync()
+        for _ in range(SERVER_STEPS):
+            trainer.train_step()
+
+
 def server_weights(state: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -116,14 +129,7 @@ def test_flower_and_http_carry_the_same_bytes_to_the_same_server_weights(setting
             c: ClientJob(config, deploy, c, setting["data"][c], root / f"work-{c}", remotes[c])
             for c in CLIENT_CLASSES
         }
-        for r in range(1, ROUNDS + 1):
-            for job in jobs.values():
-                while job.step < r * CLIENT_STEPS:
-                    job.train_step()
-                job.upload_due()
-            trainer.sync()
-            for _ in range(SERVER_STEPS):
-                trainer.train_step()
+        train_rounds(jobs, trainer)
         for remote in remotes.values():
             remote.close()
     trainer.publish()

@@ -19,6 +19,9 @@ class DeployConfig:
     """What a networked run adds to a RunConfig: the label vocabulary and the wire's limits."""
 
     class_names: tuple[str, ...] = ()  # global label i is class_names[i] on every client
+    # conditioning.kind = "attributes": attribute j of every release's vector is
+    # attribute_names[j] on every client (each client reorders its data set's to this)
+    attribute_names: tuple[str, ...] = ()
     upload_chunk_size: int = 256  # images per release upload
     max_body_bytes: int = 32 * 2**20  # largest request body the server reads
     max_images_per_client: int = 200_000  # image ids must lie below this (bounds server memory)
@@ -51,8 +54,8 @@ class DeployConfig:
     # images under new upload ids counts again); 0: no quota.
     max_releases_per_client: int = 0
     max_upload_bytes_per_client: int = 0
-    # Sampling: a client may ask for the classes it released (server_labels = "class"), or for
-    # any class when this is true.
+    # Sampling a class-conditioned model: a client may ask for the classes it released
+    # (server_labels = "class"), or for any class when this is true.
     sample_any_class: bool = False
 
     def __post_init__(self) -> None:
@@ -105,6 +108,10 @@ class DeployConfig:
             raise ValueError(
                 f"config: deploy.sample_any_class must be a bool, got {self.sample_any_class!r}"
             )
+        if len(set(self.attribute_names)) != len(self.attribute_names):
+            raise ValueError(
+                f"config: deploy.attribute_names must be distinct, got {list(self.attribute_names)}"
+            )
         if type(self.fp16_wire) is not bool:
             raise ValueError(f"config: deploy.fp16_wire must be a bool, got {self.fp16_wire!r}")
 
@@ -129,6 +136,12 @@ def deploy_from_dict(values: dict[str, Any]) -> DeployConfig:
                 f"config: deploy.class_names must be a list, got {values['class_names']!r}"
             )
         values["class_names"] = tuple(str(v) for v in values["class_names"])
+    if "attribute_names" in values:
+        if not isinstance(values["attribute_names"], list | tuple):
+            raise ValueError(
+                f"config: deploy.attribute_names must be a list, got {values['attribute_names']!r}"
+            )
+        values["attribute_names"] = tuple(str(v) for v in values["attribute_names"])
     return DeployConfig(**values)
 
 
@@ -181,15 +194,3 @@ def sampling_scheduler(name: str, config: Any):
     if name not in classes:
         raise ValueError(f"scheduler must be one of {SCHEDULER_NAMES}, got {name!r}")
     return classes[name].from_config(config)
-
-
-def require_class_conditioning(config) -> None:
-    """The HTTP wire carries one class label per image: refuse attribute or text conditioning
-    before any work, naming what does run it."""
-    kind = config.conditioning.kind
-    if kind != "class":
-        raise ValueError(
-            f"conditioning.kind = {kind!r}: the HTTP deployment carries class labels only; "
-            "train attribute- or text-conditioned models in one process (latentfuse train, "
-            "train.py)"
-        )

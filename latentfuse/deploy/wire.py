@@ -48,8 +48,12 @@ class TensorSpec:
     """What one named tensor of a message may be: dtypes and number of dimensions."""
 
     dtypes: tuple[str, ...]
-    ndim: int
+    ndim: int | tuple[int, ...]  # the number of dimensions, or the numbers allowed
     required: bool = True
+
+    def allows_rank(self, rank: int) -> bool:
+        """Whether a tensor of `rank` dimensions may stand under this name."""
+        return rank in (self.ndim if isinstance(self.ndim, tuple) else (self.ndim,))
 
 
 def _is_int(value: Any) -> bool:
@@ -67,6 +71,7 @@ def _show(value: Any, limit: int = 80) -> str:
 
 JSON_ERRORS = (UnicodeDecodeError, ValueError, RecursionError)  # JSONDecodeError is a ValueError
 MAX_GUIDANCE = 100.0
+MAX_PROMPT_CHARS = 1000
 
 
 def read_header(body: bytes, kind: str, max_bytes: int) -> tuple[dict[str, dict], dict[str, Any]]:
@@ -123,7 +128,7 @@ def load_tensors(
         shape = entry.get("shape")
         if not (
             isinstance(shape, list)
-            and len(shape) == spec.ndim
+            and spec.allows_rank(len(shape))
             and all(_is_int(n) and 0 <= n < 2**31 for n in shape)
         ):
             raise WireError(
@@ -150,10 +155,13 @@ def _floats(latents: torch.Tensor, fp16: bool, what: str) -> torch.Tensor:
 
 
 # ---- releases ---------------------------------------------------------------------------------
+# `labels` holds each image's conditioning, typed by the metadata's "conditioning": class labels
+# (int64, (n,)), attribute vectors (float, (n, A)) or prompt token states (float, (n, L, D))
+CONDITIONING_RANKS = {"class": 1, "attributes": 2, "text": 3}
 RELEASE_SPECS = {
     "latents": TensorSpec(FLOAT_DTYPES, 4),
     "image_ids": TensorSpec(("I64",), 1),
-    "labels": TensorSpec(("I64",), 1, required=False),
+    "labels": TensorSpec(("I64", *FLOAT_DTYPES), (1, 2, 3), required=False),
 }
 
 
@@ -163,8 +171,6 @@ def encode_release(batch: ReleaseBatch, fp16: bool = False) -> bytes:
         "latents": _floats(batch.latents, fp16, "release latents"),
         "image_ids": torch.tensor(batch.image_ids, dtype=torch.long),
     }
-    if batch.labels is not None:
-        tensors["labels"] = batch.labels.long()
     meta = {
         "kind": "release",
         "schema_version": batch.schema_version,
@@ -172,6 +178,11 @@ def encode_release(batch: ReleaseBatch, fp16: bool = False) -> bytes:
         "t_cut": batch.t_cut,
         "epoch": batch.epoch,
     }
+    if batch.labels is not None:
+        rank = batch.labels.ndim
+        floats = batch.labels.detach().cpu().float()
+        tensors["labels"] = batch.labels.long() if rank == 1 else floats
+        meta["conditioning"] = next(k for k, r in CONDITIONING_RANKS.items() if r == rank)
     return _encode(tensors, meta)
 
 
@@ -196,12 +207,23 @@ def decode_release(body: bytes, max_bytes: int, max_images: int) -> ReleaseBatch
             f"a release may carry at most {max_images} images, got {count[0]}", 413, "too_large"
         )
     tensors = load_tensors(body, header, RELEASE_SPECS, "release")
+    labels = tensors.get("labels")
+    if labels is not None:
+        kind = meta.get("conditioning", "class")  # releases from before the field: class labels
+        rank = CONDITIONING_RANKS.get(kind) if isinstance(kind, str) else None
+        if rank is None or labels.ndim != rank or labels.is_floating_point() != (rank > 1):
+            raise WireError(
+                f"release conditioning {_show(kind)} does not fit tensor 'labels' "
+                f"({labels.dtype}, {labels.ndim} dimensions): expected int64 (n,) for 'class', "
+                "float (n, A) for 'attributes', float (n, L, D) for 'text'"
+            )
+        labels = labels if rank == 1 else labels.float()
     try:
         return ReleaseBatch(
             client_id=meta["client_id"],
             image_ids=tuple(tensors["image_ids"].tolist()),
             latents=tensors["latents"].float(),
-            labels=tensors.get("labels"),
+            labels=labels,
             t_cut=meta["t_cut"],
             epoch=meta["epoch"],
         )
@@ -220,6 +242,11 @@ class SampleRequest:
     num_inference_steps: int
     guidance_scale: float = 1.0
     scheduler: str = "ddim"
+    # the conditioning of a model not conditioned on class labels, one per image, sent only
+    # when the server sees the conditioning (server_labels = "class"): 0/1 attribute rows in
+    # the order of deploy.attribute_names, or prompts (the server encodes them)
+    attributes: tuple[tuple[int, ...], ...] | None = None
+    prompts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.client_id) or self.client_id < 0:
@@ -249,6 +276,34 @@ class SampleRequest:
             raise ValueError(
                 f"scheduler must be one of {SCHEDULER_NAMES}, got {_show(self.scheduler)}"
             )
+        self._check_conditioning()
+
+    def _check_conditioning(self) -> None:
+        count = len(self.seeds)
+        if self.attributes is not None and self.prompts is not None:
+            raise ValueError("send attributes or prompts, not both")
+        if self.attributes is not None:
+            rows = self.attributes
+            width = len(rows[0]) if rows and isinstance(rows[0], tuple | list) else -1
+            good = len(rows) == count and width >= 1
+            good = good and all(
+                isinstance(r, tuple | list) and len(r) == width and all(v in (0, 1) for v in r)
+                for r in rows
+            )
+            if not good or not all(_is_int(v) for r in rows for v in r):
+                raise ValueError(
+                    f"attributes must be {count} rows (one per seed) of equally many 0/1 ints, "
+                    f"got {_show(rows)}"
+                )
+        if self.prompts is not None:
+            prompts = self.prompts
+            if len(prompts) != count or not all(
+                isinstance(p, str) and len(p) <= MAX_PROMPT_CHARS for p in prompts
+            ):
+                raise ValueError(
+                    f"prompts must be {count} strings (one per seed) of at most "
+                    f"{MAX_PROMPT_CHARS} characters, got {_show(prompts)}"
+                )
 
 
 def encode_sample_request(request: SampleRequest) -> bytes:
@@ -261,6 +316,10 @@ def encode_sample_request(request: SampleRequest) -> bytes:
         "guidance_scale": float(request.guidance_scale),
         "scheduler": request.scheduler,
     }
+    if request.attributes is not None:
+        fields["attributes"] = [list(row) for row in request.attributes]
+    if request.prompts is not None:
+        fields["prompts"] = list(request.prompts)
     return json.dumps({"wire_version": WIRE_VERSION, "kind": "sample", **fields}).encode()
 
 
@@ -279,16 +338,22 @@ def decode_sample_request(body: bytes, max_bytes: int) -> SampleRequest:
     if values.pop("kind", None) != "sample":
         raise WireError("sample request must have kind 'sample'")
     expected = {"client_id", "seeds", "class_labels", "num_inference_steps"}
-    allowed = expected | {"guidance_scale", "scheduler"}
+    allowed = expected | {"guidance_scale", "scheduler", "attributes", "prompts"}
     if not expected <= set(values) <= allowed:
         raise WireError(
             f"sample request fields: missing {sorted(expected - set(values))}, "
             f"unexpected {sorted(set(values) - allowed)}"
         )
-    for name in ("seeds", "class_labels"):
+    for name in ("seeds", "class_labels", "attributes", "prompts"):
+        if name not in values:
+            continue
         if not isinstance(values[name], list):
             raise WireError(f"sample request {name} must be a list, got {_show(values[name])}")
         values[name] = tuple(values[name])
+    if "attributes" in values:
+        values["attributes"] = tuple(
+            tuple(row) if isinstance(row, list) else row for row in values["attributes"]
+        )
     try:
         return SampleRequest(**values)
     except (ValueError, TypeError) as error:

@@ -34,8 +34,9 @@ from latentfuse.pipelines.sampling import (
     client_labels,
     denoise,
     initial_latents,
-    require_class_kind,
+    is_conditional,
     restart_client_chain,
+    split_conditioning,
     split_schedule,
     start_chain,
     to_output,
@@ -92,8 +93,14 @@ class CollaFuseClientPipeline(DiffusionPipeline):
         generator: Generators = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        conditioning: torch.Tensor | None = None,
+        null_conditioning: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Finish the chain of `handoff` and decode it.
+
+        A model conditioned on attributes or text takes this client's own `conditioning` rows
+        ((b, A) +-1 vectors or (b, L, D) prompt states) and `null_conditioning` (the null for
+        guidance): the hand-off carries class labels only.
 
         The hand-off fixes the labels and the schedule. Its solver state (DPM-Solver's stored
         model outputs) continues the one chain exactly; without it a multistep solver restarts
@@ -105,7 +112,6 @@ class CollaFuseClientPipeline(DiffusionPipeline):
             >>> client = CollaFuseClientPipeline.from_pretrained("runs/demo/model", client_id=1)
             >>> images = client(handoff, generator=torch.manual_seed(0)).images
         """
-        require_class_kind(self.collafuse_config, "CollaFuseClientPipeline")
         check_output_type(output_type)
         if handoff is None:
             latents, labels, steps = self._start(
@@ -119,7 +125,11 @@ class CollaFuseClientPipeline(DiffusionPipeline):
                 raise ValueError(f"{', '.join(named)} come from the hand-off: do not pass them")
             latents, labels, steps = self._resume(handoff)
         if len(steps):
-            cond = client_conditioning(self._unet(), self.collafuse_config, labels)
+            unet = self._unet()
+            rows, null = split_conditioning(
+                self.collafuse_config, labels, conditioning, null_conditioning, is_conditional(unet)
+            )
+            cond = client_conditioning(unet, self.collafuse_config, rows, null)
             latents = denoise(
                 self.scheduler,
                 self._unet(),

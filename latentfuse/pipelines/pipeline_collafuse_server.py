@@ -26,8 +26,9 @@ from latentfuse.pipelines.sampling import (
     Labels,
     denoise,
     initial_latents,
-    require_class_kind,
+    is_conditional,
     server_conditioning,
+    split_conditioning,
     start_chain,
 )
 
@@ -75,15 +76,21 @@ class CollaFuseServerPipeline(DiffusionPipeline):
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
         generator: Generators = None,
+        conditioning: torch.Tensor | None = None,
+        null_conditioning: torch.Tensor | None = None,
     ) -> HandOff:
         """Run the steps t >= t_cut of client `client_id`'s chain; labels as CollaFusePipeline.
+
+        A model conditioned on attributes or text takes each image's `conditioning` rows
+        ((b, A) +-1 vectors or (b, L, D) prompt states) and their `null_conditioning` (one row
+        or b) where the server sees the conditioning (server_labels "class"); the hand-off
+        carries the class labels only, and the client finishes with its own rows.
 
         Example:
             >>> server = CollaFuseServerPipeline.from_pretrained("runs/demo/model")
             >>> handoff = server(client_id=1, batch_size=4, generator=torch.manual_seed(0))
             >>> tensors, meta = handoff.to_tensors()  # what goes over the wire
         """
-        require_class_kind(self.collafuse_config, "CollaFuseServerPipeline")
         config, device, unet = self.collafuse_config, self._execution_device, self.server_unet
         labels, server_steps, client_steps = start_chain(
             self.scheduler,
@@ -97,7 +104,9 @@ class CollaFuseServerPipeline(DiffusionPipeline):
         )
         batch_size = len(labels)
         latents = initial_latents(unet, self.scheduler, batch_size, generator, device)
-        cond = server_conditioning(unet, config, client_id, labels)
+        sees = is_conditional(unet) and config.get("server_labels", "class") == "class"
+        rows, null = split_conditioning(config, labels, conditioning, null_conditioning, sees)
+        cond = server_conditioning(unet, config, client_id, rows, null)
         latents = denoise(
             self.scheduler,
             unet,

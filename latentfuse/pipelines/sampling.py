@@ -377,11 +377,29 @@ def class_prompts(description: dict[str, Any], labels: torch.Tensor) -> list[str
     return [prompt([names[int(y)]], template) for y in labels.tolist()]
 
 
-def require_class_kind(description: dict[str, Any], what: str) -> None:
-    """The split halves (and the HTTP wire) carry class labels only: refuse other kinds."""
+def split_conditioning(
+    description: dict[str, Any],
+    labels: torch.Tensor,
+    conditioning: torch.Tensor | None,
+    null: torch.Tensor | None,
+    needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, null) for one half of a split chain: the class labels for a class-conditioned
+    model; for attributes or text the given rows (b, ...) and null, required where the half's
+    denoiser reads them (`needed`)."""
     kind = conditioning_kind(description)
-    if kind != "class":
-        raise ValueError(
-            f"{what} carries class labels only; this model is conditioned on {kind!r}: sample it "
-            "with CollaFusePipeline"
-        )
+    if kind == "class":
+        if conditioning is not None or null is not None:
+            raise ValueError("conditioning= is for attribute- or text-conditioned models")
+        return labels, None
+    if conditioning is None or null is None:
+        if needed:
+            raise ValueError(
+                f"this model is conditioned on {kind}: pass conditioning= (each image's rows) "
+                "and null_conditioning= (the null for guidance)"
+            )
+        return labels, None
+    if len(conditioning) != len(labels):
+        raise ValueError(f"conditioning has {len(conditioning)} rows for a batch of {len(labels)}")
+    device = labels.device
+    return conditioning.float().to(device), null.float().to(device)

@@ -19,7 +19,12 @@ from accelerate import Accelerator
 from latentfuse.checkpointing import atomic_write_dir, atomic_write_json
 from latentfuse.config import RunConfig
 from latentfuse.data.imaging import make_grid, save_image
-from latentfuse.description import client_entry, guidance_rule, model_description
+from latentfuse.description import (
+    client_entry,
+    conditioning_record,
+    guidance_rule,
+    model_description,
+)
 from latentfuse.training.engine import config_differences, make_accelerator
 from latentfuse.training.loop import Hooks, fit
 from latentfuse.training.setup import Run, build_run
@@ -52,15 +57,7 @@ def collafuse_description(run: Run, training: dict | None = None) -> dict:
             ),
             attribute_rates=tuple(rates) if rates is not None else None,
         )
-    conditioning: dict = {"kind": kind}
-    if with_rates:
-        conditioning["attribute_names"] = list(run.dataset.attribute_names)
-    if kind == "text":
-        conditioning.update(
-            prompt_template=cfg.conditioning.prompt_template,
-            max_length=cfg.conditioning.max_length,
-            text_encoder=cfg.conditioning.text_encoder,
-        )
+    conditioning = conditioning_record(cfg, run.dataset.attribute_names if with_rates else ())
     data = {"source": cfg.data.source, "partition": cfg.data.partition}
     data["num_clients"] = cfg.data.num_clients
     alphas = run.scheduler.alphas_cumprod

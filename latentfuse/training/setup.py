@@ -15,6 +15,7 @@ from latentfuse.conditioning import (
     TextConditioner,
     attribute_vectors,
     image_prompts,
+    load_text,
     null_condition,
 )
 from latentfuse.config import RunConfig
@@ -182,16 +183,13 @@ def build_run(
     clients, client_unets, cuts = [], {}, {}
     channels, factor = latent_geometry(vae.config)
     latent_size = config.data.resolution // factor
-    kind, text = config.conditioning.kind, None
+    kind = config.conditioning.kind
     if kind == "attributes" and not dataset.attribute_names:
         raise ValueError(
             f"conditioning.kind = 'attributes' needs a data set with attributes (the CelebA or "
             f"AwA2 format); {config.data.source} has none"
         )
-    if kind == "text":
-        text = TextConditioner.load(
-            resolve_path(config.conditioning.text_encoder), config.conditioning.max_length
-        )
+    text = load_text(config)
     spec = DenoiserSpec(
         kind,
         len(dataset.class_names),

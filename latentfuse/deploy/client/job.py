@@ -9,26 +9,29 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from latentfuse.checkpointing import atomic_write_dir
+from latentfuse.conditioning import TextConditioner, attribute_vectors, image_prompts, load_text
 from latentfuse.config import RunConfig
 from latentfuse.data.autoencoder import load_vae, vae_fingerprint
-from latentfuse.data.datasets import load_dataset
+from latentfuse.data.datasets import ImageDataset, load_dataset
 from latentfuse.data.latents import cached_latents
 from latentfuse.data.partition import ClientShare, limit_train_images
 from latentfuse.deploy.client.remote import RemoteServer
-from latentfuse.deploy.config import DeployConfig, require_class_conditioning
-from latentfuse.description import client_entry, model_description
+from latentfuse.deploy.conditioning import WireConditioning, attribute_order
+from latentfuse.deploy.config import DeployConfig
+from latentfuse.description import client_entry, conditioning_record, model_description
 from latentfuse.method.client import Client
 from latentfuse.method.release_key import KEY_FILE, load_or_create_release_key
 from latentfuse.method.schedule import client_split, make_scheduler
 from latentfuse.method.split import client_train_cut
 from latentfuse.paths import resolve_path
 from latentfuse.training.engine import Batch, Engine, make_accelerator
-from latentfuse.training.jobs import DenoiserSpec, client_denoiser
+from latentfuse.training.jobs import client_denoiser
 from latentfuse.training.loop import fit
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,26 @@ def global_labels(dataset_names: tuple[str, ...], deploy: DeployConfig) -> torch
     return torch.tensor([deploy.class_names.index(n) for n in dataset_names], dtype=torch.long)
 
 
+def image_rows(
+    config: RunConfig,
+    deploy: DeployConfig,
+    dataset: ImageDataset,
+    indices: list[int],
+    labels: torch.Tensor,
+    text: TextConditioner | None,
+) -> torch.Tensor:
+    """Each image's conditioning as the deployment carries it: its global class label, its
+    +-1 attribute vector in `deploy.attribute_names` order, or its prompt's token states."""
+    kind = config.conditioning.kind
+    if kind == "class":
+        return labels
+    if kind == "attributes":
+        columns = attribute_order(dataset.attribute_names, deploy)
+        return attribute_vectors(dataset.attributes[list(indices)][:, columns])
+    prompts = image_prompts(dataset, list(indices), config.conditioning.prompt_template)
+    return text.embed(prompts)
+
+
 class ClientJob:
     """One client's whole job: its latents, its denoiser, its checkpoints and its uploads."""
 
@@ -56,7 +79,6 @@ class ClientJob:
         work_dir: str | Path,
         remote: RemoteServer | None,
     ):
-        require_class_conditioning(config)
         self.config, self.deploy, self.client_id = config, deploy, client_id
         self.work_dir, self.remote = Path(work_dir), remote
         self.vae = load_vae(resolve_path(config.vae))
@@ -74,13 +96,21 @@ class ClientJob:
             vae_hash=self.vae_hash,
         )
         labels = global_labels(dataset.class_names, deploy)[latents.labels]
+        self.conditioning = WireConditioning.of(config, deploy)
+        self.text = load_text(config)
+        rows = image_rows(config, deploy, dataset, indices, labels, self.text)
+        self.attribute_rates = None
+        if config.conditioning.kind != "class" and deploy.attribute_names:
+            columns = attribute_order(dataset.attribute_names, deploy)
+            present = dataset.attributes[list(indices)][:, columns]  # numpy 0/1, as in-process
+            self.attribute_rates = tuple(present.mean(0).round(4).tolist())
         self.scheduler = make_scheduler(config)
         split = client_split(config, self.scheduler, client_id)
         cfg = config.train
         self.client = Client(
             client_id,
             latents.latents,
-            labels,
+            rows,
             split,
             config.split.release_policy,
             share_labels=config.server_labels == "class",
@@ -94,9 +124,11 @@ class ClientJob:
         self.model_name = f"client_{client_id}"  # the in-process job's name for this model
         models = {}
         if split.t_cut > 0:  # the same initial weights as build_run gives this client
-            spec = DenoiserSpec("class", deploy.num_classes)
+            spec = self.conditioning.spec
             size, channels = latents.latents.shape[-1], latents.latents.shape[1]
             models[self.model_name] = client_denoiser(config, client_id, spec, size, channels)
+        self.null = self.conditioning.null(self.text)
+        self.classes = sorted(set(labels.tolist()))
         self.engine = Engine(
             self.accelerator,
             models,
@@ -136,9 +168,7 @@ class ClientJob:
     def _draw(self) -> dict[str, Batch]:
         self.upload_due()
         cfg = self.config.train
-        batch = self.client.draw_batch(
-            cfg.client_batch_size, cfg.label_dropout, self.deploy.num_classes
-        )
+        batch = self.client.draw_batch(cfg.client_batch_size, cfg.label_dropout, self.null)
         return {self.model_name: batch}
 
     def train_step(self) -> float:
@@ -172,20 +202,21 @@ class ClientJob:
 
     def description(self) -> dict:
         """The collafuse.json of this client's model folder (its own entry only)."""
-        classes = sorted(set(self.client.labels.tolist()))
         entry = client_entry(
             self.config,
             self.client.split,
-            classes,
+            self.classes,
             self.deploy.class_names,
             num_train_images=self.client.num_images,
         )
+        entry = replace(entry, attribute_rates=self.attribute_rates)
         described = model_description(
             self.config,
             self.deploy.class_names,
             {self.client_id: entry},
             self.scheduler.alphas_cumprod,
             vae_sha256=self.vae_hash,
+            conditioning=conditioning_record(self.config, self.deploy.attribute_names),
         )
         return described.to_json()
 
@@ -196,6 +227,8 @@ class ClientJob:
             """Fill the temporary folder that becomes `work_dir/model`."""
             self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
             self.scheduler.save_pretrained(tmp / "scheduler")
+            if self.text is not None:  # the public encoder: prompts -> states when sampling
+                self.text.save(tmp)
             if self.trains:
                 self.engine.ema_model(self.model_name).save_pretrained(
                     tmp / "clients" / str(self.client_id), safe_serialization=True

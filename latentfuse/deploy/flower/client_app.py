@@ -7,13 +7,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from latentfuse.deploy.flower.task import RELEASES, STATUS, load_settings
 from latentfuse.deploy.wire import (
-    SampleRequest,
     decode_handoff,
     encode_release,
     encode_sample_request,
@@ -92,8 +90,8 @@ def train(message: Message, context: Context) -> Message:
 @app.query("request")
 def sampling_request(message: Message, context: Context) -> Message:
     """This client's sampling request: its seeds and labels drawn from its own classes."""
+    from latentfuse.deploy.client.remote_sample import client_text, make_request
     from latentfuse.pipelines import CollaFuseClientPipeline
-    from latentfuse.pipelines.sampling import client_labels
 
     cfg = message.content["config"]
     cid, _, work = node_settings(context)
@@ -101,15 +99,14 @@ def sampling_request(message: Message, context: Context) -> Message:
     client_job(context).export()  # the client's half of the model as trained so far
     pipe = CollaFuseClientPipeline.from_pretrained(work / "model", client_id=cid)
     seeds = [int(cfg["seed"]) * 100_000 + i for i in range(count)]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    labels = client_labels(pipe.collafuse_config, cid, None, count, generators)
-    request = SampleRequest(
+    request = make_request(
+        pipe.collafuse_config,
         cid,
-        tuple(seeds),
-        tuple(labels.tolist()),
+        seeds,
         int(cfg["steps"]),
         float(cfg["guidance"]),
         str(cfg["scheduler"]),
+        client_text(work / "model", pipe.collafuse_config),
     )
     body = encode_sample_request(request)
     return Message(RecordDict({"request": ConfigRecord({"body": body})}), reply_to=message)
@@ -129,7 +126,7 @@ class _HandOffChannel:
 def finish(message: Message, context: Context) -> Message:
     """Finish the server's chains, decode, keep the images here; reply with their digest."""
     from latentfuse.data.imaging import make_grid, save_image
-    from latentfuse.deploy.client.remote_sample import finish_remote
+    from latentfuse.deploy.client.remote_sample import client_text, finish_remote
     from latentfuse.deploy.config import sampling_scheduler
     from latentfuse.deploy.wire import decode_sample_request
     from latentfuse.pipelines import CollaFuseClientPipeline
@@ -140,7 +137,8 @@ def finish(message: Message, context: Context) -> Message:
     pipe = CollaFuseClientPipeline.from_pretrained(work / "model", client_id=cid)
     pipe.scheduler = sampling_scheduler(request.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    images = finish_remote(_HandOffChannel(cfg["handoff"]), pipe, request)
+    text = client_text(work / "model", pipe.collafuse_config)
+    images = finish_remote(_HandOffChannel(cfg["handoff"]), pipe, request, text=text)
     out = work / "flower-samples.png"
     save_image(make_grid(images * 2 - 1, columns=min(8, len(images))), out)
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()

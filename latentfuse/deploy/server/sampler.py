@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
+from latentfuse.conditioning import TextConditioner, load_text
 from latentfuse.config import RunConfig
+from latentfuse.deploy.conditioning import WireConditioning
 from latentfuse.deploy.config import DeployConfig, sampling_scheduler
 from latentfuse.deploy.server.trainer import PUBLISHED, ServerTrainer, build_server_unet
 from latentfuse.deploy.wire import SampleRequest, WireError, encode_handoff
@@ -55,6 +57,22 @@ class LocalSampler:
         self._snapshot: tuple[object, torch.nn.Module] | None = None
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(deploy.max_concurrent_sampling)
+        self.conditioning = WireConditioning.of(config, deploy)
+        self._text: TextConditioner | None = None
+
+    def request_conditioning(
+        self, request: SampleRequest
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(rows, null) of a request's attributes or prompts (None for class labels): the
+        prompts' token states under the public text encoder, loaded at the first one."""
+        if request.attributes is not None:
+            rows = torch.tensor(request.attributes, dtype=torch.float32) * 2 - 1
+            return rows, self.conditioning.null()
+        if request.prompts is not None:
+            if self._text is None:
+                self._text = load_text(self.config)
+            return self._text.embed(list(request.prompts)), self.conditioning.null(self._text)
+        return None, None
 
     def published(self) -> tuple[object, Path] | None:
         """(version, folder) of the newest weights a trainer published, if any."""
@@ -102,12 +120,15 @@ class LocalSampler:
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator().manual_seed(s) for s in request.seeds]
         with self._slots:  # bounds the memory and compute of concurrent requests
+            rows, null = self.request_conditioning(request)
             handoff = pipe(
                 client_id=client_id,
                 class_labels=list(request.class_labels),
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=float(request.guidance_scale),
                 generator=generators,
+                conditioning=rows,
+                null_conditioning=null,
             )
         states = [g.get_state() for g in generators]
         return encode_handoff(handoff, states, fp16=self.deploy.fp16_wire)

@@ -26,6 +26,7 @@ import torch
 
 from latentfuse import __version__
 from latentfuse.config import RunConfig
+from latentfuse.deploy.conditioning import WireConditioning
 from latentfuse.deploy.config import DeployConfig, latent_shape
 from latentfuse.deploy.server.auth import TokenBook
 from latentfuse.deploy.server.persist import UPLOAD_ID
@@ -50,7 +51,7 @@ from latentfuse.deploy.wire import (
     decode_release,
     decode_sample_request,
 )
-from latentfuse.description import client_entry, model_description
+from latentfuse.description import client_entry, conditioning_record, model_description
 from latentfuse.method.split import DiffusionSplit
 from latentfuse.method.transport import ReleaseBatch
 
@@ -71,7 +72,10 @@ def server_description(
         for cid, split in splits.items()
     }
     alphas_cumprod = next(iter(splits.values())).alphas_cumprod
-    return model_description(config, deploy.class_names, entries, alphas_cumprod).to_json()
+    conditioning = conditioning_record(config, deploy.attribute_names)
+    return model_description(
+        config, deploy.class_names, entries, alphas_cumprod, conditioning=conditioning
+    ).to_json()
 
 
 class ServerService:
@@ -106,6 +110,7 @@ class ServerService:
         if all(s.is_independent for s in self.splits.values()):
             raise ValueError("every client has t_cut = T: there is nothing for a server to do")
         self.latent_shape = latent_shape(config)
+        self.conditioning = WireConditioning.of(config, deploy)
         self.description = server_description(config, deploy, self.splits)
         self.database = ReleaseDatabase(self.state_dir / DATABASE, self.latent_shape)
         migrate_release_log(self.state_dir / "releases", self.database)
@@ -226,11 +231,17 @@ class ServerService:
             if batch.labels is not None:
                 raise WireError(f"server_labels={self.config.server_labels!r}: send no labels")
         elif batch.labels is None:
-            raise WireError("server_labels='class': a release must carry its class labels")
-        elif batch.labels.min() < 0 or batch.labels.max() >= self.deploy.num_classes:
-            raise WireError(
-                f"labels must lie in [0, {self.deploy.num_classes}), got {batch.labels.tolist()}"
+            what = {"class": "class labels", "attributes": "attribute vectors"}.get(
+                self.conditioning.kind, "prompt token states"
             )
+            raise WireError(
+                f"server_labels='class': a release must carry its conditioning ({what})"
+            )
+        else:
+            try:
+                self.conditioning.check_rows(batch.labels, len(batch.image_ids))
+            except ValueError as error:
+                raise WireError(f"release conditioning: {error}") from None
         self.check_statistics(client_id, batch)
 
     def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
@@ -319,7 +330,9 @@ class ServerService:
                 f"class_labels must lie in [0, {self.deploy.num_classes}), "
                 f"got {list(request.class_labels)}"
             )
-        if self.config.server_labels == "class" and not self.deploy.sample_any_class:
+        self.check_request_conditioning(request)
+        by_class = self.config.server_labels == "class" and self.conditioning.kind == "class"
+        if by_class and not self.deploy.sample_any_class:
             own = self.database.labels(client_id)
             foreign = sorted(set(request.class_labels) - own)
             if foreign:
@@ -329,6 +342,25 @@ class ServerService:
                     403,
                     "forbidden",
                 )
+
+    def check_request_conditioning(self, request: SampleRequest) -> None:
+        """A request carries attribute rows or prompts exactly when the model is conditioned
+        on them and the server sees the conditioning (server_labels = "class")."""
+        kind, sees = self.conditioning.kind, self.config.server_labels == "class"
+        needed = {"attributes": "attributes", "text": "prompts"}.get(kind) if sees else None
+        for name in ("attributes", "prompts"):
+            sent = getattr(request, name) is not None
+            if sent and name != needed:
+                why = f"server_labels = {self.config.server_labels!r}" if not sees else kind
+                raise WireError(f"this server takes no {name} ({why}): send none")
+            if not sent and name == needed:
+                raise WireError(f"a model conditioned on {kind} needs the request's {name}")
+        width = self.conditioning.num_attributes
+        if needed == "attributes" and len(request.attributes[0]) != width:
+            raise WireError(
+                f"attribute rows must have {width} values (deploy.attribute_names), "
+                f"got {len(request.attributes[0])}"
+            )
 
     def sample(self, client_id: int, body: bytes) -> bytes:
         """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""

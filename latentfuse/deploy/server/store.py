@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS releases (
     label INTEGER,
     t_cut INTEGER NOT NULL,
     latent BLOB NOT NULL,
+    condition BLOB,
     PRIMARY KEY (client_id, image_id)
 );
 CREATE INDEX IF NOT EXISTS releases_by_seq ON releases (seq);
@@ -118,6 +119,7 @@ class ReleaseDatabase:
             if not readonly:
                 with self._connect() as db:
                     db.executescript(SCHEMA)
+                self._add_condition_column()
             self._check_shape()
         except sqlite3.DatabaseError as error:
             raise ValueError(
@@ -134,6 +136,38 @@ class ReleaseDatabase:
             db.execute("PRAGMA busy_timeout=60000")
             self._local.db = db
         return db
+
+    def _add_condition_column(self) -> None:
+        """Databases from before float conditioning lack `releases.condition`: add it (an
+        added nullable column changes no row)."""
+        db = self._connect()
+        columns = {row[1] for row in db.execute("PRAGMA table_info(releases)")}
+        if "condition" not in columns:
+            db.execute("ALTER TABLE releases ADD COLUMN condition BLOB")
+
+    def condition_shape(self) -> tuple[int, ...] | None:
+        """The shape of one release's float conditioning (attribute vector or token states),
+        as the first upload that carried one recorded it; None before any."""
+        row = (
+            self._connect()
+            .execute("SELECT value FROM meta WHERE key = 'condition_shape'")
+            .fetchone()
+        )
+        return None if row is None else tuple(json.loads(row[0]))
+
+    def _record_condition_shape(self, batch: ReleaseBatch) -> None:
+        """Inside an upload's transaction: every float conditioning has one shape."""
+        if batch.labels is None or not batch.labels.is_floating_point():
+            return
+        shape, known = tuple(batch.labels.shape[1:]), self.condition_shape()
+        if known is None:
+            self._connect().execute(
+                "INSERT INTO meta VALUES ('condition_shape', ?)", (json.dumps(shape),)
+            )
+        elif known != shape:
+            raise ValueError(
+                f"{self.path} holds conditioning rows of shape {known}, this upload's are {shape}"
+            )
 
     def _check_shape(self) -> None:
         db = self._connect()
@@ -175,6 +209,7 @@ class ReleaseDatabase:
         try:
             db.execute("BEGIN IMMEDIATE")
             self._check_quota(batch, len(body), max_releases, max_bytes)
+            self._record_condition_shape(batch)
             cursor = db.execute(
                 "INSERT INTO uploads "
                 "(client_id, upload_id, sha256, num_images, epoch, unix_time, bytes)"
@@ -182,7 +217,9 @@ class ReleaseDatabase:
                 (batch.client_id, upload_id, sha256, count, batch.epoch, time.time(), len(body)),
             )
             db.executemany(
-                "INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO releases "
+                "(client_id, image_id, seq, label, t_cut, latent, condition) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 self._release_rows(batch, cursor.lastrowid),
             )
             db.execute("COMMIT")
@@ -217,11 +254,20 @@ class ReleaseDatabase:
 
     @staticmethod
     def _release_rows(batch: ReleaseBatch, seq: int) -> Iterator[tuple]:
-        """The `releases` rows of one upload: latents as float32 bytes."""
+        """The `releases` rows of one upload: latents (and float conditioning) as float32
+        bytes, class labels as integers."""
         latents = batch.latents.detach().to(torch.float32).contiguous().numpy()
-        labels = batch.labels.tolist() if batch.labels is not None else [None] * len(latents)
-        for image_id, label, latent in zip(batch.image_ids, labels, latents, strict=True):
-            yield batch.client_id, int(image_id), seq, label, batch.t_cut, latent.tobytes()
+        count, labels = len(latents), batch.labels
+        conditions: list = [None] * count
+        if labels is not None and labels.is_floating_point():
+            rows = labels.detach().to(torch.float32).contiguous().numpy()
+            conditions, labels = [row.tobytes() for row in rows], None
+        classes = labels.tolist() if labels is not None else [None] * count
+        for image_id, label, latent, condition in zip(
+            batch.image_ids, classes, latents, conditions, strict=True
+        ):
+            row = (batch.client_id, int(image_id), seq, label, batch.t_cut, latent.tobytes())
+            yield (*row, condition)
 
     def remove(self, client_id: int, after_upload: str | None = None) -> int:
         """Remove a client's releases: all of them, or those its uploads after `after_upload`
@@ -335,7 +381,7 @@ class ReleaseDatabase:
         db, last = self._connect(), (after, 1 << 62, 1 << 62)  # everything of seq <= after
         while True:
             rows = db.execute(
-                "SELECT seq, client_id, image_id, label, t_cut, latent FROM releases "
+                "SELECT seq, client_id, image_id, label, t_cut, latent, condition FROM releases "
                 "WHERE (seq, client_id, image_id) > (?, ?, ?) AND seq <= ? "
                 "ORDER BY seq, client_id, image_id LIMIT ?",
                 (*last, until, page),
@@ -353,15 +399,24 @@ class ReleaseDatabase:
             latents = np.stack(
                 [np.frombuffer(r[5], dtype=np.float32).reshape(self.latent_shape) for r in group]
             )
-            labels = [r[3] for r in group]
             yield ReleaseBatch(
                 client_id=client_id,
                 image_ids=tuple(int(r[2]) for r in group),
                 latents=torch.from_numpy(latents.copy()),
-                labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.long),
+                labels=self._conditioning(group),
                 t_cut=t_cut,
                 epoch=0,
             )
+
+    def _conditioning(self, group: list[tuple]) -> torch.Tensor | None:
+        """The conditioning of one group of rows: class labels, float rows, or None."""
+        if group[0][6] is not None:
+            shape = self.condition_shape()
+            rows = [np.frombuffer(r[6], dtype=np.float32).reshape(shape) for r in group]
+            return torch.from_numpy(np.stack(rows).copy())
+        if group[0][3] is None:
+            return None
+        return torch.tensor([r[3] for r in group], dtype=torch.long)
 
 
 def migrate_release_log(old: Path, database: ReleaseDatabase) -> int:

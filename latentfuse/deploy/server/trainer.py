@@ -24,13 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from latentfuse.checkpointing import atomic_write_dir, atomic_write_json
+from latentfuse.conditioning import load_text
 from latentfuse.config import RunConfig
-from latentfuse.deploy.config import DeployConfig, latent_shape, require_class_conditioning
+from latentfuse.deploy.conditioning import WireConditioning
+from latentfuse.deploy.config import DeployConfig, latent_shape
 from latentfuse.deploy.server.store import ReleaseDatabase
 from latentfuse.method.schedule import client_split, make_scheduler
 from latentfuse.method.server import ReleaseStore, Server
 from latentfuse.training.engine import Batch, Engine, make_accelerator
-from latentfuse.training.jobs import DenoiserSpec, server_denoiser
+from latentfuse.training.jobs import server_denoiser
 from latentfuse.training.loop import Hooks, fit
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ def build_server_unet(
 ) -> torch.nn.Module:
     """The shared denoiser, seeded as train.py seeds it, or with the weights of a model folder."""
     channels, size, _ = latent_shape(config)
-    unet = server_denoiser(config, DenoiserSpec("class", deploy.num_classes), size, channels)
+    unet = server_denoiser(config, WireConditioning.of(config, deploy).spec, size, channels)
     if init_from is not None:
         from safetensors.torch import load_file
 
@@ -62,6 +64,21 @@ def server_splits(config: RunConfig) -> dict:
     return {c: client_split(config, scheduler, c) for c in range(config.data.num_clients)}
 
 
+def server_null(config: RunConfig, deploy: DeployConfig) -> int | torch.Tensor:
+    """The server's null conditioning (label dropout): the id after the clients' under
+    server_labels "client", else the null of the images' conditioning (for text, the empty
+    prompt's states under the public encoder; unused under "none")."""
+    if config.server_labels == "client":
+        return config.data.num_clients
+    conditioning = WireConditioning.of(config, deploy)
+    if conditioning.kind == "class":
+        return deploy.num_classes
+    text = load_text(config) if config.server_labels == "class" else None
+    if conditioning.kind == "text" and text is None:
+        return torch.zeros(conditioning.token_shape)  # never drawn: no conditioning arrives
+    return conditioning.null(text)
+
+
 class ServerTrainer:
     """The shared denoiser on an `Engine`, fed from the release database of `state_dir`."""
 
@@ -73,7 +90,6 @@ class ServerTrainer:
         init_from: str | Path | None = None,
         accelerator: Accelerator | None = None,
     ):
-        require_class_conditioning(config)
         self.config, self.deploy, self.state_dir = config, deploy, Path(state_dir)
         self.server = Server(
             server_splits(config),
@@ -85,9 +101,7 @@ class ServerTrainer:
             balance=deploy.balance,
         )
         self.database = ReleaseDatabase(self.state_dir / DATABASE, latent_shape(config))
-        self.null_label = (
-            config.data.num_clients if config.server_labels == "client" else deploy.num_classes
-        )
+        self.null_label = server_null(config, deploy)
         self.checkpoint_dir = self.state_dir / "checkpoint"
         self.accelerator = accelerator or make_accelerator(config.train, self.state_dir)
         unet = build_server_unet(config, deploy, Path(init_from) if init_from else None)
