@@ -63,7 +63,7 @@ def main() -> None:
     pipe = CollaFusePipeline.from_pretrained(args.model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    t_cut = pipe.t_cut(args.client)
+    t_cut = pipe.handoff_t(args.client)
     classes = pipe.collafuse_config["clients"][str(args.client)]["classes"]
     labels = torch.tensor(classes)[torch.arange(args.batch_size) % len(classes)]
     latents = torch.randn(args.batch_size, 4, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -45,7 +45,7 @@ def central_batch(
 ) -> dict:
     """The ordinary objective on clean latents at s >= t_cut (the upper bound)."""
     index = torch.randint(len(z0), (batch,), generator=g)
-    s = torch.randint(split.t_cut, split.num_train_timesteps, (batch,), generator=g)
+    s = torch.randint(split.handoff_t, split.num_train_timesteps, (batch,), generator=g)
     eps = torch.randn(z0[index].shape, generator=g)
     abar = split.alphas_cumprod[s].float().view(-1, 1, 1, 1)
     z_s = abar.sqrt() * z0[index] + (1 - abar).sqrt() * eps

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ).images
         path = args.out / f"client-{client_id}.png"
         grid(images, columns=math.ceil(math.sqrt(len(images)))).save(path)
-        print(f"client {client_id} (t_cut={pipe.t_cut(client_id)}): {path}")
+        print(f"client {client_id} (hand-off {pipe.handoff_t(client_id)}): {path}")
     return 0
 
 

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import binomtest
-from tqdm.auto import tqdm
 
-from experiments.grid import claim
+from experiments.grid import grid_folder, keyed, walk
 from experiments.privacy_sweep import PrivacySweepSettings, evaluate_privacy_point
 from experiments.sweep import _jsonable, same_config, train_point
 from latentfuse.checkpointing import atomic_write_json
@@ -424,17 +423,16 @@ def evaluate_point(
 ) -> dict:
     """Quality, memorisation and (optionally) privacy of one trained point, kept in `cache`
     beside it and reused while the scoring settings are unchanged."""
-    path = folder / cache
     key = {**_score_key(settings), **({"match_evaluations": True} if match_evaluations else {})}
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    if saved.get("key") == key:
-        return saved["result"]
-    result = score_point(config, folder, settings, shared, match_evaluations)
-    if settings.privacy:
-        privacy = evaluate_privacy_point(config, folder, PRIVACY_SETTINGS)
-        result["privacy"] = privacy["pooled"]
-    atomic_write_json(path, {"key": key, "result": _jsonable(result)})
-    return json.loads(path.read_text())["result"]
+
+    def compute() -> dict:
+        result = score_point(config, folder, settings, shared, match_evaluations)
+        if settings.privacy:
+            privacy = evaluate_privacy_point(config, folder, PRIVACY_SETTINGS)
+            result["privacy"] = privacy["pooled"]
+        return {"result": _jsonable(result)}
+
+    return keyed(folder / cache, key, compute)["result"]
 
 
 def run_benchmark(
@@ -452,29 +450,24 @@ def run_benchmark(
     rows) counts as finished where its key matches the point's config and scoring, so a
     fresh machine does not retrain what was committed. Returns every finished point's row."""
     known = known or {}
-    out_dir = Path(out_dir)
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already holds a benchmark: pass --resume to continue it")
+    out_dir = grid_folder(out_dir, resume, "benchmark")
     k, n = shard
     points = [p for i, p in enumerate(benchmark_points(settings)) if i % n == k]
     shared = _Shared(InceptionExtractor(None, settings.device))
-    for point in tqdm(points, desc=f"collaboration benchmark (shard {k}/{n})"):
+
+    def work(point: BenchmarkPoint) -> None:
         cfg = point_config(config, point)
-        folder = out_dir / point.name
-        key = point_key(cfg, settings)
+        folder, key = out_dir / point.name, point_key(cfg, settings)
         if _done(folder, key) or known.get(point.name, {}).get("key") == key:
-            continue
-        held = claim(folder)
-        if held is None:
-            logger.info("%s: another job holds it, skipped", point.name)
-            continue
-        with held:
-            _, train_seconds = train_point(cfg, folder)
-            result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
-            row = point_row(cfg, point, folder, result, train_seconds)
-            atomic_write_json(folder / "row.json", {**row, "key": key})
+            return
+        _, train_seconds = train_point(cfg, folder)
+        result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
+        row = point_row(cfg, point, folder, result, train_seconds)
+        atomic_write_json(folder / "row.json", {**row, "key": key})
         if on_point is not None:
             on_point()
+
+    walk(points, lambda p: out_dir / p.name, work, desc=f"collaboration benchmark ({k}/{n})")
     return collect_rows(out_dir, settings, known)
 
 

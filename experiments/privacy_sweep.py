@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from experiments.grid import grid_folder, keyed, walk
 from experiments.sweep import SweepPoint, _jsonable, latent_clip_norm, point_config, train_point
-from latentfuse.checkpointing import atomic_write_json
 from latentfuse.config import RunConfig
 from latentfuse.data.latents import cached_latents, dataset_fingerprint
 from latentfuse.evaluation.attacks import (
@@ -111,7 +111,7 @@ def _model_attacks(
     """The attackers that use the server's trained denoiser: membership and reconstruction.
     `inputs`: the client's latents, labels, held-out latent set and first releases."""
     client, share = run.clients[index], run.shares[index]
-    cid, t_cut = client.client_id, client.split.t_cut
+    cid, t_cut = client.client_id, client.split.handoff_t
     alphas = run.scheduler.alphas_cumprod.double()
     z0, labels, held_out, first = inputs
     m = pick(len(z0), settings.num_model_members)
@@ -189,7 +189,7 @@ def _release_attacks(
         releases, z0[members], held_out.latents[outsiders], abar_r, clip
     )
     result = {
-        "t_cut": client.split.t_cut,
+        "t_cut": client.split.handoff_t,
         "reidentification": reid,
         "release_membership": release_mia,
         "releases_per_image": num_releases if client.release_policy == "fresh" else 1,
@@ -341,29 +341,27 @@ def point_quality(folder: Path, settings: PrivacySweepSettings) -> dict:
         seed=settings.seed,
         device=settings.device,
     )
-    path, key = folder / "quality.json", _jsonable(asdict(evaluation))
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    if saved.get("key") != key:
+
+    def compute() -> dict:
         result = evaluate_model(folder / "model", evaluation)
         keep = ("fid", "kid", "kid_std", "num_generated", "num_real")
-        saved = {
-            "key": key,
-            "scheduler": settings.scheduler,
-            "num_inference_steps": settings.num_inference_steps,
-            "pooled": {k: result["pooled"][k] for k in keep},
-            "clients": {c: {k: v[k] for k in keep} for c, v in result["clients"].items()},
-        }
-        atomic_write_json(path, _jsonable(saved))
-    return {k: v for k, v in saved.items() if k != "key"}
+        return _jsonable(
+            {
+                "scheduler": settings.scheduler,
+                "num_inference_steps": settings.num_inference_steps,
+                "pooled": {k: result["pooled"][k] for k in keep},
+                "clients": {c: {k: v[k] for k in keep} for c, v in result["clients"].items()},
+            }
+        )
+
+    return keyed(folder / "quality.json", _jsonable(asdict(evaluation)), compute)
 
 
 def run_privacy_sweep(
     config: RunConfig, out_dir: str | Path, settings: PrivacySweepSettings, resume: bool = False
 ) -> dict:
     """Train and attack every point (skipping finished ones); returns the summary."""
-    out_dir = Path(out_dir)
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already holds a sweep: pass --resume to continue it")
+    out_dir = grid_folder(out_dir, resume, "sweep")
     clip_norm, clip_info = latent_clip_norm(
         build_run(point_config(config, SweepPoint(0))), settings.clip_percentile
     )
@@ -373,35 +371,35 @@ def run_privacy_sweep(
     )
     for name in ("device", "cuts", "epsilons", "quality_samples"):  # no effect on a point
         key["settings"].pop(name)
-    rows = []
-    for point in tqdm(points, desc="privacy sweep"):
+    rows: dict[str, dict] = {}
+
+    def work(point: SweepPoint) -> None:
         point_cfg = point_config(config, point)
         folder = out_dir / point.name
         _, train_seconds = train_point(point_cfg, folder)
-        path = folder / "privacy.json"
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if saved.get("key") != key:
-            result = _jsonable(evaluate_privacy_point(point_cfg, folder, settings))
-            atomic_write_json(path, {"key": key, **result})
-            saved = json.loads(path.read_text())
+        saved = keyed(
+            folder / "privacy.json",
+            key,
+            lambda: _jsonable(evaluate_privacy_point(point_cfg, folder, settings)),
+        )
         # Quality where it answers the formal mode's question: its points and their baseline.
         scored = point.variant != "base" or point.t_cut == settings.epsilon_base_cut
         quality = point_quality(folder, settings) if settings.quality_samples and scored else None
         cuts = sorted({c["t_cut"] for c in saved["clients"].values()})
         cuts = cuts or [point_cfg.split.num_train_timesteps]  # ICM: no client released
-        rows.append(
-            {
-                "name": point.name,
-                "variant": point.variant,
-                "t_cut": cuts[0] if len(cuts) == 1 else cuts,
-                "clip_norm": point_cfg.privacy.clip_norm,
-                "target_epsilon": point_cfg.privacy.target_epsilon or None,
-                "train_seconds": train_seconds,
-                **saved["pooled"],
-                "quality": quality,
-                "clients": saved["clients"],
-            }
-        )
+        rows[point.name] = {
+            "name": point.name,
+            "variant": point.variant,
+            "t_cut": cuts[0] if len(cuts) == 1 else cuts,
+            "clip_norm": point_cfg.privacy.clip_norm,
+            "target_epsilon": point_cfg.privacy.target_epsilon or None,
+            "train_seconds": train_seconds,
+            **saved["pooled"],
+            "quality": quality,
+            "clients": saved["clients"],
+        }
+
+    walk(points, lambda p: out_dir / p.name, work, wait=True, desc="privacy sweep")
     return {
         "format": FORMAT,
         "threat_model": THREAT_MODEL,
@@ -411,5 +409,5 @@ def run_privacy_sweep(
         "steps": config.train.max_steps,
         "clip": clip_info,
         "settings": key["settings"],
-        "rows": rows,
+        "rows": [rows[p.name] for p in points],
     }

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from experiments.grid import grid_folder, walk
 from latentfuse.checkpointing import atomic_write_json
 from latentfuse.config import RELEASE_POLICIES, RunConfig, apply_overrides, config_from_dict
 from latentfuse.evaluation.burden import client_burden
@@ -220,7 +221,8 @@ def client_disclosure(
     )
     fid = release_fid(run.vae, latents, real, shared.inception, batch_size=bs)
     labels = _attacker_labels(shared.attacker_labels, labels, cid, n)
-    alphas, t_cut, steps = run.scheduler.alphas_cumprod, client.split.t_cut, settings.attack_steps
+    alphas, t_cut = run.scheduler.alphas_cumprod, client.split.handoff_t
+    steps = settings.attack_steps
     attack = reconstruction_attack(
         shared.attacker, alphas, run.vae, latents, originals, t_cut, steps, labels, bs
     )
@@ -283,7 +285,7 @@ def point_burden(run: Run, model_dir: Path, repeats: int = 3) -> dict[str, dict]
             server,
             run.vae,
             run.scheduler,
-            client.split.t_cut,
+            client.split.handoff_t,
             BURDEN_INFERENCE_STEPS,
             repeats=repeats,
         )
@@ -399,10 +401,8 @@ def run_sweep(
     config: RunConfig, out_dir: str | Path, settings: SweepSettings, resume: bool = False
 ) -> dict:
     """Train and evaluate every point (skipping finished ones); returns the summary."""
-    out_dir = Path(out_dir)
+    out_dir = grid_folder(out_dir, resume, "sweep")
     points = sweep_points(config, settings)
-    if not resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} already holds a sweep: pass --resume to continue it")
     configs = {p: point_config(config, p) for p in points}
     attacker_point = points[0]  # the GM, t_cut = 0
     attacker_model, _ = train_point(configs[attacker_point], out_dir / attacker_point.name)
@@ -411,7 +411,12 @@ def run_sweep(
         configs[attacker_point].server_labels,
         InceptionExtractor(settings.inception, settings.device),
     )
-    rows = {p: _point(p, configs[p], out_dir, shared, settings) for p in tqdm(points, "sweep")}
+    rows: dict[SweepPoint, dict] = {}
+
+    def work(point: SweepPoint) -> None:
+        rows[point] = _point(point, configs[point], out_dir, shared, settings)
+
+    walk(points, lambda p: out_dir / p.name, work, wait=True, desc="sweep")
     base = [rows[p] for p in points if p.variant == "base" and p.t_cut in settings.cuts]
     ablation = [rows[p] for p in points if p.t_cut in settings.ablation_cuts]
     ablation.sort(key=lambda row: row["t_cut"])  # stable: base first, then the variants

@@ -152,7 +152,7 @@ def client_entry(
     compensation, `split.client_start`) it records that level."""
     start = client_start(split, config.split.objective, config.split.client_entry)
     return ClientEntry(
-        t_cut=split.t_cut,
+        t_cut=split.handoff_t,
         release_cut=split.release_cut,
         classes=tuple(int(c) for c in classes),
         class_names=tuple(class_names[c] for c in classes),

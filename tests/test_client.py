@@ -18,7 +18,15 @@ NUM_IMAGES = 10
 LATENT_SHAPE = (4, 4, 4)
 NUM_CLASSES = 3
 NULL_LABEL = NUM_CLASSES
-RELEASE_FIELDS = {"client_id", "image_ids", "latents", "labels", "t_cut", "epoch", "schema_version"}
+RELEASE_FIELDS = {
+    "client_id",
+    "image_ids",
+    "latents",
+    "labels",
+    "handoff_t",
+    "epoch",
+    "schema_version",
+}
 
 
 def make_split(t_cut: int) -> DiffusionSplit:
@@ -223,7 +231,7 @@ def test_a_client_started_above_the_cut_trains_on_every_level_it_runs():
     client = make_client(100, train_cut=190)
     t = torch.cat([client.draw_batch(64, 0.0, NULL_LABEL)["timestep"] for _ in range(20)])
     assert int(t.max()) == 189 and int(t.min()) == 0 and bool((t >= 100).any())
-    assert client.make_release(0).t_cut == 100
+    assert client.make_release(0).handoff_t == 100
     with pytest.raises(ValueError, match="train_cut"):
         make_client(100, train_cut=50)
 
@@ -240,7 +248,7 @@ def test_local_batch_is_deterministic_for_a_seed():
 
 def test_global_model_client_has_no_local_batches():
     """t_cut = 0: the client owns no timestep."""
-    with pytest.raises(ValueError, match="t_cut = 0"):
+    with pytest.raises(ValueError, match="train_cut = 0"):
         make_client(0).draw_batch(2, label_dropout=0.0, null_label=NULL_LABEL)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,34 +210,6 @@ def test_benchmark_end_to_end_and_resume(tiny_world, tmp_path):
     assert point_key(point_config(changed, point), settings) != known[point.name]["key"]
     text = (tmp_path / "report.md").read_text()
     assert "split-100 beats ICM at 6 images (FID)" in text and "Produced by" in text
-
-
-@pytest.mark.subprocess
-def test_a_claim_excludes_other_processes_until_released_or_dead(tmp_path):
-    import subprocess
-
-    from experiments.grid import claim
-
-    folder = tmp_path / "point"
-    hold = (
-        "import sys, time; from pathlib import Path; from experiments.grid import claim; "
-        "c = claim(Path(sys.argv[1])); print('held' if c else 'busy', flush=True); time.sleep(60)"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert claim(folder) is None  # a live holder
-    finally:
-        holder.kill()  # as kill -9 would: the lock goes with the process
-        holder.wait()
-    mine = claim(folder)
-    assert mine is not None
-    assert claim(tmp_path / "other") is not None
-    mine.release()
-    with claim(folder) as again:
-        assert again is not None
 
 
 def test_core_models_run_before_the_others():

@@ -159,7 +159,8 @@ def post(served, path: str, body: bytes, method: str = "POST") -> httpx.Response
 def bad_release(served, case: str) -> bytes:
     client = served["run"].clients[0]
     whole = client.make_release(0)
-    good = ReleaseBatch(0, whole.image_ids[:4], whole.latents[:4], whole.labels[:4], whole.t_cut, 0)
+    cut = whole.handoff_t
+    good = ReleaseBatch(0, whole.image_ids[:4], whole.latents[:4], whole.labels[:4], cut, 0)
     rows = good.labels
     if case == "class labels":
         rows = torch.zeros(len(rows), dtype=torch.long)
@@ -169,7 +170,7 @@ def bad_release(served, case: str) -> bytes:
         rows = rows * 0.5
     elif case == "no conditioning":
         rows = None
-    batch = ReleaseBatch(0, good.image_ids, good.latents, rows, good.t_cut, good.epoch)
+    batch = ReleaseBatch(0, good.image_ids, good.latents, rows, good.handoff_t, good.epoch)
     return encode_release(batch)
 
 

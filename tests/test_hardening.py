@@ -201,7 +201,7 @@ def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny,
         halves += [] if batch.client_id == 0 else [(ids[2:], slice(2, None))]
         for n, (part, rows) in enumerate(halves):
             piece = ReleaseBatch(
-                batch.client_id, part, batch.latents[rows], batch.labels[rows], batch.t_cut, 0
+                batch.client_id, part, batch.latents[rows], batch.labels[rows], batch.handoff_t, 0
             )
             trainer.database.append(f"u{n}", piece, bytes([n]))
     trainer.sync()

@@ -170,7 +170,7 @@ def release_body(world: dict, client_id: int = 0, **changes) -> bytes:
         "image_ids": (0, 1),
         "latents": batch.latents[:2],
         "labels": batch.labels[:2],
-        "t_cut": batch.t_cut,
+        "handoff_t": batch.handoff_t,
         "epoch": 0,
     } | changes
     return encode_release(ReleaseBatch(**fields))
@@ -232,7 +232,7 @@ def bad_body(world: dict, kind: str) -> bytes:
         "dtype": lambda: raw_body(world, dtype=torch.float64),
         "nan": lambda: raw_body(world, float("nan")),
         "inf": lambda: raw_body(world, float("-inf")),
-        "t_cut": lambda: release_body(world, t_cut=99),
+        "t_cut": lambda: release_body(world, handoff_t=99),
         "labels": lambda: release_body(world, labels=torch.tensor([0, 9])),
         "no labels": lambda: release_body(world, labels=None),
         "big id": lambda: release_body(world, image_ids=(0, 5000)),

@@ -21,7 +21,7 @@ def release(ids: tuple[int, ...], client_id: int = 1, fill: float = 0.0) -> Rele
     """A release of `ids` whose latents are `fill + id`."""
     latents = torch.stack([torch.full(SHAPE, fill + i) for i in ids])
     labels = torch.tensor([i % 3 for i in ids])
-    return ReleaseBatch(client_id, ids, latents, labels, t_cut=100, epoch=0)
+    return ReleaseBatch(client_id, ids, latents, labels, handoff_t=100, epoch=0)
 
 
 def held(db: ReleaseDatabase) -> dict[tuple[int, int], float]:

@@ -42,7 +42,7 @@ def release(n: int = 3, labels: bool = True, client_id: int = 1, **changes) -> R
         "image_ids": tuple(range(10, 10 + n)),
         "latents": torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(n)),
         "labels": torch.arange(n) % 4 if labels else None,
-        "t_cut": 100,
+        "handoff_t": 100,
         "epoch": 2,
     }
     return ReleaseBatch(**(fields | changes))
@@ -61,7 +61,7 @@ def raw_release(tensors: dict[str, torch.Tensor], **meta) -> bytes:
 def test_release_round_trip(labels, fp16):
     batch = release(labels=labels)
     back = decode_release(encode_release(batch, fp16=fp16), LIMIT, 16)
-    assert (back.client_id, back.image_ids, back.t_cut, back.epoch) == (1, (10, 11, 12), 100, 2)
+    assert (back.client_id, back.image_ids, back.handoff_t, back.epoch) == (1, (10, 11, 12), 100, 2)
     assert back.latents.dtype == torch.float32
     if fp16:
         torch.testing.assert_close(back.latents, batch.latents, atol=2e-3, rtol=1e-3)

@@ -31,7 +31,7 @@ def sample(pipe, client_id: int, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("client_id", [0, 1])
 def test_loads_what_training_writes(tiny_model, client_id):
     pipe = CollaFusePipeline.from_pretrained(tiny_model)
-    assert pipe.client_ids == [0, 1] and pipe.t_cut(client_id) == T_CUT
+    assert pipe.client_ids == [0, 1] and pipe.handoff_t(client_id) == T_CUT
     images = sample(pipe, client_id)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     server = CollaFuseServerPipeline.from_pretrained(tiny_model)

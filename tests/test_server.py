@@ -46,11 +46,11 @@ def federation(cuts: dict[int, int], sizes: dict[int, int] | None = None, **serv
     return clients, server
 
 
-def release(client_id: int, image_ids: tuple[int, ...], value: float, t_cut: int = 100):
+def release(client_id: int, image_ids: tuple[int, ...], value: float, handoff_t: int = 100):
     """A release whose image i holds the constant `value + i`, labelled i."""
     ids = torch.tensor(image_ids, dtype=torch.float32).view(-1, 1, 1, 1)
     latents = (value + ids).expand(-1, *LATENT_SHAPE).clone()
-    return ReleaseBatch(client_id, image_ids, latents, torch.tensor(image_ids), t_cut, epoch=0)
+    return ReleaseBatch(client_id, image_ids, latents, torch.tensor(image_ids), handoff_t, epoch=0)
 
 
 def test_receive_from_unknown_client_is_rejected():
@@ -64,7 +64,7 @@ def test_receive_at_wrong_cut_is_rejected():
     """A release at another cut would be noised with the wrong a and lam_s."""
     _, server = federation({0: 100})
     with pytest.raises(ValueError, match="t_cut=50"):
-        server.receive(release(0, (0, 1), 0.0, t_cut=50))
+        server.receive(release(0, (0, 1), 0.0, handoff_t=50))
 
 
 def test_store_replaces_repeated_images():
@@ -83,20 +83,20 @@ def test_store_grows_for_new_images_and_keeps_clients_apart():
     store = ReleaseStore()
     store.add(release(0, (0, 1), 0.0))
     store.add(release(0, (5,), 50.0))
-    store.add(release(1, (0,), -10.0, t_cut=20))
+    store.add(release(1, (0,), -10.0, handoff_t=20))
     assert store.counts() == {0: 3, 1: 1}
     flat = store.flat()
     torch.testing.assert_close(flat["latents"].flatten(1)[:, 0], torch.tensor([0, 1, 55, -10.0]))
     assert torch.equal(flat["client_ids"], torch.tensor([0, 0, 0, 1]))
-    assert torch.equal(flat["t_cut"], torch.tensor([100, 100, 100, 20]))
+    assert torch.equal(flat["handoff_t"], torch.tensor([100, 100, 100, 20]))
 
 
 def test_store_round_trips_through_safetensors():
     """state_tensors -> safetensors bytes -> load_tensors gives back the same store."""
     store = ReleaseStore()
     store.add(release(0, (0, 2, 3), 0.0))
-    store.add(release(4, (1,), 7.0, t_cut=20))
-    unlabeled = release(1, (0, 1), 3.0, t_cut=0)
+    store.add(release(4, (1,), 7.0, handoff_t=20))
+    unlabeled = release(1, (0, 1), 3.0, handoff_t=0)
     store.add(ReleaseBatch(1, (0, 1), unlabeled.latents, None, 0, epoch=0))
     restored = ReleaseStore()
     restored.load_tensors(load(save(store.state_tensors())))
@@ -152,7 +152,7 @@ def test_each_sample_is_noised_at_its_own_clients_cut(objective):
         for client in clients.values():
             split = client.split
             lam_c = ((1 - abar_s) / (1 - abar_s / split.abar_release)).sqrt()
-            common = torch.where(s >= split.t_cut, torch.maximum(common, lam_c), common)
+            common = torch.where(s >= split.handoff_t, torch.maximum(common, lam_c), common)
     torch.testing.assert_close(batch["weight"], (1 / common**2).float())
     eps_s = batch["target"].double() / lam.view(-1, 1, 1, 1)
     expected = a.sqrt().view(-1, 1, 1, 1) * z_r.double() + (1 - a).sqrt().view(-1, 1, 1, 1) * eps_s

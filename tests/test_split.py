@@ -47,7 +47,7 @@ def make_split(scheduler: DDPMScheduler, t_cut: int) -> DiffusionSplit:
 
 def server_marginal(split: DiffusionSplit, s: int, objective: str) -> torch.Tensor:
     """z_s (NUM_SAMPLES, len(Z0_VALUES)) for fixed z0 values, through release and server noise."""
-    g = torch.Generator().manual_seed(1234 + 7 * split.t_cut + s)
+    g = torch.Generator().manual_seed(1234 + 7 * split.handoff_t + s)
     z0 = Z0_VALUES.expand(NUM_SAMPLES, -1)  # (n, k): one column per fixed z0
     eps_c = torch.randn(z0.shape, generator=g, dtype=torch.float64)
     eps_s = torch.randn(z0.shape, generator=g, dtype=torch.float64)
@@ -102,7 +102,7 @@ def gaussian_fit_z_scores(split: DiffusionSplit, s: int, objective: str) -> list
     (abar_s tau^2 + 1 - abar_s) (method.md §2), linear in z_s.
     """
     mu, tau = 1.5, 0.5
-    g = torch.Generator().manual_seed(99 + split.t_cut + s)
+    g = torch.Generator().manual_seed(99 + split.handoff_t + s)
     n = NUM_FIT_SAMPLES
     z0 = mu + tau * torch.randn((n, 1), generator=g, dtype=torch.float64)
     eps_c = torch.randn((n, 1), generator=g, dtype=torch.float64)
@@ -158,7 +158,7 @@ def test_server_inputs_reject_client_timesteps(scheduler):
     """A server timestep below the cut is the client's: refused."""
     split = make_split(scheduler, 100)
     z = torch.zeros(2, 1)
-    with pytest.raises(ValueError, match="t_cut=100"):
+    with pytest.raises(ValueError, match="handoff_t=100"):
         split.server_inputs(z, torch.tensor([100, 99]), z, "exact")
 
 
@@ -224,11 +224,11 @@ def test_independent_clients_release_nothing(scheduler):
         split.release(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4))
 
 
-@pytest.mark.parametrize("t_cut", [-1, T + 1, 10 * T])
-def test_cut_outside_schedule_is_rejected(scheduler, t_cut):
-    """t_cut must lie in [0, T]."""
-    with pytest.raises(ValueError, match="t_cut"):
-        make_split(scheduler, t_cut)
+@pytest.mark.parametrize("handoff_t", [-1, T + 1, 10 * T])
+def test_cut_outside_schedule_is_rejected(scheduler, handoff_t):
+    """The hand-off must lie in [0, T]."""
+    with pytest.raises(ValueError, match="handoff_t"):
+        make_split(scheduler, handoff_t)
 
 
 @pytest.mark.parametrize(
@@ -339,8 +339,8 @@ def test_an_unknown_timestep_density_is_refused():
 
 
 def test_server_timesteps_reject_independent_cut():
-    """A sample whose client has t_cut = T has no server timestep to draw."""
-    with pytest.raises(ValueError, match="t_cut = T"):
+    """A sample whose client has hand-off T has no server timestep to draw."""
+    with pytest.raises(ValueError, match="handoff_t = T"):
         sample_server_timesteps(torch.tensor([0, SMALL_T]), SMALL_T)
 
 
@@ -362,8 +362,8 @@ def test_client_timesteps_cover_below_cut(t_cut):
 
 
 def test_client_timesteps_reject_global_model():
-    """A client with t_cut = 0 has no timesteps of its own."""
-    with pytest.raises(ValueError, match="t_cut = 0"):
+    """A client with train_cut = 0 (a GM client) has no timesteps of its own."""
+    with pytest.raises(ValueError, match="train_cut = 0"):
         sample_client_timesteps(4, 0)
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from latentfuse.cli.main import main as latentfuse
-from latentfuse.cli.train import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
+from latentfuse.training.plan import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
 from latentfuse.testing.shapes import make_shapes
 
 TINY = [
@@ -213,7 +213,7 @@ def test_an_autoencoder_that_fits_is_left_alone(
     shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("latentfuse.cli.train.MIN_PSNR_DB", -100.0)  # every one "fits"
+    monkeypatch.setattr("latentfuse.training.plan.MIN_PSNR_DB", -100.0)  # every one "fits"
     out = tmp_path / "run"
     assert train(shapes, out, tiny_vae_dir, fit="auto") == 0
     assert not (out / "vae").exists()

@@ -306,7 +306,7 @@ def test_a_buffered_run_releases_at_the_cut_and_hands_off_above_it(tiny_world, t
     alphas = run.scheduler.alphas_cumprod.double()
     handoff = buffered_cut(alphas, 100, 4.0)
     for client in run.clients:
-        assert client.split.t_cut == handoff > 100 and client.split.release_cut == 100
+        assert client.split.handoff_t == handoff > 100 and client.split.release_cut == 100
     model = train(config, tmp_path / "run", resume=True)
     described = json.loads((model / "collafuse.json").read_text())
     for cid, entry in described["clients"].items():

@@ -17,7 +17,7 @@ def release_fields(**changes) -> dict:
         "image_ids": (0, 1, 2),
         "latents": torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0)),
         "labels": torch.tensor([1, 0, 1]),
-        "t_cut": 100,
+        "handoff_t": 100,
         "epoch": 0,
     }
     return fields | changes
@@ -126,5 +126,5 @@ def test_release_batch_rejects_empty_and_negative_ids(image_ids, match):
     latents = torch.zeros(len(image_ids), 4, 2, 2)
     with pytest.raises(ValueError, match=match):
         ReleaseBatch(
-            client_id=0, image_ids=image_ids, latents=latents, labels=None, t_cut=10, epoch=0
+            client_id=0, image_ids=image_ids, latents=latents, labels=None, handoff_t=10, epoch=0
         )

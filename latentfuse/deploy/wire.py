@@ -175,7 +175,7 @@ def encode_release(batch: ReleaseBatch, fp16: bool = False) -> bytes:
         "kind": "release",
         "schema_version": batch.schema_version,
         "client_id": batch.client_id,
-        "t_cut": batch.t_cut,
+        "t_cut": batch.handoff_t,
         "epoch": batch.epoch,
     }
     if batch.labels is not None:
@@ -224,7 +224,7 @@ def decode_release(body: bytes, max_bytes: int, max_images: int) -> ReleaseBatch
             image_ids=tuple(tensors["image_ids"].tolist()),
             latents=tensors["latents"].float(),
             labels=labels,
-            t_cut=meta["t_cut"],
+            handoff_t=meta["t_cut"],
             epoch=meta["epoch"],
         )
     except ValueError as error:

@@ -114,7 +114,7 @@ def client_burden(
     if bytes_per_element not in (2, 4):
         raise ValueError(f"bytes_per_element must be 4 (fp32) or 2 (fp16), got {bytes_per_element}")
     split = DiffusionSplit.from_scheduler(scheduler, t_cut)
-    if split.t_cut > 0 and client_unet is None:
+    if split.handoff_t > 0 and client_unet is None:
         raise ValueError(f"t_cut={t_cut} gives the client timesteps but client_unet is None")
     if not split.is_independent and server_unet is None:
         raise ValueError(f"t_cut={t_cut} leaves server timesteps but server_unet is None")
@@ -123,7 +123,7 @@ def client_burden(
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     latent_shape = (cfg.in_channels, size, size)
     zero = {"forward_flops": 0, "train_flops": 0, "forward_seconds": 0.0, "train_seconds": 0.0}
-    owns = {"client": split.t_cut > 0, "server": not split.is_independent}
+    owns = {"client": split.handoff_t > 0, "server": not split.is_independent}
     nets = {"client": client_unet, "server": server_unet}
     costs = {
         side: _unet_costs(nets[side], batch_size, repeats, measure_time) if owns[side] else zero
@@ -136,7 +136,7 @@ def client_burden(
     steps = {"client": len(client_steps), "server": len(server_steps)}
     latent_bytes = int(torch.Size(latent_shape).numel()) * bytes_per_element
     return {
-        "t_cut": split.t_cut,
+        "t_cut": split.handoff_t,
         "num_inference_steps": num_inference_steps,
         "latent_shape": list(latent_shape),
         "training": _training(costs, measure_time),

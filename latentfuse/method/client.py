@@ -72,12 +72,10 @@ class Client:
         self.client_id, self.split, self.release_policy = client_id, split, release_policy
         # the client's own timesteps are t < train_cut: the hand-off, or above it when sampling
         # starts the client higher (split.client_train_cut)
-        self.train_cut = split.t_cut if train_cut is None else train_cut
-        if self.split.t_cut and not self.split.t_cut <= self.train_cut <= split.num_train_timesteps:
-            raise ValueError(
-                f"train_cut must lie in [t_cut={split.t_cut}, {split.num_train_timesteps}], "
-                f"got {train_cut}"
-            )
+        self.train_cut = split.handoff_t if train_cut is None else train_cut
+        handoff, T = split.handoff_t, split.num_train_timesteps
+        if handoff and not handoff <= self.train_cut <= T:
+            raise ValueError(f"train_cut must lie in [handoff_t={handoff}, {T}], got {train_cut}")
         # (n, c, h, w); the conditioning of each image: class labels (n,), or an attribute
         # vector / prompt token states per image (latentfuse/conditioning.py)
         self._z0, self.labels = latents, labels
@@ -101,7 +99,7 @@ class Client:
     @property
     def trains_locally(self) -> bool:
         """Whether the client owns any timestep (t_cut > 0)."""
-        return self.split.t_cut > 0
+        return self.split.handoff_t > 0
 
     def release_noise(self, epoch: int) -> torch.Tensor:
         """eps_c of every image under the key: per image (once) or per image and epoch (fresh)."""
@@ -109,7 +107,7 @@ class Client:
         shape = tuple(self._z0.shape[1:])
         ids, key = range(self.num_images), self._release_key
         noise = release_noise(
-            key, self.client_id, ids, epoch, shape, self.split.t_cut, self.clip_norm
+            key, self.client_id, ids, epoch, shape, self.split.handoff_t, self.clip_norm
         )
         return noise.float()
 
@@ -123,7 +121,7 @@ class Client:
             image_ids=tuple(range(self.num_images)),
             latents=z_r.float(),
             labels=self.labels.clone() if self.share_labels else None,
-            t_cut=self.split.t_cut,
+            handoff_t=self.split.handoff_t,
             epoch=epoch,
         )
 

@@ -6,7 +6,7 @@ eps_c is a keyed pseudo-random function of (client id, image id, epoch) under a 
 made by the operating system's CSPRNG and kept only on the client:
 
     seed_i = HMAC-SHA256(key, "latentfuse/release-noise/v2" | client_id | image_id | epoch
-                              | t_cut | clip_norm)
+                              | handoff_t | clip_norm)
     bytes_i = SHAKE-256(seed_i) (16 bytes per pair of normals)
     eps_c[i] = Box-Muller(bytes_i)                       # float64, then the latent dtype
 
@@ -112,10 +112,10 @@ def load_or_create_release_key(path: str | Path) -> bytes:
 
 
 def noise_seed(
-    key: bytes, client_id: int, image_id: int, epoch: int, t_cut: int, clip_norm: float
+    key: bytes, client_id: int, image_id: int, epoch: int, handoff_t: int, clip_norm: float
 ) -> bytes:
     """The 256-bit PRF output that seeds one image's release noise."""
-    message = _DOMAIN + struct.pack(">qqqqd", client_id, image_id, epoch, t_cut, clip_norm)
+    message = _DOMAIN + struct.pack(">qqqqd", client_id, image_id, epoch, handoff_t, clip_norm)
     return hmac.new(check_release_key(key), message, hashlib.sha256).digest()
 
 
@@ -136,13 +136,13 @@ def release_noise(
     image_ids: list[int] | range,
     epoch: int,
     shape: tuple[int, ...],
-    t_cut: int,
+    handoff_t: int,
     clip_norm: float = 0.0,
 ) -> torch.Tensor:
     """eps_c (n, *shape), float64, of the images `image_ids` at `epoch` under `key`, for
-    releases at cut `t_cut` of latents clipped to `clip_norm` (0: unclipped)."""
+    releases for the hand-off `handoff_t` of latents clipped to `clip_norm` (0: unclipped)."""
     count = math.prod(shape)
-    seeds = [noise_seed(key, client_id, i, epoch, t_cut, float(clip_norm)) for i in image_ids]
+    seeds = [noise_seed(key, client_id, i, epoch, handoff_t, float(clip_norm)) for i in image_ids]
     rows = [_normals(seed, count) for seed in seeds]
     if not rows:
         return torch.empty((0, *shape), dtype=torch.float64)

@@ -25,7 +25,7 @@ class ReleaseStore:
         self._keys: list[tuple[int, int]] = []  # row -> (client, image)
         self._latents = torch.zeros(0)
         self._labels = torch.zeros(0, dtype=torch.long)
-        self._t_cut: dict[int, int] = {}
+        self._handoff: dict[int, int] = {}
         self._flat: dict[str, torch.Tensor] | None = None
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -66,7 +66,7 @@ class ReleaseStore:
             self._labels[index] = batch.labels.to(self._labels.dtype)
         else:
             self._labels[index] = _unlabelled((), self._labels.dtype)
-        self._t_cut[batch.client_id] = batch.t_cut
+        self._handoff[batch.client_id] = batch.handoff_t
         self._flat, self._on_device = None, {}
 
     def _label_layout(self, labels: torch.Tensor) -> None:
@@ -100,13 +100,13 @@ class ReleaseStore:
             order = sorted(range(len(self._keys)), key=self._keys.__getitem__)
             index = torch.tensor(order, dtype=torch.long)
             keys = torch.tensor(self._keys, dtype=torch.long).reshape(-1, 2)[index]
-            cuts = torch.tensor([self._t_cut[c] for c in keys[:, 0].tolist()], dtype=torch.long)
+            cuts = torch.tensor([self._handoff[c] for c in keys[:, 0].tolist()], dtype=torch.long)
             self._flat = {
                 "latents": self._latents[index],
                 "labels": self._labels[index],
                 "client_ids": keys[:, 0].contiguous(),
                 "image_ids": keys[:, 1].contiguous(),
-                "t_cut": cuts,
+                "handoff_t": cuts,
             }
         if device is None or torch.device(device).type == "cpu":
             return self._flat
@@ -118,13 +118,13 @@ class ReleaseStore:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The store as named tensors (for a checkpoint)."""
         flat = self.flat()
-        cuts = torch.tensor(sorted(self._t_cut.items()), dtype=torch.long).reshape(-1, 2)
-        return {**{k: v.contiguous() for k, v in flat.items() if k != "t_cut"}, "cuts": cuts}
+        cuts = torch.tensor(sorted(self._handoff.items()), dtype=torch.long).reshape(-1, 2)
+        return {**{k: v.contiguous() for k, v in flat.items() if k != "handoff_t"}, "cuts": cuts}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of `state_tensors`."""
         self.__init__()
-        self._t_cut = {int(c): int(t) for c, t in tensors["cuts"].tolist()}
+        self._handoff = {int(c): int(t) for c, t in tensors["cuts"].tolist()}
         self._keys = list(
             zip(tensors["client_ids"].tolist(), tensors["image_ids"].tolist(), strict=True)
         )
@@ -168,9 +168,10 @@ class Server:
         split = self.splits.get(batch.client_id)
         if split is None:
             raise ValueError(f"unknown client id {batch.client_id}")
-        if batch.t_cut != split.t_cut:
+        if batch.handoff_t != split.handoff_t:
             raise ValueError(
-                f"client {batch.client_id} released at t_cut={batch.t_cut}, expected {split.t_cut}"
+                f"client {batch.client_id} released for hand-off t_cut={batch.handoff_t}, "
+                f"expected {split.handoff_t}"
             )
         self.store.add(batch)
 
@@ -189,9 +190,10 @@ class Server:
         flat = self.store.flat()
         g = self.generator
         index = self._draw_rows(flat["client_ids"], batch_size)
-        client_ids, t_cut = flat["client_ids"][index], flat["t_cut"][index]
+        client_ids, handoff = flat["client_ids"][index], flat["handoff_t"][index]
         any_split = next(iter(self.splits.values()))
-        s = sample_server_timesteps(t_cut, any_split.num_train_timesteps, g, self.timestep_density)
+        T = any_split.num_train_timesteps
+        s = sample_server_timesteps(handoff, T, g, self.timestep_density)
         eps_s = torch.randn((batch_size, *flat["latents"].shape[1:]), generator=g)
         device = torch.device(device or "cpu")
         z_r = self.store.flat(device)["latents"][index.to(device)]
@@ -247,7 +249,7 @@ class Server:
         common = lam.clone()
         abar = next(iter(cuts.values())).alphas_cumprod.to(s.device)[s]
         for split in cuts.values():
-            present = s >= split.t_cut
+            present = s >= split.handoff_t
             lam_c = ((1 - abar) / (1 - abar / split.abar_release)).sqrt().to(lam.dtype)
             common = torch.where(present, torch.maximum(common, lam_c), common)
         return common

@@ -2,11 +2,15 @@
 noising and target (method.md §2), and how a sampling chain is split.
 
 Notation as in diffusers' DDPMScheduler: timesteps t = 0..T-1,
-z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. Client timesteps are 0..t_cut-1, server
-timesteps t_cut..T-1, and the release level is r = t_cut - 1 (abar_r := 1 when t_cut = 0).
-With a buffer (`split.max_target_variance`, `buffered_cut`) the release stays at the
-configured cut (`release_cut`) while the hand-off `t_cut` moves up to where the server's
-target variance lam_s^2 is bounded; the client covers the gap.
+z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps. Two levels, named apart:
+
+- the release cut `release_cut` (the config's `split.t_cut`): releases are at level
+  r = release_cut - 1 (abar_r := 1 when release_cut = 0);
+- the hand-off `handoff_t`: client timesteps are 0..handoff_t-1, server ones handoff_t..T-1.
+
+They are equal unless a buffer (`split.max_target_variance`, `buffered_cut`) raises the
+hand-off to where the server's target variance lam_s^2 is bounded; the client covers the gap.
+The files keep their keys: "t_cut" is the hand-off in collafuse.json, the wire and the store.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ Objective = Literal["exact", "original"]
 Weighting = Literal["none", "inverse_lambda2", "inverse_lambda"]
 OBJECTIVES = ("exact", "original")
 WEIGHTINGS = ("none", "inverse_lambda2", "inverse_lambda")
-# how the server draws s in [t_cut, T): "uniform", or "rising": P(s) proportional to
-# 2 (s - t_cut) + 1, so the top fifth of the range gets ~2x its uniform share (the highest-noise
+# how the server draws s in [handoff_t, T): "uniform", or "rising": P(s) proportional to
+# 2 (s - handoff_t) + 1, so the top fifth of the range gets ~2x its uniform share (the highest-noise
 # steps decide class and layout: README, "Does it work on a new data set?")
 TIMESTEP_DENSITIES = ("uniform", "rising")
 # where sampling starts the client: "cut" (at the hand-off, the chain simply continues),
@@ -33,30 +37,35 @@ CLIENT_ENTRIES = ("auto", "cut", "compensated")
 
 @dataclass(frozen=True)
 class DiffusionSplit:
-    """A cut `t_cut` of a T-step forward process with cumulative products `alphas_cumprod`."""
+    """A split of a T-step forward process (cumulative products `alphas_cumprod`): the client
+    owns timesteps 0..handoff_t-1 and releases at level release_cut - 1; the server owns
+    handoff_t..T-1. The configured cut `split.t_cut` is the release cut; the hand-off equals it
+    unless the server's buffer raises it (`buffered_cut`)."""
 
     alphas_cumprod: torch.Tensor  # (T,) float64
-    t_cut: int  # the hand-off: client timesteps 0..t_cut-1, server t_cut..T-1
-    release_cut: int | None = None  # releases at level release_cut - 1; None: t_cut (no buffer)
+    handoff_t: int  # the hand-off: client timesteps 0..handoff_t-1, server handoff_t..T-1
+    release_cut: int | None = None  # releases at level release_cut - 1; None: handoff_t
 
     def __post_init__(self) -> None:
         if self.alphas_cumprod.ndim != 1 or len(self.alphas_cumprod) < 2:
             raise ValueError("alphas_cumprod must be a 1-D tensor of at least 2 timesteps")
-        if not 0 <= self.t_cut <= self.num_train_timesteps:
-            raise ValueError(f"t_cut must lie in [0, {self.num_train_timesteps}], got {self.t_cut}")
-        if self.release_cut is None:
-            object.__setattr__(self, "release_cut", self.t_cut)
-        if not 0 <= self.release_cut <= self.t_cut:
+        if not 0 <= self.handoff_t <= self.num_train_timesteps:
             raise ValueError(
-                f"release_cut must lie in [0, t_cut={self.t_cut}], got {self.release_cut}"
+                f"handoff_t must lie in [0, {self.num_train_timesteps}], got {self.handoff_t}"
             )
-        if self.release_cut == 0 and self.t_cut > 0:
+        if self.release_cut is None:
+            object.__setattr__(self, "release_cut", self.handoff_t)
+        if not 0 <= self.release_cut <= self.handoff_t:
+            raise ValueError(
+                f"release_cut must lie in [0, handoff_t={self.handoff_t}], got {self.release_cut}"
+            )
+        if self.release_cut == 0 and self.handoff_t > 0:
             raise ValueError("a buffer needs release_cut > 0: clean releases (GM) need none")
 
     @classmethod
-    def from_scheduler(cls, scheduler, t_cut: int) -> DiffusionSplit:
-        """The split of a diffusers scheduler's training noise schedule."""
-        return cls(scheduler.alphas_cumprod.detach().to(torch.float64).clone(), int(t_cut))
+    def from_scheduler(cls, scheduler, handoff_t: int) -> DiffusionSplit:
+        """The split of a diffusers scheduler's training noise schedule (no buffer)."""
+        return cls(scheduler.alphas_cumprod.detach().to(torch.float64).clone(), int(handoff_t))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -65,17 +74,17 @@ class DiffusionSplit:
 
     @property
     def is_global_model(self) -> bool:
-        """t_cut = 0: the server does everything (GM); clients release clean latents."""
-        return self.t_cut == 0
+        """handoff_t = 0: the server does everything (GM); clients release clean latents."""
+        return self.handoff_t == 0
 
     @property
     def is_independent(self) -> bool:
-        """t_cut = T: no server timesteps (ICM); nothing is released."""
-        return self.t_cut == self.num_train_timesteps
+        """handoff_t = T: no server timesteps (ICM); nothing is released."""
+        return self.handoff_t == self.num_train_timesteps
 
     @property
     def release_level(self) -> int:
-        """r = release_cut - 1 (t_cut - 1 without a buffer); -1 stands for the clean latent."""
+        """r = release_cut - 1 (handoff_t - 1 without a buffer); -1: the clean latent."""
         return self.release_cut - 1
 
     @property
@@ -87,12 +96,12 @@ class DiffusionSplit:
         """Which side denoises timestep `t`."""
         if not 0 <= t < self.num_train_timesteps:
             raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps}), got {t}")
-        return "client" if t < self.t_cut else "server"
+        return "client" if t < self.handoff_t else "server"
 
     def release(self, z0: torch.Tensor, eps_c: torch.Tensor) -> torch.Tensor:
         """z_r = sqrt(abar_r) z0 + sqrt(1 - abar_r) eps_c: all a client ever sends."""
         if self.is_independent:
-            raise ValueError("t_cut = T (independent client models) releases nothing")
+            raise ValueError("handoff_t = T (independent client models) releases nothing")
         abar_r = self.abar_release
         return (abar_r**0.5) * z0 + ((1 - abar_r) ** 0.5) * eps_c
 
@@ -118,8 +127,8 @@ class DiffusionSplit:
         self, z_r: torch.Tensor, s: torch.Tensor, eps_s: torch.Tensor, objective: Objective
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z_s, target, lam_s) for server timesteps `s` (b,) from releases `z_r` (b, c, h, w)."""
-        if torch.any(s < self.t_cut):
-            raise ValueError(f"server timesteps must be >= t_cut={self.t_cut}")
+        if torch.any(s < self.handoff_t):
+            raise ValueError(f"server timesteps must be >= handoff_t={self.handoff_t}")
         # The coefficients in float64 where the schedule lives (1 - a is small near the cut);
         # the tensor arithmetic in the latents' own dtype and device (float32 on the GPU).
         abar_s = self.alphas_cumprod[s.cpu()]
@@ -158,23 +167,25 @@ class DiffusionSplit:
         # Non-increasing (repeats allowed, as in Heun); this also makes the cut contiguous.
         if torch.any(timesteps[1:] > timesteps[:-1]):
             raise ValueError("timesteps must be in descending order")
-        k = int((timesteps >= self.t_cut).sum())
+        k = int((timesteps >= self.handoff_t).sum())
         if client_start is None or self.is_global_model or self.is_independent:
             return timesteps[:k], timesteps[k:]
-        if client_start < self.t_cut:
-            raise ValueError(f"client_start must be >= t_cut={self.t_cut}, got {client_start}")
+        if client_start < self.handoff_t:
+            raise ValueError(
+                f"client_start must be >= handoff_t={self.handoff_t}, got {client_start}"
+            )
         return timesteps[:k], timesteps[timesteps < client_start]
 
 
-def compensated_start(t_cut: int, num_train_timesteps: int) -> int:
+def compensated_start(handoff_t: int, num_train_timesteps: int) -> int:
     """Where the authors' code starts the client under the original objective: the server's
-    output at the cut is taken for a sample at t' = floor(t_cut (2 - t_cut / T)), the
+    output at the cut is taken for a sample at t' = floor(handoff_t (2 - handoff_t / T)), the
     client denoising t' - 1 .. 0 (SimeonAllmendinger/collafuse_imagen, diffusion.py
-    generate_images: t_max = t_cut + t_cut (1 - t_cut_ratio)). It compensates the double
+    generate_images: t_max = handoff_t + handoff_t (1 - t_cut_ratio)). It compensates the double
     noising of their server objective; a heuristic, not derived from abar."""
-    if not 0 <= t_cut <= num_train_timesteps:
-        raise ValueError(f"t_cut must lie in [0, {num_train_timesteps}], got {t_cut}")
-    return min(int(t_cut * (2 - t_cut / num_train_timesteps)), num_train_timesteps)
+    if not 0 <= handoff_t <= num_train_timesteps:
+        raise ValueError(f"handoff_t must lie in [0, {num_train_timesteps}], got {handoff_t}")
+    return min(int(handoff_t * (2 - handoff_t / num_train_timesteps)), num_train_timesteps)
 
 
 def client_start(split: DiffusionSplit, objective: str, client_entry: str = "auto") -> int | None:
@@ -185,7 +196,7 @@ def client_start(split: DiffusionSplit, objective: str, client_entry: str = "aut
     if split.is_global_model or split.is_independent or client_entry == "cut":
         return None
     if client_entry == "compensated" or objective == "original":
-        return compensated_start(split.t_cut, split.num_train_timesteps)
+        return compensated_start(split.handoff_t, split.num_train_timesteps)
     return None
 
 
@@ -193,7 +204,7 @@ def client_train_cut(split: DiffusionSplit, objective: str, client_entry: str = 
     """The client trains on t < this: the hand-off, or under "compensated" every level it runs
     at sampling (t < client_start), so no step uses a timestep the client never saw."""
     start = client_start(split, objective, client_entry)
-    return start if client_entry == "compensated" and start is not None else split.t_cut
+    return start if client_entry == "compensated" and start is not None else split.handoff_t
 
 
 def buffered_cut(alphas_cumprod: torch.Tensor, release_cut: int, max_target_variance: float) -> int:
@@ -226,31 +237,31 @@ def loss_weights(lam: torch.Tensor, weighting: Weighting) -> torch.Tensor:
 
 
 def sample_server_timesteps(
-    t_cut: torch.Tensor,
+    handoff_t: torch.Tensor,
     num_train_timesteps: int,
     generator: torch.Generator | None = None,
     density: str = "uniform",
 ) -> torch.Tensor:
-    """s in {t_cut_i .. T-1} per sample, for per-client cuts `t_cut` (b,): uniform, or
-    ("rising") with P(s) proportional to 2 (s - t_cut_i) + 1, the floor of a continuous
-    density rising linearly from the cut (inverse CDF: t_cut + (T - t_cut) sqrt(u)). Either
+    """s in {handoff_t_i .. T-1} per sample, for per-client cuts `handoff_t` (b,): uniform, or
+    ("rising") with P(s) proportional to 2 (s - handoff_t_i) + 1, the floor of a continuous
+    density rising linearly from the cut (inverse CDF: handoff_t + (T - handoff_t) sqrt(u)). Either
     leaves the server's minimiser at each s unchanged; it sets how much of the training each
     s gets."""
-    if torch.any(t_cut >= num_train_timesteps):
-        raise ValueError("a client with t_cut = T has no server timesteps")
+    if torch.any(handoff_t >= num_train_timesteps):
+        raise ValueError("a client with handoff_t = T has no server timesteps")
     if density not in TIMESTEP_DENSITIES:
         raise ValueError(f"density must be one of {TIMESTEP_DENSITIES}, got {density!r}")
-    u = torch.rand(t_cut.shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(handoff_t.shape, generator=generator, dtype=torch.float64)
     if density == "rising":
         u = u.sqrt()
-    span = (num_train_timesteps - t_cut).double()
-    return (t_cut + (u * span).floor().long()).clamp(max=num_train_timesteps - 1)
+    span = (num_train_timesteps - handoff_t).double()
+    return (handoff_t + (u * span).floor().long()).clamp(max=num_train_timesteps - 1)
 
 
 def sample_client_timesteps(
-    batch_size: int, t_cut: int, generator: torch.Generator | None = None
+    batch_size: int, train_cut: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """t ~ U{0 .. t_cut-1}."""
-    if t_cut < 1:
-        raise ValueError("a client with t_cut = 0 has no timesteps of its own")
-    return torch.randint(0, t_cut, (batch_size,), generator=generator)
+    """t ~ U{0 .. train_cut-1}."""
+    if train_cut < 1:
+        raise ValueError("a client with train_cut = 0 has no timesteps of its own")
+    return torch.randint(0, train_cut, (batch_size,), generator=generator)

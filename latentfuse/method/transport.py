@@ -24,7 +24,7 @@ class ReleaseBatch:
     # the images' conditioning (class labels (n,), attribute vectors (n, A) or prompt token
     # states (n, L, D)), or None when the server may not learn it
     labels: torch.Tensor | None
-    t_cut: int
+    handoff_t: int  # the client's hand-off (the wire's "t_cut"): the server trains s >= it
     epoch: int
     schema_version: int = SCHEMA_VERSION
 

@@ -109,8 +109,9 @@ class CollaFusePipeline(DiffusionPipeline):
             if unet is not None:
                 self.client_unets[int(cid)] = unet.to(self.vae.device)
 
-    def t_cut(self, client_id: int) -> int:
-        """Client `client_id`'s cut point: it owns t < t_cut, the server t >= t_cut."""
+    def handoff_t(self, client_id: int) -> int:
+        """Client `client_id`'s hand-off: it owns t < handoff_t, the server t >= handoff_t
+        (collafuse.json's "t_cut"; above the configured cut only with a server buffer)."""
         return int(client_entry(self.collafuse_config, client_id)["t_cut"])
 
     def denoiser(self, client_id: int, side: Literal["server", "client"]) -> UNet2DModel:
@@ -118,7 +119,7 @@ class CollaFusePipeline(DiffusionPipeline):
         unet = self.server_unet if side == "server" else self.client_unets.get(client_id)
         if unet is None:
             raise ValueError(
-                f"client {client_id}'s cut t_cut={self.t_cut(client_id)} needs a {side} "
+                f"client {client_id}'s hand-off {self.handoff_t(client_id)} needs a {side} "
                 f"denoiser for this schedule, but this model has none"
             )
         return unet

@@ -221,7 +221,7 @@ def build_run(
                 ),
             )
         )
-        if cuts[cid].t_cut > 0:
+        if cuts[cid].handoff_t > 0:
             client_unets[cid] = client_denoiser(config, cid, spec, latent_size, channels)
     server, server_unet = None, None
     if any(not s.is_independent for s in cuts.values()):

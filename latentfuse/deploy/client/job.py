@@ -123,7 +123,7 @@ class ClientJob:
         self.accelerator = make_accelerator(cfg, self.work_dir)
         self.model_name = f"client_{client_id}"  # the in-process job's name for this model
         models = {}
-        if split.t_cut > 0:  # the same initial weights as build_run gives this client
+        if split.handoff_t > 0:  # the same initial weights as build_run gives this client
             spec = self.conditioning.spec
             size, channels = latents.latents.shape[-1], latents.latents.shape[1]
             models[self.model_name] = client_denoiser(config, client_id, spec, size, channels)

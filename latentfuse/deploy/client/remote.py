@@ -104,7 +104,7 @@ def chunks(batch: ReleaseBatch, size: int) -> list[ReleaseBatch]:
                 batch.image_ids[start:end],
                 batch.latents[start:end],
                 labels,
-                batch.t_cut,
+                batch.handoff_t,
                 batch.epoch,
             )
         )

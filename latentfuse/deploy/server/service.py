@@ -212,10 +212,10 @@ class ServerService:
                 403,
                 "forbidden",
             )
-        expected_cut = self.splits[client_id].t_cut
-        if batch.t_cut != expected_cut:
+        expected_cut = self.splits[client_id].handoff_t
+        if batch.handoff_t != expected_cut:
             raise WireError(
-                f"release has t_cut={batch.t_cut}, client {client_id} has {expected_cut}"
+                f"release has t_cut={batch.handoff_t}, client {client_id} has {expected_cut}"
             )
         if tuple(batch.latents.shape[1:]) != self.latent_shape:
             raise WireError(

@@ -266,7 +266,7 @@ class ReleaseDatabase:
         for image_id, label, latent, condition in zip(
             batch.image_ids, classes, latents, conditions, strict=True
         ):
-            row = (batch.client_id, int(image_id), seq, label, batch.t_cut, latent.tobytes())
+            row = (batch.client_id, int(image_id), seq, label, batch.handoff_t, latent.tobytes())
             yield (*row, condition)
 
     def remove(self, client_id: int, after_upload: str | None = None) -> int:
@@ -404,7 +404,7 @@ class ReleaseDatabase:
                 image_ids=tuple(int(r[2]) for r in group),
                 latents=torch.from_numpy(latents.copy()),
                 labels=self._conditioning(group),
-                t_cut=t_cut,
+                handoff_t=t_cut,
                 epoch=0,
             )
 
