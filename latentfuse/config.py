@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +35,20 @@ ADDED_KEYS = {
     ("conditioning", "text_encoder"): "",
     ("conditioning", "prompt_template"): "{}",
     ("conditioning", "max_length"): 32,
+    ("train", "export_merged"): False,
+    **{
+        (*table, key): before
+        for table in (("server_unet",), ("client_unet",), ("clients", "*", "unet"))
+        for key, before in (
+            ("pretrained", ""),
+            ("adapter", "none"),
+            ("lora_rank", 8),
+            ("lora_alpha", 8),
+            ("lora_targets", []),
+        )
+    },
 }
+ADAPTERS = ("none", "lora")
 CONDITIONING_KINDS = ("class", "attributes", "text")
 
 
@@ -91,14 +106,35 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """A class-conditional diffusers UNet2DModel."""
+    """A denoiser: its architecture, or the pretrained one it starts from, and how it is
+    fine-tuned (docs/pretrained.md)."""
 
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     attention: bool = False  # self-attention in the lowest-resolution block
     norm_num_groups: int = 8  # small nets: 32 groups of 1 channel would erase t/y conditioning
+    # A diffusers UNet to start from: a local folder (a UNet's own, a pipeline's with `unet/`,
+    # a CollaFuse model's with `server_unet/`) or a hub id; its config gives the architecture
+    # (an architecture key above set to another value than both its default and the base's is
+    # refused). "": random weights.
+    pretrained: str = ""
+    adapter: str = "none"  # "lora": train LoRA adapters (PEFT) on a frozen pretrained base
+    lora_rank: int = 8
+    lora_alpha: int = 8  # the adapters' scale is lora_alpha / lora_rank
+    # module names (suffixes) that get adapters; empty: every attention projection and every
+    # ResNet convolution and time projection of the base
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check(self.adapter in ADAPTERS, "unet.adapter", self.adapter, f"in {ADAPTERS}")
+        _check(
+            self.adapter == "none" or bool(self.pretrained),
+            "unet.adapter",
+            self.adapter,
+            "'none' without unet.pretrained (adapters fine-tune a pretrained base)",
+        )
+        _check(self.lora_rank >= 1, "unet.lora_rank", self.lora_rank, ">= 1")
+        _check(self.lora_alpha >= 1, "unet.lora_alpha", self.lora_alpha, ">= 1")
         _check(
             len(self.block_out_channels) >= 1,
             "unet.block_out_channels",
@@ -255,6 +291,9 @@ class TrainConfig:
     # is known in advance ends on small steps; a run resumed with a larger max_steps decays
     # anew from where the longer cosine stands)
     lr_schedule: str = "constant"
+    # a denoiser with LoRA adapters is exported as adapters plus its base's reference, or (true)
+    # as merged weights
+    export_merged: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -497,12 +536,29 @@ def current_names(values: dict[str, Any]) -> dict[str, Any]:
     keys added since (`ADDED_KEYS`) at their "as before" value where missing."""
     out = _rename(values, RENAMED_KEYS)
     for path, before in ADDED_KEYS.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {}) if isinstance(node, dict) else None
-        if isinstance(node, dict):  # else a malformed table, which validation names
-            node.setdefault(path[-1], before)
+        # a missing denoiser table stays missing: its defaults are RunConfig's, not UNetConfig's
+        create = path[0] not in ("server_unet", "client_unet", "clients")
+        for node in _tables(out, path[:-1], create=create):
+            node.setdefault(path[-1], copy.deepcopy(before))
     return out
+
+
+def _tables(values: dict[str, Any], path: tuple[str, ...], create: bool) -> list[dict]:
+    """The tables at `path` ("*": every item of a list, skipping the None or missing ones);
+    with `create`, missing tables on a path without "*" are made."""
+    nodes: list[Any] = [values]
+    for key in path:
+        found = []
+        for node in nodes:
+            if key == "*":
+                found += [n for n in node if isinstance(n, dict)] if isinstance(node, list) else []
+            elif isinstance(node, dict):
+                if create and "*" not in path:
+                    found.append(node.setdefault(key, {}))
+                elif key in node:
+                    found.append(node[key])
+        nodes = found
+    return [n for n in nodes if isinstance(n, dict)]  # else malformed, which validation names
 
 
 def first_form(values: dict[str, Any]) -> dict[str, Any]:
@@ -511,11 +567,14 @@ def first_form(values: dict[str, Any]) -> dict[str, Any]:
     saved results are made of it, so renaming or adding a key does not orphan them."""
     out = _rename(values, {(table, new): old for (table, old), new in RENAMED_KEYS.items()})
     for path, before in ADDED_KEYS.items():
-        node = out
-        for key in path[:-1]:
-            node = node.get(key, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and node.get(path[-1], before) == before:
-            node.pop(path[-1], None)
-            if len(path) == 2 and node == {} and path[0] in out:
-                del out[path[0]]  # a table added whole, at its "as before" values
+        for node in _tables(out, path[:-1], create=False):
+            if _plain(node.get(path[-1], before)) == _plain(before):
+                node.pop(path[-1], None)
+        if len(path) == 2 and out.get(path[0]) == {}:
+            del out[path[0]]  # a table added whole, at its "as before" values
     return out
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON holds it (tuples as lists)."""
+    return json.loads(json.dumps(value))

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from latentfuse.cli.main import main as latentfuse
-from latentfuse.training.plan import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
 from latentfuse.testing.shapes import make_shapes
+from latentfuse.training.plan import BUDGET_SECONDS, EPOCHS, MIN_STEPS, choose_clients, derive_steps
 
 TINY = [
     "server_unet.block_out_channels=[32]",

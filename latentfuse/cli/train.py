@@ -97,6 +97,27 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=BUDGET_SECONDS / 60,
         help="the time the derived step budget may take here (the autoencoder's fit included)",
     )
+    train.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="DIR",
+        help="start the server's and the clients' denoisers from this diffusers UNet (a local "
+        "folder: the UNet's, a pipeline's with unet/, a CollaFuse model's; or a hub id); its "
+        "config gives the architecture",
+    )
+    train.add_argument(
+        "--adapter",
+        choices=("none", "lora"),
+        default=None,
+        help="with --pretrained: fine-tune in full (none) or train LoRA adapters on the frozen "
+        "base (lora)",
+    )
+    train.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
+    train.add_argument(
+        "--merge",
+        action="store_true",
+        help="export LoRA-trained denoisers as merged weights instead of adapters",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     train.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     train.set_defaults(func=run_train)
@@ -104,6 +125,31 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 def _user_keys(overrides: list[str]) -> set[str]:
     return {text.split("=", 1)[0].strip() for text in overrides}
+
+
+ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups")
+
+
+def apply_pretrained(values: dict[str, Any], args: argparse.Namespace) -> None:
+    """--pretrained/--adapter/--lora-rank/--merge as config values: both sides start from the
+    base, whose config gives the architecture (the new-data defaults' sizes are dropped)."""
+    if args.merge:
+        values.setdefault("train", {})["export_merged"] = True
+    if args.pretrained is None:
+        for flag in ("adapter", "lora_rank"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --pretrained")
+        return
+    for side in ("server_unet", "client_unet"):
+        table = values.setdefault(side, {})
+        if not (args.resume or args.config):
+            for key in ARCHITECTURE_KEYS:
+                table.pop(key, None)
+        table["pretrained"] = args.pretrained
+        if args.adapter is not None:
+            table["adapter"] = args.adapter
+        if args.lora_rank is not None:
+            table["lora_rank"] = table["lora_alpha"] = args.lora_rank
 
 
 def base_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,6 +178,7 @@ def base_values(args: argparse.Namespace) -> dict[str, Any]:
         values["data"]["subfolder"] = "train" if (data / "train").is_dir() and len(tops) > 1 else ""
     if args.vae:
         values["vae"] = args.vae
+    apply_pretrained(values, args)
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")

@@ -55,6 +55,11 @@ def load_unet(folder: Path, dtype: torch.dtype | None = None) -> UNet2DModel | N
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
+    if (folder / "adapter_config.json").is_file():  # LoRA adapters on a pretrained base
+        from latentfuse.training.pretrained import load_adapter_folder
+
+        unet = load_adapter_folder(folder)
+        return unet.to(dtype) if dtype is not None else unet
     name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
     if name not in UNET_CLASSES:
         raise ValueError(f"{config_file}: _class_name {name!r} is not one of {UNET_CLASSES}")

@@ -22,7 +22,13 @@ from diffusers import (
 from latentfuse.conditioning import TextConditioner
 from latentfuse.data.autoencoder import Autoencoder
 from latentfuse.hub import model_card, push_folder, resolve_model_folder
-from latentfuse.pipelines.folder import CLIENTS_DIR, COLLAFUSE_CONFIG, load_unet, read_description
+from latentfuse.pipelines.folder import (
+    CLIENTS_DIR,
+    COLLAFUSE_CONFIG,
+    SERVER_DIR,
+    load_unet,
+    read_description,
+)
 from latentfuse.pipelines.sampling import (
     Generators,
     Labels,
@@ -387,6 +393,8 @@ class CollaFusePipeline(DiffusionPipeline):
         dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")  # diffusers 0.42 asks for dtype
         unets = {int(cid): load_unet(root / CLIENTS_DIR / cid, dtype) for cid in config["clients"]}
         clients = {cid: unet for cid, unet in unets.items() if unet is not None}  # none if t_cut=0
+        if (root / SERVER_DIR / "adapter_config.json").is_file():  # LoRA on a pretrained base
+            kwargs.setdefault("server_unet", load_unet(root / SERVER_DIR, dtype))
         return super().from_pretrained(
             root, client_unets=clients, collafuse_config=config, **kwargs
         )

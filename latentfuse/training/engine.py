@@ -44,6 +44,7 @@ RESUMABLE_KEYS = frozenset(
         "sample_every",
         "num_preview_images",
         "preview_inference_steps",
+        "export_merged",
     )
 )
 
@@ -149,9 +150,11 @@ class Engine:
         self.accelerator, self.train, self.config_record = accelerator, train, config_record
         self.learning_rates = dict(learning_rates)
         names = list(models)
-        optimizers = [
+        optimizers = [  # a frozen base's weights (LoRA) are no optimiser's
             torch.optim.AdamW(
-                models[n].parameters(), lr=self.learning_rates[n], weight_decay=train.weight_decay
+                [p for p in models[n].parameters() if p.requires_grad],
+                lr=self.learning_rates[n],
+                weight_decay=train.weight_decay,
             )
             for n in names
         ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from latentfuse.conditioning import build_denoiser
-from latentfuse.config import RunConfig
+from latentfuse.config import RunConfig, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class DenoiserSpec:
     num_classes: int  # class labels known to the run; the null label is the index after them
     num_attributes: int = 0  # "attributes": length of an image's attribute vector
     cross_attention_dim: int = 0  # "text": the text encoder's width
+    class_names: tuple[str, ...] = ()  # matched to a pretrained base's class rows by name
 
     def __post_init__(self) -> None:
         if self.kind not in ("class", "attributes", "text"):
@@ -46,14 +47,15 @@ def client_denoiser(
 ) -> torch.nn.Module:
     """Client `client_id`'s denoiser (its own `[[clients]]` UNet where it has one), seeded."""
     torch.manual_seed(client_seed(config, client_id))
-    return build_denoiser(
+    return make_denoiser(
         config.client_unet_config(client_id),
-        spec.kind,
+        spec,
         sample_size,
         channels,
-        num_class_embeds=spec.num_classes + 1,
-        num_attributes=spec.num_attributes,
-        cross_attention_dim=spec.cross_attention_dim,
+        spec.kind,
+        spec.num_classes + 1,
+        spec.class_names or None,
+        where="client_unet",
     )
 
 
@@ -74,8 +76,40 @@ def server_denoiser(
     """The shared denoiser of the high-noise timesteps, seeded."""
     kind, num_embeds = server_embeddings(config, spec)
     torch.manual_seed(server_seed(config))
+    names = spec.class_names or None if config.server_labels == "class" else None
+    return make_denoiser(
+        config.server_unet, spec, sample_size, channels, kind, num_embeds, names, "server_unet"
+    )
+
+
+def make_denoiser(
+    cfg: UNetConfig,
+    spec: DenoiserSpec,
+    sample_size: int,
+    channels: int,
+    kind: str,
+    num_embeds: int | None,
+    class_names: tuple[str, ...] | None,
+    where: str,
+) -> torch.nn.Module:
+    """A denoiser of random weights (`conditioning.build_denoiser`), or from `cfg.pretrained`
+    (`training.pretrained.denoiser_from_base`: its architecture and weights, LoRA if asked)."""
+    if cfg.pretrained:
+        from latentfuse.training.pretrained import denoiser_from_base
+
+        return denoiser_from_base(
+            cfg,
+            kind,
+            sample_size,
+            channels,
+            where=where,
+            num_class_embeds=num_embeds,
+            class_names=class_names,
+            num_attributes=spec.num_attributes,
+            cross_attention_dim=spec.cross_attention_dim,
+        )
     return build_denoiser(
-        config.server_unet,
+        cfg,
         kind,
         sample_size,
         channels,

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -67,12 +68,17 @@ def collafuse_description(run: Run, training: dict | None = None) -> dict:
     return (described.with_training(training) if training else described).to_json()
 
 
-def build_pipeline(run: Run, trainer: Trainer, description: dict | None = None):
-    """A CollaFusePipeline over the EMA weights of the current models (described by
-    `description`, default `collafuse_description(run)`)."""
+def build_pipeline(
+    run: Run,
+    trainer: Trainer,
+    description: dict | None = None,
+    models: dict[str, torch.nn.Module] | None = None,
+):
+    """A CollaFusePipeline over the EMA weights of the current models (or `models`), described
+    by `description` (default `collafuse_description(run)`)."""
     from latentfuse.pipelines import CollaFusePipeline
 
-    models = trainer.ema_models()
+    models = trainer.ema_models() if models is None else models
     clients = {int(n.split("_")[1]): m for n, m in models.items() if n.startswith("client_")}
     scheduler = type(run.scheduler).from_config(run.scheduler.config)
     text = {}
@@ -178,9 +184,31 @@ def plot_losses(history: Path, out: Path) -> None:
 
 
 def export(run: Run, trainer: Trainer, output_dir: Path, extra: dict) -> Path:
-    """Write the diffusers-layout model folder (atomically) into `output_dir/model`."""
-    pipe = build_pipeline(run, trainer, collafuse_description(run, extra))
-    return atomic_write_dir(output_dir / "model", lambda tmp: pipe.save_pretrained(tmp))
+    """Write the diffusers-layout model folder (atomically) into `output_dir/model`; a
+    denoiser with LoRA adapters as its adapters and base reference unless
+    `train.export_merged` (training.pretrained.save_denoiser)."""
+    import copy
+
+    from latentfuse.training.pretrained import has_lora, merge_lora, save_denoiser
+
+    models = trainer.ema_models()
+    plain = {n: merge_lora(copy.deepcopy(m)) if has_lora(m) else m for n, m in models.items()}
+    pipe = build_pipeline(run, trainer, collafuse_description(run, extra), plain)
+    cfg = run.config
+    adapters = {} if cfg.train.export_merged else {n: m for n, m in models.items() if has_lora(m)}
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp)
+        for name, module in adapters.items():
+            if name == "server":
+                folder, base = tmp / "server_unet", cfg.server_unet.pretrained
+            else:
+                cid = int(name.split("_")[1])
+                folder, base = tmp / "clients" / str(cid), cfg.client_unet_config(cid).pretrained
+            shutil.rmtree(folder)
+            save_denoiser(module, folder, base)
+
+    return atomic_write_dir(output_dir / "model", write)
 
 
 RUN_RECORD = "run.json"  # what a resume must match beyond config.json: the autoencoder's hash

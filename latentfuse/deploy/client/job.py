@@ -33,6 +33,7 @@ from latentfuse.paths import resolve_path
 from latentfuse.training.engine import Batch, Engine, make_accelerator
 from latentfuse.training.jobs import client_denoiser
 from latentfuse.training.loop import fit
+from latentfuse.training.pretrained import save_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +230,12 @@ class ClientJob:
             self.scheduler.save_pretrained(tmp / "scheduler")
             if self.text is not None:  # the public encoder: prompts -> states when sampling
                 self.text.save(tmp)
-            if self.trains:
-                self.engine.ema_model(self.model_name).save_pretrained(
-                    tmp / "clients" / str(self.client_id), safe_serialization=True
+            if self.trains:  # LoRA: its adapters and its base's reference, or merged
+                save_denoiser(
+                    self.engine.ema_model(self.model_name),
+                    tmp / "clients" / str(self.client_id),
+                    self.config.client_unet_config(self.client_id).pretrained,
+                    merge=self.config.train.export_merged,
                 )
             (tmp / "collafuse.json").write_text(json.dumps(self.description(), indent=2))
 

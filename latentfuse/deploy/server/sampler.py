@@ -33,6 +33,7 @@ from latentfuse.deploy.server.trainer import PUBLISHED, ServerTrainer, build_ser
 from latentfuse.deploy.wire import SampleRequest, WireError, encode_handoff
 from latentfuse.method.schedule import make_scheduler
 from latentfuse.pipelines import CollaFuseServerPipeline
+from latentfuse.pipelines.folder import load_unet
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,7 @@ class LocalSampler:
             return self._snapshot[1]
 
     def _load_published(self, folder: Path) -> torch.nn.Module:
-        from safetensors.torch import load_file
-
-        unet = build_server_unet(self.config, self.deploy)
-        weights = folder / "server_unet" / "diffusion_pytorch_model.safetensors"
-        unet.load_state_dict(load_file(weights))
-        return unet.eval().requires_grad_(False)
+        return load_unet(folder / "server_unet").eval().requires_grad_(False)
 
     def sample(self, client_id: int, request: SampleRequest) -> bytes:
         """The server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""

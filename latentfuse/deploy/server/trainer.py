@@ -34,6 +34,7 @@ from latentfuse.method.server import ReleaseStore, Server
 from latentfuse.training.engine import Batch, Engine, make_accelerator
 from latentfuse.training.jobs import server_denoiser
 from latentfuse.training.loop import Hooks, fit
+from latentfuse.training.pretrained import save_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class ServerTrainer:
             return
         model = self.ema_model()
 
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp / "server_unet", safe_serialization=True)
+        def write(tmp: Path) -> None:  # merged: what the sampler loads (LoRA adapters folded in)
+            save_denoiser(model, tmp / "server_unet", merge=True)
             atomic_write_json(tmp / "published.json", {"step": self.step, "unix_time": time.time()})
 
         atomic_write_dir(self.state_dir / PUBLISHED, write)
