@@ -493,6 +493,7 @@ def point_row(
         "memorization_se": _binomial_se(pooled["memorization"]),
         "memorization_ci": pooled["memorization"]["ci"],
         "sample_gradients": sample_gradients(config, folder),
+        "costs": denoiser_costs(config),
         "overrides": list(point.model.overrides),
         "train_seconds": train_seconds,
         "eval_seconds": result["eval_seconds"],
@@ -503,6 +504,45 @@ def point_row(
         "clients": result["clients"],
         "privacy": result.get("privacy"),
     }
+
+
+def denoiser_costs(config: RunConfig) -> dict:
+    """What a point's denoisers cost: parameters (all and trainable) of the server's and client
+    0's, and the client's training FLOPs per step (one forward and backward at its batch size,
+    counted by torch's FlopCounterMode; a LoRA client still runs its frozen base)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentfuse.deploy.config import latent_shape
+    from latentfuse.training.jobs import DenoiserSpec, client_denoiser, server_denoiser
+    from latentfuse.training.pretrained import trainable_parameters
+
+    channels, size, _ = latent_shape(config)
+    spec = DenoiserSpec("class", 10)
+    costs: dict = {}
+    state = torch.random.get_rng_state()  # the builders seed torch: leave the caller's stream
+    try:
+        if config.client_t_cut(0) > 0:
+            client = client_denoiser(config, 0, spec, size, channels)
+            batch = config.train.client_batch_size
+            x = torch.randn(batch, channels, size, size)
+            t = torch.randint(0, 1000, (batch,))
+            labels = torch.zeros(batch, dtype=torch.long)
+            with FlopCounterMode(display=False) as counter:
+                client(x, t, class_labels=labels).sample.square().mean().backward()
+            costs["client"] = {
+                "parameters": sum(p.numel() for p in client.parameters()),
+                "trainable": trainable_parameters(client),
+                "train_flops_per_step": counter.get_total_flops(),
+            }
+        if config.client_t_cut(0) < config.split.num_train_timesteps:
+            server = server_denoiser(config, spec, size, channels)
+            costs["server"] = {
+                "parameters": sum(p.numel() for p in server.parameters()),
+                "trainable": trainable_parameters(server),
+            }
+    finally:
+        torch.random.set_rng_state(state)
+    return costs
 
 
 def release_fields(described: dict) -> dict:

@@ -42,6 +42,10 @@ POINT = {"marker": "o", "capsize": 3, "ls": "none"}
 RULE = " ".join((__doc__ or "").split("\n\n", 1)[1].split())  # the docstring's rule
 
 Group = tuple[int, str]
+TITLES = {
+    "frontier": "Privacy-utility frontier",
+    "pretrained": "From scratch or from a public base",
+}
 
 
 def _release_level(row: dict) -> int | None:
@@ -113,8 +117,42 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
-def _family(groups: dict[Group, dict]) -> list[tuple[int, str, str]]:
+STARTS = ("-base", "-lora")  # the pretrained grid's suffixes: full fine-tuning, LoRA
+SHIFT, SCRATCH = "-shift", "-shift-scratch"
+
+
+def _pretrained_family(groups: dict[Group, dict]) -> list[tuple[int, str, str]]:
+    """The pretrained grid's claims (size, A, B): the base improves a model ("X-base beats X",
+    "X-lora beats X"); collaboration beats a client fine-tuning the base alone ("X-base beats
+    ICM-base" for every X that releases); under distribution shift, the shifted base against
+    scratch and collaboration against the lone client."""
+    claims: list[tuple[int, str, str]] = []
+    for size in sorted({n for n, _ in groups}):
+        models = sorted(m for n, m in groups if n == size)
+        for suffix in STARTS:
+            started = [m for m in models if m.endswith(suffix)]
+            claims += [(size, m, m[: -len(suffix)]) for m in started if m[: -len(suffix)] in models]
+            lone = REFERENCE + suffix
+            if lone in models:
+                claims += [(size, m, lone) for m in started if m != lone]
+        for m in (m for m in models if m.endswith(SHIFT)):
+            if m[: -len(SHIFT)] + SCRATCH in models:
+                claims.append((size, m, m[: -len(SHIFT)] + SCRATCH))
+        for suffix in (SHIFT, SCRATCH):
+            lone = REFERENCE + suffix
+            if lone in models:
+                claims += [
+                    (size, m, lone)
+                    for m in models
+                    if m.endswith(suffix) and m != lone and not m.startswith(REFERENCE)
+                ]
+    return claims
+
+
+def _family(groups: dict[Group, dict], family: str = "frontier") -> list[tuple[int, str, str]]:
     """The claims (size, A, B) meaning "A beats B", in report order."""
+    if family == "pretrained":
+        return _pretrained_family(groups)
     claims: list[tuple[int, str, str]] = []
     for size in sorted({n for n, _ in groups}):
         models = sorted(m for n, m in groups if n == size)
@@ -148,12 +186,15 @@ def _compare(a: dict, b: dict, s: float | None, df: int, metric: str) -> dict:
     return {**claim, "se": se, "t": t, "p": p, "p_two_sided": 2 * min(p, 1 - p)}
 
 
-def frontier_verdicts(rows: list[dict], metric: str = "fid") -> list[dict]:
+def frontier_verdicts(
+    rows: list[dict], metric: str = "fid", family: str = "frontier"
+) -> list[dict]:
     """Every claim of the family with its test and its Holm-corrected verdict."""
     groups = pooled_groups(rows, metric)
     s, df = pooled_spread(groups)
     verdicts = [
-        _compare(groups[(n, a)], groups[(n, b)], s, df, metric) for n, a, b in _family(groups)
+        _compare(groups[(n, a)], groups[(n, b)], s, df, metric)
+        for n, a, b in _family(groups, family)
     ]
     tested = [v for v in verdicts if v["p_two_sided"] is not None]
     for verdict, adjusted in zip(tested, holm([v["p_two_sided"] for v in tested]), strict=True):
@@ -256,6 +297,25 @@ def headline(rows: list[dict], verdicts: list[dict]) -> str:
     return f"{text} No point that beats {REFERENCE} brings re-identification within 2x chance."
 
 
+def pretrained_headline(verdicts: list[dict]) -> str:
+    """What the pretrained grid answers, from its verdicts: does the base improve each model,
+    does collaboration beat a client fine-tuning the base alone, and under shift."""
+
+    def said(claims: list[dict]) -> str:
+        if not claims:
+            return "not measured yet"
+        return "; ".join(f"{v['a']} vs {v['b']}: {v['verdict']}" for v in claims)
+
+    improves = [v for v in verdicts if any(v["a"] == v["b"] + s for s in STARTS)]
+    lone = [v for v in verdicts if v["b"] in (REFERENCE + s for s in STARTS)]
+    shift = [v for v in verdicts if SHIFT in v["a"]]
+    return (
+        f"Does the public base improve a model? {said(improves)}. Does collaboration still "
+        f"beat a client fine-tuning the base alone? {said(lone)}. Under distribution shift: "
+        f"{said(shift)}."
+    )
+
+
 def _reid_phrase(summary: dict) -> str:
     """Re-identification in a gallery of 32, in words."""
     reid = summary["reid_gallery_32"]
@@ -315,6 +375,7 @@ def _table_row(fid: dict, kid: dict | None, p: dict) -> str:
 
 def frontier_markdown(summary: dict) -> str:
     """The report: headline, frontier table, verdict table, rule and commands."""
+    title = TITLES[summary.get("family", "frontier")]
     fid, kid = pooled_groups(summary["rows"], "fid"), pooled_groups(summary["rows"], "kid")
     grouped = _by_group(summary["rows"])
     header = (
@@ -323,7 +384,7 @@ def frontier_markdown(summary: dict) -> str:
         "| release MIA AUC | TPR@1% FPR | TPR@0.1% FPR | model MIA AUC "
         "| reconstruction PSNR vs mean image | ε | μ | worst-case AUC bound |"
     )
-    lines = ["# Privacy-utility frontier", "", summary["headline"], "", header, "|" + "---|" * 18]
+    lines = [f"# {title}", "", summary["headline"], "", header, "|" + "---|" * 18]
     for key in sorted(fid, key=lambda k: (k[0], fid[k]["release_t"] or 0, k[1])):
         lines.append(_table_row(fid[key], kid.get(key), privacy_summary(grouped[key])))
     fs, ks = summary["pooled"]["fid"], summary["pooled"]["kid"]
@@ -420,20 +481,26 @@ def _base(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".json", ".md", ".png") else path
 
 
-def write_frontier_report(path: Path, rows: list[dict], meta: dict) -> dict:
-    """Write `<path>.json` (atomically), `<path>.md` and `<path>.png`; return the JSON dict."""
+def write_frontier_report(
+    path: Path, rows: list[dict], meta: dict, family: str = "frontier"
+) -> dict:
+    """Write `<path>.json` (atomically), `<path>.md` and `<path>.png`; return the JSON dict.
+    `family`: the claims tested ("frontier", or "pretrained": `_pretrained_family`)."""
     base = _base(path)
     groups = {metric: pooled_groups(rows, metric) for metric in METRICS}
     spreads = {metric: pooled_spread(g) for metric, g in groups.items()}
     pooled = {metric: {"s": s, "df": df} for metric, (s, df) in spreads.items()}
-    verdicts = frontier_verdicts(rows)
+    verdicts = frontier_verdicts(rows, family=family)
     summary = {
         "format": FORMAT,
+        "family": family,
         "rows": rows,
         "groups": {metric: list(g.values()) for metric, g in groups.items()},
         "pooled": pooled,
         "verdicts": verdicts,
-        "headline": headline(rows, verdicts),
+        "headline": (
+            pretrained_headline(verdicts) if family == "pretrained" else headline(rows, verdicts)
+        ),
         "meta": meta,
     }
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rewrite the report; no training")
     p.add_argument(
         "--format",
-        choices=("collaboration", "frontier"),
+        choices=("collaboration", "frontier", "pretrained"),
         default="collaboration",
-        help="the report: the collaboration benchmark's, or the privacy-utility frontier's "
-        "(pooled seed variance, Holm's correction, FID against re-identification)",
+        help="the report: the collaboration benchmark's, the privacy-utility frontier's "
+        "(pooled seed variance, Holm's correction, FID against re-identification), or the "
+        "pretrained grid's (the same statistics, its own claims)",
     )
     p.add_argument(
         "--known",
@@ -111,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = backfill_keys(
             config, args.out_dir, settings, collect_rows(args.out_dir, settings, known, config)
         )
-        if args.format == "frontier":
+        if args.format in ("frontier", "pretrained"):
             train = command.replace(" --report-only", "")
             train += "" if "--resume" in train else " --resume"
             commands = [f"OMP_NUM_THREADS=1 {train}  # twice, side by side"]
             commands.append(f"{train} --report-only")
-            write_frontier_report(args.report, rows, {**meta, "commands": commands})
+            write_frontier_report(args.report, rows, {**meta, "commands": commands}, args.format)
         else:
             write_report(args.report, config, settings, rows, meta, args.out_dir)
 

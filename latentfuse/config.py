@@ -36,6 +36,7 @@ ADDED_KEYS = {
     ("conditioning", "prompt_template"): "{}",
     ("conditioning", "max_length"): 32,
     ("train", "export_merged"): False,
+    ("data", "classes"): [],
     **{
         (*table, key): before
         for table in (("server_unet",), ("client_unet",), ("clients", "*", "unet"))
@@ -75,6 +76,8 @@ class DataConfig:
     eval_fraction: float = 0.1
     max_images_per_client: int = 0  # 0: all
     seed: int = 0
+    # keep the images of these classes only (relabelled in the data set's order); empty: all
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "data.num_clients", self.num_clients, ">= 1")

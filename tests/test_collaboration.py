@@ -247,3 +247,32 @@ def test_compensated_arms_sample_with_as_many_network_evaluations(entry, steps, 
     assert matched_inference_steps(pipe, 25) == steps
     assert chain_evaluations(pipe, steps) == evaluations
     assert chain_evaluations(pipe, 25) == (25 if "client_start" not in entry else 27)
+
+
+def test_costs_count_parameters_trainable_ones_and_client_flops(tiny_world, tmp_path):
+    from diffusers import UNet2DModel
+
+    from experiments.collaboration import denoiser_costs
+    from latentfuse.data.autoencoder import latent_geometry, load_vae
+
+    full = denoiser_costs(tiny_config(tiny_world))
+    assert set(full) == {"client", "server"}
+    assert full["client"]["trainable"] == full["client"]["parameters"] > 0
+    assert full["client"]["train_flops_per_step"] > 0
+    channels = latent_geometry(load_vae(str(tiny_world["vae"])).config)[0]
+    UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32,),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        norm_num_groups=8,
+        num_class_embeds=5,
+    ).save_pretrained(tmp_path / "base")
+    lora = [f'client_unet.pretrained="{tmp_path / "base"}"', 'client_unet.adapter="lora"']
+    costs = denoiser_costs(tiny_config(tiny_world, *lora))
+    assert 0 < costs["client"]["trainable"] < costs["client"]["parameters"]
+    icm = denoiser_costs(tiny_config(tiny_world, "split.t_cut=1000"))
+    assert set(icm) == {"client"}  # nothing for a server to do

@@ -293,3 +293,30 @@ def test_the_cifar10_location_is_a_setting(tmp_path):
     env = {**__import__("os").environ, "LATENTFUSE_CIFAR10": str(tmp_path / "c10.tar.gz")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == str(tmp_path / "c10.tar.gz")
+
+
+def test_only_some_classes_are_kept_and_relabelled_in_the_data_sets_order(tmp_path):
+    from latentfuse.config import load_config
+    from latentfuse.testing.shapes import make_shapes
+    from latentfuse.training.setup import load_run_dataset
+
+    folder = make_shapes(tmp_path / "shapes", classes=3, per_class=4, size=16)
+    full = load_dataset(folder)
+    config = load_config(None, [f'data.source="{folder}"', 'data.subfolder=""'])
+    names = [full.class_names[2], full.class_names[0]]  # asked out of order
+    kept = load_run_dataset(dataclass_replace(config, names))
+    assert kept.class_names == (full.class_names[0], full.class_names[2])  # the data set's order
+    assert len(kept) == 8 and sorted(set(kept.labels.tolist())) == [0, 1]
+    for record in kept.records:  # every image keeps its own class, under its new index
+        original = next(r for r in full.records if r.path == record.path)
+        assert full.class_names[original.label] == kept.class_names[record.label]
+    with pytest.raises(ValueError, match="data.classes \\['zebra'\\] are not classes"):
+        full.only_classes(["zebra"])
+
+
+def dataclass_replace(config, classes):
+    import dataclasses
+
+    return dataclasses.replace(
+        config, data=dataclasses.replace(config.data, classes=tuple(classes))
+    )

@@ -194,7 +194,16 @@ def test_writer_produces_three_files_that_round_trip(tmp_path, icm_privacy: dict
     assert all(p.is_file() for p in paths)
     loaded = json.loads(paths[0].read_text())
     assert loaded == json.loads(json.dumps(summary))
-    assert set(loaded) == {"format", "rows", "groups", "pooled", "verdicts", "headline", "meta"}
+    assert set(loaded) == {
+        "format",
+        "family",
+        "rows",
+        "groups",
+        "pooled",
+        "verdicts",
+        "headline",
+        "meta",
+    }
     assert loaded["rows"] == before and rows == before
     assert loaded["pooled"]["fid"] == pytest.approx({"s": 1.0, "df": 6})
     markdown = paths[1].read_text()
@@ -203,3 +212,42 @@ def test_writer_produces_three_files_that_round_trip(tmp_path, icm_privacy: dict
     assert "not measured" in markdown and "0.123" in markdown  # TPR@0.1% absent / present
     assert "1 seed: no verdict" in markdown and meta["commands"][0] in markdown
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_pretrained_family_asks_the_pretrained_questions(tmp_path) -> None:
+    from experiments.frontier_report import write_frontier_report
+
+    rows = []
+    for model, mean, cut in [
+        ("ICM", 130.0, 1000),
+        ("split-100", 115.0, 100),
+        ("ICM-base", 110.0, 1000),
+        ("split-100-base", 90.0, 100),
+        ("GM-base", 95.0, 0),
+        ("split-100-lora", 100.0, 100),
+        ("split-100-shift-scratch", 120.0, 100),
+        ("ICM-shift-scratch", 125.0, 1000),
+        ("split-100-shift", 112.0, 100),
+        ("ICM-shift", 122.0, 1000),
+    ]:
+        rows += seeds(model, mean, cut)
+    verdicts = frontier_verdicts(rows, family="pretrained")
+    claims = {(v["a"], v["b"]) for v in verdicts}
+    assert claims == {
+        ("split-100-base", "split-100"),  # does the base improve the model
+        ("split-100-lora", "split-100"),
+        ("ICM-base", "ICM"),
+        ("split-100-base", "ICM-base"),  # does collaboration beat the lone fine-tuner
+        ("GM-base", "ICM-base"),
+        ("split-100-shift", "split-100-shift-scratch"),  # under shift
+        ("ICM-shift", "ICM-shift-scratch"),
+        ("split-100-shift", "ICM-shift"),
+        ("split-100-shift-scratch", "ICM-shift-scratch"),
+    }
+    by_claim = {(v["a"], v["b"]): v["verdict"] for v in verdicts}
+    assert by_claim[("split-100-base", "ICM-base")] == "holds"  # 20 FID, seed sd 1
+    assert by_claim[("ICM-shift", "ICM-shift-scratch")] == "holds"
+    summary = write_frontier_report(tmp_path / "pretrained", rows, {}, "pretrained")
+    assert "split-100-base vs ICM-base: holds" in summary["headline"]
+    text = (tmp_path / "pretrained.md").read_text()
+    assert text.startswith("# From scratch or from a public base")

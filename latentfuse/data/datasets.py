@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -70,6 +71,21 @@ class ImageDataset:
             self.attribute_names,
             self.root,
         )
+
+    def only_classes(self, names: Sequence[str]) -> ImageDataset:
+        """The images of the classes `names` only, labelled 0..len(names)-1 in the data set's
+        own class order (a model trained on them knows just these classes)."""
+        unknown = sorted(set(names) - set(self.class_names))
+        if unknown:
+            raise ValueError(
+                f"data.classes {unknown} are not classes of this data set {list(self.class_names)}"
+            )
+        kept = [c for c in self.class_names if c in names]
+        index = {self.class_names.index(c): i for i, c in enumerate(kept)}
+        records = tuple(
+            dataclasses.replace(r, label=index[r.label]) for r in self.records if r.label in index
+        )
+        return ImageDataset(records, tuple(kept), self.attribute_names, self.root)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -82,11 +82,13 @@ def load_run_dataset(config: RunConfig) -> ImageDataset:
     """The data set named by `config.data.source`."""
     data = config.data
     if data.source == "cifar10":
-        return load_cifar10(data.subfolder)
-    extra = {"label_attribute": data.label_attribute} if data.label_attribute else {}
-    return load_dataset(
-        resolve_path(data.source), format=data.format, subfolder=data.subfolder or None, **extra
-    )
+        dataset = load_cifar10(data.subfolder)
+    else:
+        extra = {"label_attribute": data.label_attribute} if data.label_attribute else {}
+        dataset = load_dataset(
+            resolve_path(data.source), format=data.format, subfolder=data.subfolder or None, **extra
+        )
+    return dataset.only_classes(data.classes) if data.classes else dataset
 
 
 def partition_clients(config: RunConfig, dataset: ImageDataset) -> list[ClientShare]:
