@@ -250,27 +250,16 @@ def test_compensated_arms_sample_with_as_many_network_evaluations(entry, steps, 
 
 
 def test_costs_count_parameters_trainable_ones_and_client_flops(tiny_world, tmp_path):
-    from diffusers import UNet2DModel
-
     from experiments.collaboration import denoiser_costs
     from latentfuse.data.autoencoder import latent_geometry, load_vae
+    from tests.test_pretrained import save_base
 
     full = denoiser_costs(tiny_config(tiny_world))
     assert set(full) == {"client", "server"}
     assert full["client"]["trainable"] == full["client"]["parameters"] > 0
     assert full["client"]["train_flops_per_step"] > 0
     channels = latent_geometry(load_vae(str(tiny_world["vae"])).config)[0]
-    UNet2DModel(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(32,),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",),
-        up_block_types=("UpBlock2D",),
-        norm_num_groups=8,
-        num_class_embeds=5,
-    ).save_pretrained(tmp_path / "base")
+    save_base(tmp_path / "base", channels, 4, names=None)
     lora = [f'client_unet.pretrained="{tmp_path / "base"}"', 'client_unet.adapter="lora"']
     costs = denoiser_costs(tiny_config(tiny_world, *lora))
     assert 0 < costs["client"]["trainable"] < costs["client"]["parameters"]
