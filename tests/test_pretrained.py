@@ -247,3 +247,45 @@ def test_the_new_keys_leave_saved_result_keys_as_they_were():
     assert "pretrained" not in first_form(plain)["server_unet"]
     changed = json.loads(json.dumps(load_config(None, ['server_unet.pretrained="x"']).to_dict()))
     assert first_form(changed)["server_unet"]["pretrained"] == "x"
+
+
+def test_a_run_maps_its_own_class_names_onto_the_base_on_both_sides(base, tiny_world):
+    from latentfuse.training.setup import build_run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LATENTFUSE_CACHE", str(tiny_world["cache"]))
+        over = [f'{side}.pretrained="{base}"' for side in ("server_unet", "client_unet")]
+        run = build_run(tiny_config(tiny_world, *over))
+    assert run.dataset.class_names == RUN_NAMES
+    rows = load_file(base / "diffusion_pytorch_model.safetensors")["class_embedding.weight"]
+    mean = rows[:3].mean(0)
+    expected = torch.stack([rows[1], rows[0], mean, mean, rows[3]])
+    for unet in (run.server_unet, *run.client_unets.values()):
+        torch.testing.assert_close(unet.class_embedding.weight.detach(), expected)
+
+
+def test_an_attribute_conditioned_base_must_project_as_many_attributes(tmp_path, channels):
+    from latentfuse.conditioning import build_denoiser
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(32,), norm_num_groups=8)
+    build_denoiser(cfg, "attributes", 8, channels, num_attributes=6).save_pretrained(tmp_path / "b")
+    started = denoiser_from_base(
+        UNetConfig(pretrained=str(tmp_path / "b")),
+        "attributes",
+        8,
+        channels,
+        where="client_unet",
+        num_attributes=6,
+    )
+    base = type(started).from_pretrained(tmp_path / "b")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in started.state_dict().items())
+    with pytest.raises(ValueError, match="it projects 6 attributes, this run has 40"):
+        denoiser_from_base(
+            UNetConfig(pretrained=str(tmp_path / "b")),
+            "attributes",
+            8,
+            channels,
+            where="client_unet",
+            num_attributes=40,
+        )

@@ -33,6 +33,7 @@ class WireConditioning:
     num_classes: int
     num_attributes: int = 0  # "attributes": the length of a vector
     token_shape: tuple[int, int] = (0, 0)  # "text": (max_length, the encoder's width)
+    class_names: tuple[str, ...] = ()  # deploy.class_names (a pretrained base's rows match them)
 
     @classmethod
     def of(cls, config: RunConfig, deploy: DeployConfig) -> WireConditioning:
@@ -50,12 +51,18 @@ class WireConditioning:
             width = text_width(resolve_path(config.conditioning.text_encoder))
             token_shape = (config.conditioning.max_length, width)
         attributes = len(deploy.attribute_names) if kind == "attributes" else 0
-        return cls(kind, deploy.num_classes, attributes, token_shape)
+        return cls(kind, deploy.num_classes, attributes, token_shape, deploy.class_names)
 
     @property
     def spec(self) -> DenoiserSpec:
         """What the denoisers are built for (`training.jobs`)."""
-        return DenoiserSpec(self.kind, self.num_classes, self.num_attributes, self.token_shape[1])
+        return DenoiserSpec(
+            self.kind,
+            self.num_classes,
+            self.num_attributes,
+            self.token_shape[1],
+            class_names=self.class_names,
+        )
 
     @property
     def row_shape(self) -> tuple[int, ...]:

@@ -197,6 +197,7 @@ def build_run(
         len(dataset.class_names),
         num_attributes=len(dataset.attribute_names),
         cross_attention_dim=text.hidden_size if text is not None else 0,
+        class_names=tuple(dataset.class_names),
     )
     for share in shares:
         cid = share.client_id
