@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from scipy.stats import binomtest
 
+from experiments.frontier_report import ALPHA, holm
 from experiments.grid import grid_folder, keyed, walk
 from experiments.privacy_sweep import PrivacySweepSettings, evaluate_privacy_point
 from experiments.sweep import _jsonable, same_config, train_point
@@ -606,40 +609,78 @@ def backfill_keys(
 
 
 def aggregate(rows: list[dict], metric: str) -> dict[tuple[int, str], dict]:
-    """Per (images_per_client, model): mean over seeds and its standard error, the larger of
-    the spread over seeds and the bootstrap error (over generated images), over sqrt(seeds)."""
+    """Per (images_per_client, model): the mean over its k seeds and its standard error
+    s / sqrt(k), s the seed spread pooled over every group of this metric with two seeds or
+    more (s^2 = sum (k_g - 1) var_g / sum (k_g - 1), its df beside it; the frontier report's
+    rule). Without any such group s is the bootstrap error (over generated images) and df 0."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for row in rows:
         if row.get(metric) is not None:
             groups.setdefault((row["images_per_client"], row["model"]), []).append(row)
+    spread = [
+        (len(m) - 1, float(np.var([r[metric] for r in m], ddof=1)))
+        for m in groups.values()
+        if len(m) > 1
+    ]
+    df = sum(d for d, _ in spread)
+    pooled = math.sqrt(sum(d * v for d, v in spread) / df) if df else None
     out = {}
     for key, members in groups.items():
         values = np.array([r[metric] for r in members], np.float64)
-        boot = np.array([r.get(f"{metric}_se") or 0.0 for r in members], np.float64)
         k = len(values)
-        seed_var = values.var(ddof=1) if k > 1 else 0.0
-        se = float(np.sqrt(max(seed_var, float(np.mean(boot**2))) / k))
+        boot = float(np.sqrt(np.mean([(r.get(f"{metric}_se") or 0.0) ** 2 for r in members])))
+        s = pooled if pooled is not None else boot
         out[key] = {
             "mean": float(values.mean()),
-            "se": se,
-            "seed_sd": float(np.sqrt(seed_var)) if k > 1 else None,
+            "se": s / math.sqrt(k),
+            "seed_sd": float(values.std(ddof=1)) if k > 1 else None,
             "seeds": sorted(r["seed"] for r in members),
             "t_cut": members[0]["t_cut"],
+            "k": k,
+            "s": s,
+            "df": df,
         }
     return out
 
 
 def compare(a: dict | None, b: dict | None, lower_is_better: bool = True) -> dict | None:
-    """Does a beat b? Holds when the difference exceeds twice the combined standard error."""
+    """Does a beat b? The difference, its SE s sqrt(1/k_a + 1/k_b), t on the pooled df and
+    the one- and two-sided p; `verdicts` judges the family together (Holm). A single-seed side
+    gives no test."""
     if a is None or b is None:
         return None
     diff = b["mean"] - a["mean"] if lower_is_better else a["mean"] - b["mean"]
-    se = float(np.hypot(a["se"], b["se"]))
-    verdict = "holds" if diff > 2 * se else "reversed" if -diff > 2 * se else "not resolved"
-    seeds = min(len(a.get("seeds", ())), len(b.get("seeds", ()))) if "seeds" in a else None
-    if seeds == 1:
-        verdict += " (1 seed: bootstrap error only, seed spread not yet known)"
-    return {"difference": float(diff), "se": se, "verdict": verdict, "seeds": seeds}
+    return _tested(diff, [a, b])
+
+
+def _tested(diff: float, groups: list[dict]) -> dict:
+    """A difference of group means with its pooled-variance test (or no test)."""
+    seeds = min(g.get("k", len(g.get("seeds", ())) or 1) for g in groups)
+    df = groups[0].get("df", 0)
+    s = groups[0].get("s")
+    se = s * math.sqrt(sum(1 / g.get("k", 1) for g in groups)) if s else None
+    out = {"difference": float(diff), "se": se, "seeds": seeds, "df": df}
+    out.update(t=None, p=None, p_two_sided=None, p_holm=None)
+    if seeds < 2 or not df:
+        return {**out, "verdict": "1 seed: no verdict"}
+    if not se:
+        return {**out, "verdict": "no seed variance: no verdict"}
+    t = diff / se
+    p = float(stats.t.sf(t, df))
+    return {**out, "t": t, "p": p, "p_two_sided": 2 * min(p, 1 - p), "verdict": None}
+
+
+def judge(claims: list[dict]) -> list[dict]:
+    """Holm's step-down correction over every tested claim: "holds" / "reversed" where the
+    adjusted two-sided p < ALPHA, else "not resolved"."""
+    tested = [c for c in claims if c["p_two_sided"] is not None]
+    for claim, adjusted in zip(tested, holm([c["p_two_sided"] for c in tested]), strict=True):
+        claim["p_holm"] = adjusted
+        if adjusted < ALPHA:
+            claim["verdict"] = "holds" if claim["difference"] > 0 else "reversed"
+        else:
+            claim["verdict"] = "not resolved"
+    return claims
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
@@ -663,16 +704,10 @@ def verdicts(rows: list[dict]) -> list[dict]:
         if len(sizes) >= 2:
             small, large = sizes[0], sizes[-1]
             for split in splits:
-                gaps = []
-                for n in (small, large):
-                    a, b = agg.get((n, split)), agg.get((n, "ICM"))
-                    if a and b:
-                        gaps.append(
-                            {"mean": b["mean"] - a["mean"], "se": float(np.hypot(a["se"], b["se"]))}
-                        )
-                if len(gaps) == 2:  # the size of the gap, whichever side is ahead
-                    gaps = [{**g, "mean": abs(g["mean"])} for g in gaps]
-                    result = compare(gaps[1], gaps[0])  # the gap at the large size is smaller
+                pairs = [(agg.get((n, split)), agg.get((n, "ICM"))) for n in (small, large)]
+                if all(a and b for a, b in pairs):  # the size of the gap, whichever side leads
+                    gaps = [abs(b["mean"] - a["mean"]) for a, b in pairs]
+                    result = _tested(gaps[0] - gaps[1], [g for pair in pairs for g in pair])
                     out.append(
                         {
                             "claim": f"the |{split} - ICM| gap shrinks from {small} to {large} "
@@ -706,4 +741,4 @@ def verdicts(rows: list[dict]) -> list[dict]:
             result = compare(memo.get((n, b)), memo.get((n, a)))  # b memorises less than a
             if result:
                 out.append({"claim": f"{b} memorises less than {a} at {n} images", **result})
-    return out
+    return judge(out)

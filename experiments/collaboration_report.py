@@ -82,14 +82,25 @@ def benchmark_markdown(summary: dict) -> str:
     lines += [
         "## Verdicts",
         "",
-        "A claim holds when the difference exceeds twice the combined standard error; "
-        "'reversed' when it exceeds it the other way; otherwise it is not resolved.",
+        "The rule of the frontier report (results/frontier.md): a group's mean over its k seeds "
+        "has SE s / sqrt(k), s the seed spread pooled over every group with two seeds or more "
+        "(its df beside it); a claim's t = difference / (s sqrt(sum 1/k)) on that df; the "
+        "two-sided p of every claim below enters one Holm step-down correction; 'holds' (or "
+        "'reversed') where the adjusted p < 0.05, else 'not resolved'. A group with one seed "
+        "gets no verdict.",
         "",
-        "| claim | difference | combined SE | verdict |",
-        "|---|---|---|---|",
+        "| claim | difference | SE | t | df | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def num(value, spec: str = ".3g") -> str:
+        return "—" if value is None else format(value, spec)
+
     for v in summary["verdicts"]:
-        lines.append(f"| {v['claim']} | {v['difference']:.4g} | {v['se']:.3g} | {v['verdict']} |")
+        lines.append(
+            f"| {v['claim']} | {v['difference']:.4g} | {num(v['se'])} | {num(v.get('t'))} "
+            f"| {v.get('df', '—')} | {num(v.get('p_holm'), '.2g')} | {v['verdict']} |"
+        )
     lines += [
         "",
         "How each figure is made:",

@@ -17,6 +17,7 @@ from experiments.collaboration import (
     benchmark_points,
     compare,
     fid_kid_standard_errors,
+    judge,
     memorisation,
     run_benchmark,
     verdicts,
@@ -54,22 +55,35 @@ def test_standard_errors_shrink_with_more_generated_images():
     assert 0 < large["kid_se"] < small["kid_se"] and 0 < large["fid_se"] < small["fid_se"]
 
 
-def test_compare_applies_the_two_standard_error_rule():
-    a, b = {"mean": 10.0, "se": 1.0}, {"mean": 13.0, "se": 1.0}  # diff 3, combined SE 1.41
-    assert compare(a, b)["verdict"] == "holds"
-    assert compare(b, a)["verdict"] == "reversed"
-    assert compare(a, {"mean": 12.0, "se": 1.0})["verdict"] == "not resolved"
+def test_claims_are_tested_on_the_pooled_seed_variance_and_judged_together():
+    def group(mean: float, k: int = 2) -> dict:
+        return {"mean": mean, "k": k, "s": 1.0, "df": 10, "seeds": list(range(k))}
+
+    a, b = group(10.0), group(14.0)  # diff 4, SE 1 (s sqrt(1/2 + 1/2)): t = 4 on 10 df
+    claims = judge([compare(a, b), compare(b, a), compare(a, group(10.5))])
+    assert claims[0]["se"] == pytest.approx(1.0) and claims[0]["t"] == pytest.approx(4.0)
+    assert [c["verdict"] for c in claims] == ["holds", "reversed", "not resolved"]
+    p_two = [c["p_two_sided"] for c in claims]
+    assert claims[2]["p_holm"] == pytest.approx(min(1, max(sorted(p_two)[1] * 2, p_two[2])))
+    assert compare(a, group(20.0, k=1))["verdict"] == "1 seed: no verdict"
 
 
-def test_aggregate_takes_the_larger_of_seed_spread_and_bootstrap():
-    rows = [
-        {"images_per_client": 5, "model": "ICM", "t_cut": 9, "seed": s, "fid": v, "fid_se": 0.1}
-        for s, v in ((0, 10.0), (1, 14.0))
-    ]
-    entry = aggregate(rows, "fid")[(5, "ICM")]
-    assert entry["mean"] == 12.0 and entry["se"] == pytest.approx(np.std([10, 14], ddof=1) / 2**0.5)
-    rows[1]["fid"] = 10.0
-    assert aggregate(rows, "fid")[(5, "ICM")]["se"] == pytest.approx(0.1 / 2**0.5)
+def test_aggregate_pools_the_seed_spread_over_the_groups():
+    def rows(model: str, values: tuple) -> list[dict]:
+        return [
+            {"images_per_client": 5, "model": model, "t_cut": 9, "seed": s, "fid": v, "fid_se": 0.1}
+            for s, v in enumerate(values)
+        ]
+
+    data = rows("ICM", (10.0, 14.0)) + rows("GM", (20.0, 21.0)) + rows("split-100", (30.0,))
+    groups = aggregate(data, "fid")
+    s = np.sqrt((np.var([10, 14], ddof=1) + np.var([20, 21], ddof=1)) / 2)
+    assert groups[(5, "ICM")]["s"] == pytest.approx(s) and groups[(5, "ICM")]["df"] == 2
+    assert groups[(5, "ICM")]["se"] == pytest.approx(s / np.sqrt(2))
+    assert groups[(5, "split-100")]["se"] == pytest.approx(s)  # one seed: s / sqrt(1)
+    assert groups[(5, "ICM")]["seed_sd"] == pytest.approx(np.std([10, 14], ddof=1))
+    alone = aggregate(rows("ICM", (10.0,)), "fid")[(5, "ICM")]
+    assert (alone["s"], alone["df"]) == (pytest.approx(0.1), 0)  # no spread: the bootstrap's
 
 
 def test_ablations_are_judged_against_what_they_vary():
@@ -83,10 +97,9 @@ def test_ablations_are_judged_against_what_they_vary():
     rows = [row("split-100", s, 113.0 + s) for s in (0, 1)]
     rows += [row("GM-matched", 0, 105.0), row("split-100-original", 0, 113.5)]
     found = {v["claim"]: v["verdict"] for v in verdicts(rows)}
-    one_seed = " (1 seed: bootstrap error only, seed spread not yet known)"
-    assert found["GM-matched beats split-100 at 250 images (FID)"] == "holds" + one_seed
+    assert found["GM-matched beats split-100 at 250 images (FID)"] == "1 seed: no verdict"
     original = "split-100 (exact objective, inverse_lambda weighting) beats split-100-original"
-    assert found[f"{original} at 250 images (FID)"] == "not resolved" + one_seed
+    assert found[f"{original} at 250 images (FID)"] == "1 seed: no verdict"
     assert not any("GM-matched beats GM" in claim for claim in found)
 
 
