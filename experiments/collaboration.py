@@ -458,11 +458,15 @@ def run_benchmark(
     points = [p for i, p in enumerate(benchmark_points(settings)) if i % n == k]
     shared = _Shared(InceptionExtractor(None, settings.device))
 
+    def finished(point: BenchmarkPoint) -> bool:
+        key = point_key(point_config(config, point), settings)
+        return _done(out_dir / point.name, key) or known.get(point.name, {}).get("key") == key
+
     def work(point: BenchmarkPoint) -> None:
+        if finished(point):  # another job finished it while this one waited
+            return
         cfg = point_config(config, point)
         folder, key = out_dir / point.name, point_key(cfg, settings)
-        if _done(folder, key) or known.get(point.name, {}).get("key") == key:
-            return
         _, train_seconds = train_point(cfg, folder)
         result = evaluate_point(cfg, folder, settings, shared, point.model.match_evaluations)
         row = point_row(cfg, point, folder, result, train_seconds)
@@ -470,7 +474,13 @@ def run_benchmark(
         if on_point is not None:
             on_point()
 
-    walk(points, lambda p: out_dir / p.name, work, desc=f"collaboration benchmark ({k}/{n})")
+    walk(
+        points,
+        lambda p: out_dir / p.name,
+        work,
+        desc=f"collaboration benchmark ({k}/{n})",
+        done=finished,
+    )
     return collect_rows(out_dir, settings, known)
 
 

@@ -78,13 +78,17 @@ def walk(
     work: Callable[[T], None],
     wait: bool = False,
     desc: str = "grid",
+    done: Callable[[T], bool] | None = None,
 ) -> None:
     """Run `work(point)` on every point whose folder no other job holds. Points another job
     holds are skipped (`wait` False: that job finishes them), or taken after all others once
     their holder lets go (`wait` True: every point's work has run here when this returns;
-    `work` finds what the other job finished and reuses it)."""
+    `work` finds what the other job finished and reuses it). `done(point)`: skip it without
+    touching its folder."""
     held_elsewhere = []
     for point in tqdm(list(points), desc=desc):
+        if done is not None and done(point):  # finished: no folder made, no lock taken
+            continue
         held = claim(folder_of(point))
         if held is None:
             logger.info(

@@ -80,3 +80,9 @@ def test_a_grid_folder_holding_results_is_continued_only_with_resume(tmp_path):
     with pytest.raises(FileExistsError, match="already holds a sweep: pass --resume"):
         grid_folder(tmp_path / "old", False, "sweep")
     assert grid_folder(tmp_path / "old", True, "sweep") == tmp_path / "old"
+
+
+def test_walk_leaves_finished_points_untouched(tmp_path):
+    done: list[str] = []
+    walk(["a", "b"], lambda p: tmp_path / p, done.append, done=lambda p: p == "a")
+    assert done == ["b"] and not (tmp_path / "a").exists()  # no folder, no lock for "a"
