@@ -17,7 +17,7 @@ import torch
 from latentfuse.deploy.client.remote import RemoteServer, read_token
 from latentfuse.deploy.server.app import BackgroundServer, create_app
 from latentfuse.deploy.server.auth import Credential, TokenBook, issue_tokens, parse_client_id
-from latentfuse.deploy.wire import WireError
+from latentfuse.deploy.wire import WireError, _encode
 from latentfuse.method.transport import ReleaseBatch
 from tests.test_http_app import (  # noqa: F401  (world: a fixture, by name)
     make_service,
@@ -246,12 +246,20 @@ def test_the_remove_command_reports_what_it_removed(tmp_path, capsys):
     for client in (0, 1):
         batch = ReleaseBatch(client, (0, 1, 2), torch.zeros(3, 4, 2, 2), None, 100, 0)
         database.append("u0", batch, b"x")
-    assert main(["serve", "--remove-releases", "1", "--state-dir", str(tmp_path)]) == 0
-    assert "removed 3 releases of client 1 (all); held now: {0: 3}" in capsys.readouterr().out
-    assert (
-        main(["serve", "--remove-releases", "0", "--after", "nope", "--state-dir", str(tmp_path)])
-        == 2
-    )
+    issued = issue_tokens(tmp_path / "clients.json", tmp_path / "tokens", [0, 1], 1000)
+    clients = ["--clients", str(tmp_path / "clients.json")]
+    remove = ["serve", "--remove-releases", "1", "--state-dir", str(tmp_path)]
+    assert main(remove) == 2  # without --clients (or --keep-token) it would leave the token
+    assert "pass --clients" in capsys.readouterr().err
+    assert main(remove + clients) == 0
+    out = capsys.readouterr().out
+    assert "removed 3 releases of client 1 (all); held now: {0: 3}" in out
+    assert "token of client 1 revoked" in out
+    book = TokenBook.load(tmp_path / "clients.json")
+    assert book.client_ids == [0] and not book.verify(1, read_token(issued[1]))
+    assert book.verify(0, read_token(issued[0]))  # the others keep theirs
+    keep = ["serve", "--remove-releases", "0", "--after", "nope", "--state-dir", str(tmp_path)]
+    assert main([*keep, "--keep-token"]) == 2  # no such upload
 
 
 # ---- no acknowledged data deleted automatically (item 3) -------------------------------------
@@ -303,8 +311,11 @@ def test_a_database_older_than_the_model_refuses_to_start(tiny, tmp_path):
     for suffix in ("", "-wal", "-shm"):
         (tmp_path / f"releases.db{suffix}").unlink(missing_ok=True)
     shutil.copy(backup, tmp_path / "releases.db")  # an operator restores the old backup
-    with pytest.raises(ValueError, match="older than the model"):
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("releases.db*")}
+    with pytest.raises(ValueError, match="older than the model.*nothing was changed"):
         ServerTrainer(tiny["config"], tiny_deploy(), tmp_path).load_checkpoint()
+    after = {p.name: p.read_bytes() for p in tmp_path.glob("releases.db*")}
+    assert after == before  # the refusal wrote, added and removed no database file
 
 
 def test_an_unreadable_database_refuses_to_start_naming_it(tmp_path):
@@ -730,3 +741,61 @@ def test_concurrent_uploads_cannot_pass_a_quota_together(tmp_path):
     for thread in threads:
         thread.join()
     assert database.counts() == {0: 10} and len(refused) == 10
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1"])
+def test_version_fields_are_strict_integers(server, tiny, version):
+    _, url = server
+    token = tiny["tokens"][0]
+    sample = sample_body(0, wire_version=version)
+    response = get_body(url, "/v1/clients/0/sample", token, sample)
+    assert response.status_code == 400 and "wire_version" in response.json()["detail"]
+    batch = tiny["run"].clients[0].make_release(0)
+    for field in ("wire_version", "schema_version"):
+        meta = {"kind": "release", "schema_version": 1, "client_id": 0, "t_cut": batch.handoff_t}
+        meta |= {"epoch": 0, field: version}
+        tensors = {"latents": batch.latents[:2], "image_ids": torch.tensor([0, 1])}
+        tensors["labels"] = batch.labels[:2]
+        body = _encode(tensors, {k: v for k, v in meta.items() if k != "wire_version"})
+        if field == "wire_version":  # _encode writes wire_version 1: overwrite it
+            body = _reencode(tensors, meta)
+        response = get_body(url, f"/v1/clients/0/releases/v-{field}", token, body)
+        assert response.status_code == 400 and field in response.json()["detail"], field
+
+
+def _reencode(tensors: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, {"latentfuse": json.dumps(meta)})
+
+
+def test_a_sampling_request_that_can_never_fit_is_413_with_the_cap(tiny, tmp_path):
+    service = make_service(
+        tiny,
+        tmp_path / "state",
+        max_sample_cost=20,
+        sampling_cost_per_minute=0,
+        sample_any_class=True,
+    )
+    with BackgroundServer(service) as url:
+        token = tiny["tokens"][0]
+        own = sorted({int(y) for y in tiny["run"].clients[0].labels.tolist()})[:1]
+        too_much = sample_body(  # 2 images x 6 steps x 2 (guided) = 24
+            0, class_labels=own * 2, seeds=[1, 2], num_inference_steps=6, guidance_scale=2.0
+        )
+        response = get_body(url, "/v1/clients/0/sample", token, too_much)
+        assert response.status_code == 413 and "retry-after" not in response.headers
+        assert response.json()["max_sample_cost"] == 20 and "costs 24" in response.json()["detail"]
+        fits = sample_body(0, class_labels=own * 2, seeds=[1, 2], num_inference_steps=5)
+        assert get_body(url, "/v1/clients/0/sample", token, fits).status_code == 200  # cost 10
+        assert httpx.get(f"{url}/healthz").json()["limits"]["max_sample_cost"] == 20
+    budget = make_service(tiny, tmp_path / "budget", sampling_cost_per_minute=10)
+    assert budget.sample_cost_cap() == 10  # above the minute's budget a request never fits
+
+
+def test_status_shows_a_client_only_its_own_releases(server, tiny):
+    service, url = server
+    status = get(url, "/v1/status", tiny["tokens"][1]).json()
+    held = service.database.counts()
+    assert status["releases_held"] == {"1": held[1]} and status["clients"] == len(held)
+    assert status["uploads"] == len(service.database.uploads(1))

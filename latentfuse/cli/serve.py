@@ -74,9 +74,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         metavar="ID",
         type=int,
         help="operator command: remove client ID's releases from --state-dir (all, or those "
-        "after --after) and exit; a running trainer drops them at its next step",
+        "after --after), revoke its token in --clients (unless --keep-token) and exit; a running "
+        "trainer drops the releases at its next step, the front answers the token 401 at once",
     )
     serve.add_argument("--after", metavar="UPLOAD_ID", help="with --remove-releases")
+    serve.add_argument(
+        "--keep-token",
+        action="store_true",
+        help="with --remove-releases: leave the client's token valid (it can upload again)",
+    )
     serve.add_argument("overrides", nargs="*", help="section.key=value overrides")
     serve.set_defaults(func=run_serve)
 
@@ -104,6 +110,11 @@ def remove_releases(args: argparse.Namespace) -> int:
 
     if not args.state_dir:
         raise ValueError("--remove-releases needs --state-dir")
+    if not args.keep_token and not args.clients:
+        raise ValueError(
+            "--remove-releases revokes the client's token: pass --clients (the clients.json the "
+            "server reads), or --keep-token to leave it valid"
+        )
     database = ReleaseDatabase(Path(args.state_dir) / DATABASE, None)
     gone = database.remove(args.remove_releases, args.after)
     which = f"after upload {args.after!r}" if args.after else "all"
@@ -111,6 +122,12 @@ def remove_releases(args: argparse.Namespace) -> int:
         f"removed {gone} releases of client {args.remove_releases} ({which}); held now: "
         f"{database.counts()}"
     )
+    if not args.keep_token:
+        from latentfuse.deploy.server.auth import revoke_token
+
+        listed = revoke_token(args.clients, args.remove_releases)
+        state = "revoked" if listed else "was not listed"
+        print(f"token of client {args.remove_releases} {state} in {args.clients}")
     return 0
 
 

@@ -30,6 +30,9 @@ class DeployConfig:
     max_sampling_queue: int = 4  # sampling requests waiting beyond those (503 past it)
     max_sampling_per_client: int = 1  # one client's sampling requests in the server (429 past)
     sampling_cost_per_minute: int = 100_000  # per client: images x steps (x2 guided); 0: none
+    # one request's cost at most (413 beyond: it can never run); also capped by the minute's
+    # budget above, which a larger request could never fit
+    max_sample_cost: int = 25_600
     uploads_per_minute: int = 600  # per client (429 past it); 0: no limit
     max_uploads_in_flight_per_client: int = 2  # bodies of one client read at once (429 past)
     max_connections: int = 1024  # connections and requests in the server at once (503 past)
@@ -88,6 +91,7 @@ class DeployConfig:
             0,
         )
         minimums["max_sample_batch"] = 1
+        minimums["max_sample_cost"] = 1
         for name, least in minimums.items():
             value = getattr(self, name)
             if type(value) is not int or value < least:

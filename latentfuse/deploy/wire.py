@@ -99,7 +99,7 @@ def read_header(body: bytes, kind: str, max_bytes: int) -> tuple[dict[str, dict]
         ) from None
     if not isinstance(meta, dict):
         raise WireError(f"{kind} body lacks the '{META_KEY}' JSON metadata in its header")
-    if meta.get("wire_version") != WIRE_VERSION:
+    if not (_is_int(meta.get("wire_version")) and meta["wire_version"] == WIRE_VERSION):
         raise WireError(
             f"wire_version must be {WIRE_VERSION}, got {_show(meta.get('wire_version'))}",
             code="unsupported_version",
@@ -189,7 +189,7 @@ def encode_release(batch: ReleaseBatch, fp16: bool = False) -> bytes:
 def decode_release(body: bytes, max_bytes: int, max_images: int) -> ReleaseBatch:
     """Inverse of `encode_release`; WireError (4xx) for anything malformed."""
     header, meta = read_header(body, "release", max_bytes)
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if not (_is_int(meta.get("schema_version")) and meta["schema_version"] == SCHEMA_VERSION):
         raise WireError(
             f"release schema_version must be {SCHEMA_VERSION}, "
             f"got {_show(meta.get('schema_version'))}",
@@ -333,7 +333,8 @@ def decode_sample_request(body: bytes, max_bytes: int) -> SampleRequest:
         values = json.loads(body)
     except JSON_ERRORS as error:
         raise WireError(f"sample request is not JSON: {_show(str(error), 200)}") from None
-    if not isinstance(values, dict) or values.pop("wire_version", None) != WIRE_VERSION:
+    version = values.pop("wire_version", None) if isinstance(values, dict) else None
+    if not (_is_int(version) and version == WIRE_VERSION):
         raise WireError(f"sample request must be a JSON object with wire_version {WIRE_VERSION}")
     if values.pop("kind", None) != "sample":
         raise WireError("sample request must have kind 'sample'")

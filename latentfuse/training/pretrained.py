@@ -15,9 +15,9 @@ LoRA (`adapter = "lora"`, PEFT's `inject_adapter_in_model`, as diffusers' traini
 do through `add_adapter`): the base's weights are frozen, adapters with B = 0 (so training
 starts from the base exactly) go on the attention projections and the ResNet convolutions and
 time projections, and the class embedding, whose rows are new or remapped, trains in full. A
-model folder then holds the adapters and the trained rows (`adapter_model.safetensors`: 550 kB
-at rank 8 against the shipped base's 4.2 MB) with the base's reference and hash (`adapter_config.json`), or the
-merged weights.
+model folder then holds the adapters and the trained rows (`adapter_model.safetensors`: 550
+kB at rank 8 against the shipped base's 4.2 MB) with the base's reference and hash
+(`adapter_config.json`), or the merged weights.
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def create_app(
         claimed = service.tokens.claimed_id(token) if token else None
         if claimed is None or not service.authenticated_before(claimed, token):
             await run_in_threadpool(service.authenticate_any, token)
-        return {**service.status(), "refused": dict(admission.refused)}
+        caller = claimed if claimed is not None else service.tokens.claimed_id(token)
+        return {**service.client_status(caller), "refused": dict(admission.refused)}
 
     @app.get("/v1/clients/{client_id}/uploads")
     async def uploads(client_id: str, request: Request) -> dict[str, Any]:
@@ -175,6 +176,15 @@ def create_app(
                 "too_large",
             )
         cost = sampling_cost(len(wanted.seeds), wanted.num_inference_steps, wanted.guidance_scale)
+        cap = service.sample_cost_cap()
+        if cost > cap:  # it can never run: no Retry-After would help
+            raise WireError(
+                f"this request costs {cost} denoiser evaluations (images x steps, x2 with "
+                f"guidance); at most {cap} fit one request: ask for fewer images or steps",
+                413,
+                "too_large",
+                max_sample_cost=cap,
+            )
         with admission.sampling_request(client, cost):
             payload = await run_in_threadpool(service.sample, client, body)
         return Response(payload, media_type=SAFETENSORS_TYPE)

@@ -211,3 +211,20 @@ def issue_tokens(
         written[client_id] = path
     atomic_write_bytes(clients_file, json.dumps(book.to_json(), indent=2).encode(), mode=0o600)
     return written
+
+
+def revoke_token(clients_file: str | os.PathLike, client_id: int) -> bool:
+    """Remove `client_id`'s credential from clients.json (atomically): a running server re-reads
+    the file and answers that client's token 401 from its next request. Returns whether the
+    client was listed."""
+    clients_file = Path(clients_file)
+    book = TokenBook.load(clients_file)
+    if client_id not in book.credentials:
+        return False
+    if len(book.credentials) == 1:
+        raise ValueError(
+            f"client {client_id} is the only client in {clients_file}: stop the server instead"
+        )
+    del book.credentials[client_id]
+    atomic_write_bytes(clients_file, json.dumps(book.to_json(), indent=2).encode(), mode=0o600)
+    return True

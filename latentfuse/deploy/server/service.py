@@ -42,6 +42,7 @@ from latentfuse.deploy.server.trainer import (
     DATABASE,
     STATUS,
     ServerTrainer,
+    refuse_an_older_database,
     server_splits,
 )
 from latentfuse.deploy.wire import (
@@ -112,6 +113,7 @@ class ServerService:
         self.latent_shape = latent_shape(config)
         self.conditioning = WireConditioning.of(config, deploy)
         self.description = server_description(config, deploy, self.splits)
+        refuse_an_older_database(self.state_dir)  # read-only: a refusal changes no file
         self.database = ReleaseDatabase(self.state_dir / DATABASE, self.latent_shape)
         migrate_release_log(self.state_dir / "releases", self.database)
         self.init_from = Path(init_from) if init_from else None
@@ -379,6 +381,13 @@ class ServerService:
             self.config, self.deploy, self.state_dir, self.description, self.init_from
         )
 
+    def sample_cost_cap(self) -> int:
+        """The most one sampling request may cost: `deploy.max_sample_cost`, and no more than
+        the per-minute budget (a request above it could never be admitted)."""
+        d = self.deploy
+        budget = d.sampling_cost_per_minute or d.max_sample_cost
+        return min(d.max_sample_cost, budget)
+
     def limits(self) -> dict[str, int | bool]:
         """The limits a client needs to size its requests."""
         d = self.deploy
@@ -386,6 +395,7 @@ class ServerService:
             "max_body_bytes": d.max_body_bytes,
             "upload_chunk_size": d.upload_chunk_size,
             "max_sample_batch": d.max_sample_batch,
+            "max_sample_cost": self.sample_cost_cap(),
             "max_images_per_client": d.max_images_per_client,
         }
 
@@ -416,6 +426,16 @@ class ServerService:
             "wire_version": WIRE_VERSION,
             "limits": self.limits(),
         }
+
+    def client_status(self, client_id: int) -> dict[str, Any]:
+        """What one client may see of `status`: training, and its own releases and uploads
+        (how much the other clients hold is theirs to know)."""
+        full = self.status()
+        held = full.pop("releases_held")
+        full["releases_held"] = {str(client_id): held.get(str(client_id), 0)}
+        full["uploads"] = len(self.database.uploads(client_id))
+        full["clients"] = len(held)
+        return full
 
     def status(self) -> dict[str, Any]:
         """Training step and state, releases held per client, uploads, the last checkpoint."""

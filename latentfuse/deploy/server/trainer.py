@@ -13,6 +13,7 @@ others, so every process holds the same releases and draws the same global batch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -65,6 +66,41 @@ def server_splits(config: RunConfig) -> dict:
     return {c: client_split(config, scheduler, c) for c in range(config.data.num_clients)}
 
 
+def refuse_an_older_database(state_dir: Path) -> None:
+    """ValueError, before any writer opens the database (a read-write open would checkpoint its
+    WAL into it), when the checkpoint was trained on uploads the database does not hold: a
+    state folder restored from an older backup. Read-only: a refusal changes no file."""
+    import json
+    import sqlite3
+
+    record, database = state_dir / "checkpoint" / "state.json", state_dir / DATABASE
+    if not (record.is_file() and database.is_file()):
+        return
+    try:
+        seen = int(json.loads(record.read_text())["extra"].get("seen", 0))
+    except (ValueError, KeyError, TypeError):
+        return  # a corrupt checkpoint is named when it is loaded
+    # without a -wal file the database file holds every commit: "immutable" reads it and makes
+    # no -wal/-shm; with one, a read-only open reads its frames too
+    wal = database.with_name(database.name + "-wal").exists()
+    mode = "mode=ro" if wal else "immutable=1"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?{mode}", uri=True)) as db:
+            tables = db.execute("SELECT name FROM sqlite_master WHERE name = 'uploads'")
+            newest = 0  # a database not yet holding the uploads table holds no upload
+            if tables.fetchone():
+                newest = db.execute("SELECT COALESCE(MAX(seq), 0) FROM uploads").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return  # an unreadable database is named when it is opened
+    if seen > newest:
+        raise ValueError(
+            f"{database} holds uploads up to {newest}, but {record.parent} was trained on "
+            f"uploads up to {seen}: the database is older than the model (restored from an old "
+            "backup?). Restore the newer database, or move the checkpoint aside to train from "
+            "the start; nothing was changed"
+        )
+
+
 def server_null(config: RunConfig, deploy: DeployConfig) -> int | torch.Tensor:
     """The server's null conditioning (label dropout): the id after the clients' under
     server_labels "client", else the null of the images' conditioning (for text, the empty
@@ -101,6 +137,7 @@ class ServerTrainer:
             timestep_density=config.split.server_timesteps,
             balance=deploy.balance,
         )
+        refuse_an_older_database(self.state_dir)  # before the database is opened for writing
         self.database = ReleaseDatabase(self.state_dir / DATABASE, latent_shape(config))
         self.null_label = server_null(config, deploy)
         self.checkpoint_dir = self.state_dir / "checkpoint"
