@@ -14,7 +14,7 @@ import pytest
 from latentfuse.paths import CIFAR10_ARCHIVE
 
 ROOT = Path(__file__).resolve().parents[1]
-BASES = ("cifar10-public-base",)  # the classes 0-4 base joins when it lands
+BASES = ("cifar10-public-base", "cifar10-public-base-classes0-4")
 BENCHMARKS = (
     "collaboration-cifar10-cpu.toml",
     "frontier-cifar10-cpu.toml",
