@@ -152,8 +152,10 @@ def test_token_book_without_a_file_never_reloads():
 
 
 # ---- robust learning from releases (item 1) ----------------------------------------------------
-@pytest.mark.parametrize("value", [1e30, 1e20, -1e6, 60.0])
+@pytest.mark.parametrize("value", [1e30, 1e20, -1e6, 60.0, 0.0, 1.5])
 def test_a_poisoned_release_is_refused_before_it_is_stored(server, tiny, value):
+    """Out of range (1e30 ... 60), or in range but without the noise of the level: an
+    all-zero latent and a constant one (their spread around their mean is 0)."""
     service, url = server
     before = service.database.counts(), len(service.database)
     latents = tiny["run"].clients[0].make_release(0).latents[:2].clone()
@@ -185,6 +187,13 @@ def test_honest_releases_are_never_refused(t_cut):
         norms = releases.norm(dim=1)
         assert releases.abs().max() <= bounds["max_abs"]
         assert bounds["min_norm"] <= norms.min() and norms.max() <= bounds["max_norm"]
+        spread = (releases - releases.mean(1, keepdim=True)).norm(dim=1)
+        assert spread.min() >= bounds["min_spread"]  # the noise's floor holds for all
+        assert (bounds["min_spread"] > 0) == (t_cut > 0)  # GM's clean releases have none
+        # a z0 built to cancel the noise cannot: the client's eps is its secret
+        channels = releases.reshape(-1, 4, 256)
+        least = (channels - channels.mean(2, keepdim=True)).norm(dim=2).min()
+        assert least >= split.min_spread(256)
     assert bounds["max_norm"] < 4.0 * dim**0.5 + 7 + 1e-9  # a latent of rms 10 is refused
 
 
@@ -799,3 +808,91 @@ def test_status_shows_a_client_only_its_own_releases(server, tiny):
     held = service.database.counts()
     assert status["releases_held"] == {"1": held[1]} and status["clients"] == len(held)
     assert status["uploads"] == len(service.database.uploads(1))
+
+
+def _long_sample_body(tiny: dict, steps: int = 1000) -> bytes:
+    """64 images x `steps` steps, guided: seconds of work on the tiny model."""
+    return sample_body(
+        0, seeds=list(range(64)), class_labels=[0] * 64, num_inference_steps=steps,
+        guidance_scale=2.0,
+    )  # fmt: skip
+
+
+LONG = {"max_sample_batch": 64, "max_sample_cost": 10**6, "sampling_cost_per_minute": 0}
+
+
+@pytest.mark.e2e
+@pytest.mark.subprocess
+def test_a_sampling_request_whose_client_hangs_up_is_stopped_and_frees_its_place(tiny, tmp_path):
+    import threading
+    import time
+
+    service = make_service(
+        tiny, tmp_path / "state", sampling_processes=1, sample_any_class=True, **LONG
+    )
+    try:
+        with BackgroundServer(service) as url:
+            (first,) = service.sampler.pids()
+            token, body = tiny["tokens"][0], _long_sample_body(tiny)
+
+            def abandon() -> None:
+                with pytest.raises(httpx.ReadTimeout):  # the client gives up after 1 s
+                    httpx.post(
+                        f"{url}/v1/clients/0/sample",
+                        content=body,
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=1.0,
+                    )
+
+            thread = threading.Thread(target=abandon)
+            thread.start()
+            thread.join()
+            gave_up = time.monotonic()
+            while first in service.sampler.pids():  # the process doing the work is ended
+                assert time.monotonic() - gave_up < 2.0, "the abandoned work was not stopped"
+                time.sleep(0.05)
+            stopped = time.monotonic() - gave_up
+            assert app_places(url, token) == 0  # the client's sampling place is free again
+            small = _own_sample_body(tiny)
+            answer = get_body(url, "/v1/clients/0/sample", token, small)  # a new process serves
+            assert answer.status_code == 200
+            assert service.sampler.pids() and first not in service.sampler.pids()
+            print(f"abandoned request stopped {stopped:.2f} s after its client hung up")
+    finally:
+        service.stop()
+
+
+def app_places(url: str, token: str) -> int:
+    """How many sampling requests of client 0 the server holds (0 once its place is free),
+    read from a second request being admitted: 429 means the place is still taken."""
+    probe = sample_body(0, seeds=[1], class_labels=[0], num_inference_steps=1)
+    response = get_body(url, "/v1/clients/0/sample", token, probe)
+    return 1 if response.status_code == 429 else 0
+
+
+@pytest.mark.e2e
+@pytest.mark.subprocess
+def test_a_sampling_request_past_its_time_limit_is_stopped_with_503(tiny, tmp_path):
+    import time
+
+    service = make_service(
+        tiny,
+        tmp_path / "state",
+        sampling_processes=1,
+        sample_any_class=True,
+        sampling_timeout_seconds=1.0,
+        **LONG,
+    )
+    try:
+        with BackgroundServer(service) as url:
+            (first,) = service.sampler.pids()
+            started = time.monotonic()
+            response = get_body(
+                url, "/v1/clients/0/sample", tiny["tokens"][0], _long_sample_body(tiny)
+            )
+            took = time.monotonic() - started
+            assert response.status_code == 503 and response.json()["error"] == "timed_out"
+            assert "sampling_timeout_seconds" in response.json()["detail"]
+            assert took < 3.0 and first not in service.sampler.pids()
+    finally:
+        service.stop()

@@ -42,6 +42,9 @@ class DeployConfig:
     # the web process (its live weights are there).
     sampling_processes: int = 2
     sampling_niceness: int = 5
+    # a sampling request in a sampling process is stopped (its process ended and replaced)
+    # after this many seconds, or at once when its client hangs up; 0: no time limit
+    sampling_timeout_seconds: float = 300.0
     fp16_wire: bool = False  # send latents as float16 (halves the bytes; not bit-exact)
     # The server's batches: "clients" draws a client first, so one client's share of a batch
     # is 1/k in expectation among k clients whatever it uploads; "releases" draws uniformly
@@ -103,6 +106,11 @@ class DeployConfig:
         if self.balance not in ("releases", "clients"):
             raise ValueError(
                 f"config: deploy.balance must be 'releases' or 'clients', got {self.balance!r}"
+            )
+        timeout = self.sampling_timeout_seconds
+        if not (type(timeout) in (int, float) and 0 <= timeout < float("inf")):
+            raise ValueError(
+                f"config: deploy.sampling_timeout_seconds must be a number >= 0, got {timeout!r}"
             )
         for name in ("max_latent_abs", "max_latent_rms"):
             value = getattr(self, name)

@@ -118,7 +118,21 @@ class DiffusionSplit:
             "max_abs": signal * max_abs + noise * 7.0,
             "min_norm": max(0.0, noise * (dim**0.5 - 7.0) - signal * z0_norm),
             "max_norm": signal * z0_norm + noise * (dim**0.5 + 7.0),
+            "min_spread": self.min_spread(dim),
         }
+
+    def min_spread(self, dim: int) -> float:
+        """The least norm of a release's `dim` elements around their own mean, whatever z0:
+        with P the centring, ||P z_r||^2 = s^2 a^2 + n^2 ||P eps||^2 + 2 s n <P z0, P eps>
+        (a = ||P z0||, s^2 = abar_r, n^2 = 1 - abar_r). eps is drawn apart from z0, so the cross
+        term is N(0, a^2 s^2 n^2 4) and above -14 s n a but with odds < 1e-11; the least of
+        s^2 a^2 - 14 s n a over a is -49 n^2; ||P eps||^2 is chi^2 with dim - 1 degrees, above
+        dim - 1 - 7 sqrt(2 (dim - 1)) alike. So ||P z_r|| >= n sqrt(dim - 1 - 7 sqrt(2 (dim - 1))
+        - 49): the noise's own spread, which no honest release lacks. A constant or all-zero
+        latent has none."""
+        noise = (1 - self.abar_release) ** 0.5
+        floor = (dim - 1) - 7.0 * (2 * (dim - 1)) ** 0.5 - 49.0
+        return noise * max(0.0, floor) ** 0.5
 
     def _abar(self, s: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod.to(s.device)[s]

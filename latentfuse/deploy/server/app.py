@@ -38,6 +38,7 @@ from latentfuse.deploy.wire import SAFETENSORS_TYPE, WireError, decode_sample_re
 logger = logging.getLogger(__name__)
 
 REFUSAL_DELAY_S = 0.5  # how long a 429/503 is held before it is sent
+WATCH_SECONDS = 0.2  # how often a sampling request looks whether its client is still there
 SAMPLE_BODY_LIMIT = 64 * 1024  # a sampling request is small JSON (at most a few hundred seeds)
 
 
@@ -185,8 +186,19 @@ def create_app(
                 "too_large",
                 max_sample_cost=cap,
             )
-        with admission.sampling_request(client, cost):
-            payload = await run_in_threadpool(service.sample, client, body)
+        gone = threading.Event()  # the client hung up: a sampling process stops the work
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(WATCH_SECONDS)
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            with admission.sampling_request(client, cost):
+                payload = await run_in_threadpool(service.sample, client, body, gone.is_set)
+        finally:
+            watcher.cancel()
         return Response(payload, media_type=SAFETENSORS_TYPE)
 
     return app

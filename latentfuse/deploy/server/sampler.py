@@ -16,10 +16,11 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ from latentfuse.pipelines import CollaFuseServerPipeline
 from latentfuse.pipelines.folder import load_unet
 
 logger = logging.getLogger(__name__)
+
+START_SECONDS = 300.0  # a sampling process builds its sampler within this (imports, weights)
+POLL_SECONDS = 0.1  # how often a waiting request looks at its client and its time limit
 
 
 class LocalSampler:
@@ -109,8 +113,14 @@ class LocalSampler:
     def _load_published(self, folder: Path) -> torch.nn.Module:
         return load_unet(folder / "server_unet").eval().requires_grad_(False)
 
-    def sample(self, client_id: int, request: SampleRequest) -> bytes:
-        """The server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
+    def sample(
+        self,
+        client_id: int,
+        request: SampleRequest,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> bytes:
+        """The server's steps (t >= t_cut) of one chain per seed; the encoded hand-off. A thread
+        cannot be stopped: `cancelled` is for the process sampler's signature only."""
         scheduler = sampling_scheduler(request.scheduler, self.scheduler_config)
         pipe = CollaFuseServerPipeline(scheduler, self.unet(), self.description)
         pipe.set_progress_bar_config(disable=True)
@@ -134,75 +144,154 @@ class LocalSampler:
 
 
 # ---- sampling processes -------------------------------------------------------------------------
-_WORKER: LocalSampler | None = None
-
-
-def _start_worker(arguments: dict[str, Any], niceness: int) -> None:
-    """Runs once in each sampling process: lower its priority, build its sampler."""
-    global _WORKER
+def _serve(connection, arguments: dict[str, Any], niceness: int) -> None:
+    """A sampling process: lower its priority, build its sampler, answer requests one at a time
+    ("ok", bytes) or ("error", (status, code, message)) until the pipe closes."""
     if niceness:
         os.nice(niceness)
-    _WORKER = LocalSampler(**arguments)
-    _WORKER.unet()  # load the weights now, not on the first request
+    sampler = LocalSampler(**arguments)
+    sampler.unet()  # load the weights now, not on the first request
+    connection.send(("ready", os.getpid()))
+    while True:
+        try:
+            client_id, request = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            connection.send(("ok", sampler.sample(client_id, request)))
+        except WireError as error:
+            connection.send(("error", (error.status, error.code, str(error))))
+        except Exception as error:  # noqa: BLE001 (reported to the request, the process lives on)
+            logger.exception("sampling failed")
+            connection.send(("error", (500, "sampling_failed", f"{type(error).__name__}: {error}")))
 
 
-def _sample_in_worker(client_id: int, request: SampleRequest) -> bytes:
-    return _WORKER.sample(client_id, request)
-
-
-def _ready() -> int:
-    return os.getpid()
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process
+    connection: Any  # its end of the pipe
 
 
 class ProcessSampler:
     """Sampling in `deploy.sampling_processes` child processes (spawned: no forked locks or
-    threads); a process that dies is replaced and the request that was in it answers 503."""
+    threads), one request per process at a time. A request whose client hangs up, or that runs
+    past `deploy.sampling_timeout_seconds`, is stopped by ending its process, and a new one
+    takes its place: the work is not done for nobody and the place is free again. A process
+    that dies is replaced and the request that was in it answers 503."""
 
     def __init__(self, **arguments: Any):
         """`arguments`: a LocalSampler's, without `live` (each process builds one)."""
         self.arguments = arguments
         deploy: DeployConfig = arguments["deploy"]
-        self.processes, self.niceness = deploy.sampling_processes, deploy.sampling_niceness
+        self.niceness, self.timeout = deploy.sampling_niceness, deploy.sampling_timeout_seconds
+        self._context = multiprocessing.get_context("spawn")
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._workers: dict[int, _Worker] = {}  # pid -> every live sampling process
         self._lock = threading.Lock()
-        self._pool = self._new_pool()
+        workers = [self._spawn() for _ in range(deploy.sampling_processes)]
+        for worker in workers:  # a broken config fails here, at start-up, not on a request
+            self._idle.put(self._ready(worker))
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(self.arguments, self.niceness),
+    def _spawn(self) -> _Worker:
+        mine, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=_serve, args=(theirs, self.arguments, self.niceness), daemon=True
         )
-        for future in [pool.submit(_ready) for _ in range(self.processes)]:
-            future.result()  # a broken config fails here, at start-up, not on a request
-        return pool
+        process.start()
+        theirs.close()
+        return _Worker(process, mine)
 
-    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
-        """Run `function(*args)` in a sampling process (a new pool if one of its processes
-        died); its future."""
+    def _ready(self, worker: _Worker) -> _Worker:
+        if not worker.connection.poll(START_SECONDS):
+            worker.process.kill()
+            raise RuntimeError(f"a sampling process did not start within {START_SECONDS} s")
+        kind, pid = worker.connection.recv()
+        if kind != "ready":
+            raise RuntimeError(f"a sampling process failed to start: {pid}")
         with self._lock:
+            self._workers[worker.process.pid] = worker
+        return worker
+
+    def _replace(self, worker: _Worker) -> None:
+        """End `worker` (if it still runs) and put a new process in its place, in the
+        background: the request that ended it answers at once."""
+        worker.process.kill()
+        worker.process.join(5)
+        worker.connection.close()
+        with self._lock:
+            self._workers.pop(worker.process.pid, None)
+
+        def start() -> None:
             try:
-                return self._pool.submit(function, *args)
-            except BrokenProcessPool:
-                logger.error("a sampling process died; starting new ones")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._new_pool()
-                return self._pool.submit(function, *args)
+                self._idle.put(self._ready(self._spawn()))
+            except RuntimeError:
+                logger.exception("a replacement sampling process failed to start")
+
+        threading.Thread(target=start, name="sampler-replace", daemon=True).start()
 
     def pids(self) -> set[int]:
         """The process ids of the sampling processes."""
-        return {self.submit(_ready).result() for _ in range(self.processes)}
+        with self._lock:
+            return set(self._workers)
 
-    def sample(self, client_id: int, request: SampleRequest) -> bytes:
-        """The encoded hand-off (blocks until a process has run it); 503 if the process died
-        meanwhile (the next request gets a new one)."""
+    def sample(
+        self,
+        client_id: int,
+        request: SampleRequest,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> bytes:
+        """The encoded hand-off; WireError 503 if the process died, 503 `timed_out` past the
+        time limit, 499 `cancelled` when `cancelled()` turns true (the client hung up)."""
+        worker = self._idle.get()  # admission bounds who waits here
         try:
-            return self.submit(_sample_in_worker, client_id, request).result()
-        except BrokenProcessPool:
-            raise WireError(
-                "a sampling process died during this request; retry", 503, "overloaded"
-            ) from None
+            worker.connection.send((client_id, request))
+        except (OSError, BrokenPipeError):
+            self._replace(worker)
+            raise WireError("a sampling process died; retry", 503, "overloaded") from None
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        while True:
+            try:
+                answered = worker.connection.poll(POLL_SECONDS)
+            except (OSError, EOFError):
+                answered = False
+            if answered:
+                try:
+                    kind, payload = worker.connection.recv()
+                except (EOFError, OSError):
+                    self._replace(worker)
+                    raise WireError(
+                        "a sampling process died during this request; retry", 503, "overloaded"
+                    ) from None
+                self._idle.put(worker)
+                if kind == "ok":
+                    return payload
+                status, code, message = payload
+                raise WireError(message, status, code)
+            if not worker.process.is_alive():
+                self._replace(worker)
+                raise WireError(
+                    "a sampling process died during this request; retry", 503, "overloaded"
+                )
+            if cancelled is not None and cancelled():
+                self._replace(worker)
+                raise WireError("the client closed the connection", 499, "cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                self._replace(worker)
+                raise WireError(
+                    f"sampling took longer than deploy.sampling_timeout_seconds = "
+                    f"{self.timeout:g} s and was stopped: ask for fewer images or steps",
+                    503,
+                    "timed_out",
+                    retry_after=1,
+                )
 
     def close(self) -> None:
-        """Stop the sampling processes."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the sampling processes (a request still in one ends with it)."""
+        with self._lock:
+            workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            worker.connection.close()
+            worker.process.join(2)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(2)

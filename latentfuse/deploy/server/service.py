@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,53 @@ from latentfuse.method.transport import ReleaseBatch
 logger = logging.getLogger(__name__)
 
 TRAINER_MODES = ("thread", "process", "none")
+
+
+def implausible_releases(
+    split: DiffusionSplit,
+    latents: torch.Tensor,
+    max_abs: float,
+    max_rms: float,
+    clip_norm: float = 0.0,
+) -> list[tuple[int, str]]:
+    """(index, why) of each release (n, c, h, w) no z0 of the autoencoder's range could give
+    at `split`'s level (DiffusionSplit.release_bounds): not finite, an element or the norm past
+    what the range allows, a norm below what the noise guarantees, or less spread around its
+    mean (over the latent, or within a channel) than the level's noise alone has."""
+    flat = latents.double().flatten(1)
+    if not torch.isfinite(flat).all():
+        bad = (~torch.isfinite(flat)).any(dim=1).nonzero().flatten().tolist()
+        return [(i, "its latents are not finite") for i in bad]
+    dim = flat.shape[1]
+    max_norm = max_rms * dim**0.5
+    bounds = split.release_bounds(dim, max_abs, min(max_norm, clip_norm) if clip_norm else max_norm)
+    channels = latents.double().flatten(2)  # (n, c, h*w)
+    least_channel = split.min_spread(channels.shape[2])
+    norms, peaks = flat.norm(dim=1).tolist(), flat.abs().amax(dim=1).tolist()
+    spread = (flat - flat.mean(1, keepdim=True)).norm(dim=1).tolist()
+    flattest = (channels - channels.mean(2, keepdim=True)).norm(dim=2).amin(dim=1).tolist()
+    found = []
+    for i in range(len(flat)):
+        if peaks[i] > bounds["max_abs"]:
+            found.append((i, f"max |z_r| {peaks[i]:.4g} (bound {bounds['max_abs']:.4g})"))
+        elif not bounds["min_norm"] <= norms[i] <= bounds["max_norm"]:
+            found.append(
+                (
+                    i,
+                    f"norm {norms[i]:.4g} (bounds [{bounds['min_norm']:.4g}, "
+                    f"{bounds['max_norm']:.4g}])",
+                )
+            )
+        elif spread[i] < bounds["min_spread"] or flattest[i] < least_channel:
+            found.append(
+                (
+                    i,
+                    f"it lacks the level's noise: spread around its mean {spread[i]:.4g} "
+                    f"(least {bounds['min_spread']:.4g}), flattest channel {flattest[i]:.4g} "
+                    f"(least {least_channel:.4g})",
+                )
+            )
+    return found
 
 
 def server_description(
@@ -248,28 +296,24 @@ class ServerService:
 
     def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
         """WireError 400 for a release no z0 of the autoencoder's range could give at the
-        client's level (DiffusionSplit.release_bounds): finite, bounded per element and in
-        norm. A poisoned release (say, every element 1e30) is refused before it is stored."""
-        latents = batch.latents.double().flatten(1)
-        if not torch.isfinite(latents).all():
-            raise WireError("release latents must be finite")
-        dim, clip = latents.shape[1], self.config.privacy.clip_norm
-        max_norm = self.deploy.max_latent_rms * dim**0.5
-        bounds = self.splits[client_id].release_bounds(
-            dim, self.deploy.max_latent_abs, min(max_norm, clip) if clip > 0 else max_norm
+        client's level (`implausible_releases`). A poisoned release (every element 1e30, an
+        all-zero or constant latent) is refused before it is stored."""
+        d = self.deploy
+        found = implausible_releases(
+            self.splits[client_id],
+            batch.latents,
+            d.max_latent_abs,
+            d.max_latent_rms,
+            self.config.privacy.clip_norm,
         )
-        norms, peaks = latents.norm(dim=1), latents.abs().amax(dim=1)
-        for i, (norm, peak) in enumerate(zip(norms.tolist(), peaks.tolist(), strict=True)):
-            if peak > bounds["max_abs"] or not bounds["min_norm"] <= norm <= bounds["max_norm"]:
-                raise WireError(
-                    f"release of image {batch.image_ids[i]} is impossible at client "
-                    f"{client_id}'s level: max |z_r| {peak:.4g} (bound {bounds['max_abs']:.4g}),"
-                    f" norm {norm:.4g} (bounds [{bounds['min_norm']:.4g}, "
-                    f"{bounds['max_norm']:.4g}]) with deploy.max_latent_abs="
-                    f"{self.deploy.max_latent_abs:g}, "
-                    f"max_latent_rms={self.deploy.max_latent_rms:g}",
-                    code="implausible_release",
-                )
+        if found:
+            index, reason = found[0]
+            raise WireError(
+                f"release of image {batch.image_ids[index]} is impossible at client "
+                f"{client_id}'s level: {reason} (deploy.max_latent_abs={d.max_latent_abs:g}, "
+                f"max_latent_rms={d.max_latent_rms:g})",
+                code="implausible_release",
+            )
 
     def _duplicate(self, error: DuplicateUpload, digest: str) -> WireError:
         same = error.entry is not None and error.entry.sha256 == digest
@@ -364,11 +408,14 @@ class ServerService:
                 f"got {len(request.attributes[0])}"
             )
 
-    def sample(self, client_id: int, body: bytes) -> bytes:
-        """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off."""
+    def sample(
+        self, client_id: int, body: bytes, cancelled: Callable[[], bool] | None = None
+    ) -> bytes:
+        """Run the server's steps (t >= t_cut) of one chain per seed; the encoded hand-off.
+        `cancelled()` true: the client hung up, and a sampling process stops the work."""
         request = decode_sample_request(body, self.deploy.max_body_bytes)
         self.check_sample_request(client_id, request)
-        return self.sampler.sample(client_id, request)
+        return self.sampler.sample(client_id, request, cancelled)
 
     def sampling_unet(self) -> torch.nn.Module:
         """The denoiser the web process would sample with now (tests compare weights)."""
