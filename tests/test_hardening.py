@@ -896,3 +896,20 @@ def test_a_sampling_request_past_its_time_limit_is_stopped_with_503(tiny, tmp_pa
             assert took < 3.0 and first not in service.sampler.pids()
     finally:
         service.stop()
+
+
+def test_a_bad_token_flood_is_refused_before_any_key_derivation(tiny, tmp_path):
+    service = make_service(tiny, tmp_path / "state", key_derivations_per_minute=5)
+    with BackgroundServer(service) as url:
+        calls = []
+        verify = service.tokens.verify
+
+        def counted(client_id, token):
+            calls.append(client_id)
+            return verify(client_id, token)
+
+        service.tokens.verify = counted
+        codes = [get(url, "/v1/clients/0/uploads", f"lf0.bad{i}").status_code for i in range(8)]
+        assert codes == [401] * 5 + [429] * 3  # the sixth costs no derivation
+        assert len(calls) == 5
+        assert get(url, "/v1/clients/0/uploads", f"lf0.bad{9}").headers["retry-after"]

@@ -45,6 +45,7 @@ def tiny_deploy(**changes) -> DeployConfig:
         "max_images_per_client": 1000,
         "max_sample_batch": 4,
         "sampling_processes": 0,  # in-process: tests/test_hardening.py runs the processes
+        "key_derivations_per_minute": 0,  # tests send many tokens from one address on purpose
     }
     return DeployConfig(**(fields | changes))
 

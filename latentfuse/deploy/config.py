@@ -34,6 +34,9 @@ class DeployConfig:
     # budget above, which a larger request could never fit
     max_sample_cost: int = 25_600
     uploads_per_minute: int = 600  # per client (429 past it); 0: no limit
+    # token checks that need a key derivation (a token not seen before), per client address a
+    # minute (429 past it, before any derivation): a flood of bad tokens costs its sender; 0: none
+    key_derivations_per_minute: int = 60
     max_uploads_in_flight_per_client: int = 2  # bodies of one client read at once (429 past)
     max_connections: int = 1024  # connections and requests in the server at once (503 past)
     # Sampling runs in this many child processes (0: in threads of the web process, where it
@@ -88,6 +91,7 @@ class DeployConfig:
                 "max_sampling_queue",
                 "sampling_cost_per_minute",
                 "uploads_per_minute",
+                "key_derivations_per_minute",
                 "sampling_processes",
                 "sampling_niceness",
             ),

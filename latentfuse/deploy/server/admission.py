@@ -6,6 +6,8 @@ nothing and waiting work is bounded:
   once (429 beyond), at most `deploy.max_concurrent_sampling` computing and
   `deploy.max_sampling_queue` waiting in all (503 beyond); a per-client budget of sampling cost
   per minute, cost = images x steps x (2 with classifier-free guidance) (429 beyond);
+- token checks that need a key derivation (a token not accepted before): a rate per client
+  address, `deploy.key_derivations_per_minute` (429 beyond, before the derivation);
 - uploads: a per-client rate, `deploy.uploads_per_minute`, and at most
   `deploy.max_uploads_in_flight_per_client` of one client's bodies being read or stored at
   once, so that concurrent large bodies cannot fill the server's memory (429 beyond either).
@@ -60,6 +62,7 @@ class Admission:
         self.uploads: dict[int, TokenBucket] = {}
         self.uploading: dict[int, int] = {}  # client -> its upload bodies in the server
         self.budgets: dict[int, TokenBucket] = {}
+        self.derivations: dict[str, TokenBucket] = {}  # client address -> its key derivations
         self.refused: dict[str, int] = {"429": 0, "503": 0}
 
     def _refuse(self, message: str, status: int, code: str, seconds: float) -> WireError:
@@ -99,6 +102,20 @@ class Admission:
             yield
         finally:
             self.sampling[client_id] -= 1
+
+    def key_derivation(self, address: str) -> None:
+        """Count one token check that needs a key derivation against the sender's address (or
+        refuse 429, before the derivation: a flood of bad tokens costs its sender only)."""
+        rate = self.deploy.key_derivations_per_minute
+        if rate:
+            wait = self.derivations.setdefault(address, TokenBucket(rate)).take(1)
+            if wait:
+                raise self._refuse(
+                    f"{address} sent more than {rate} unknown tokens a minute",
+                    429,
+                    "too_many_requests",
+                    wait,
+                )
 
     @contextlib.contextmanager
     def upload(self, client_id: int) -> Iterator[None]:

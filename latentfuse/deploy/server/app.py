@@ -100,9 +100,12 @@ def create_app(
     limit = service.deploy.max_body_bytes
     admission = app.state.admission = Admission(service.deploy)
 
-    async def authenticate(client: int, token: str | None) -> None:
-        """A known token in the event loop; a key derivation (the slow path) in a thread."""
+    async def authenticate(client: int, request: Request) -> None:
+        """A known token in the event loop; a key derivation (the slow path) in a thread, at
+        most `deploy.key_derivations_per_minute` per sender address."""
+        token = bearer_token(request)
         if not service.authenticated_before(client, token):
+            admission.key_derivation(request.client.host if request.client else "unknown")
             await run_in_threadpool(service.authenticate, client, token)
 
     @app.exception_handler(WireError)
@@ -142,6 +145,7 @@ def create_app(
         token = bearer_token(request)
         claimed = service.tokens.claimed_id(token) if token else None
         if claimed is None or not service.authenticated_before(claimed, token):
+            admission.key_derivation(request.client.host if request.client else "unknown")
             await run_in_threadpool(service.authenticate_any, token)
         caller = claimed if claimed is not None else service.tokens.claimed_id(token)
         return {**service.client_status(caller), "refused": dict(admission.refused)}
@@ -150,14 +154,14 @@ def create_app(
     async def uploads(client_id: str, request: Request) -> dict[str, Any]:
         """The upload ids (and sha256) the server holds from this client."""
         client = path_client(client_id)
-        await authenticate(client, bearer_token(request))
+        await authenticate(client, request)
         return {"client_id": client, "uploads": service.committed(client)}
 
     @app.put("/v1/clients/{client_id}/releases/{upload_id}")
     async def put_release(client_id: str, upload_id: str, request: Request) -> dict[str, Any]:
         """Store one release upload durably; a replayed upload id gets 409."""
         client = path_client(client_id)
-        await authenticate(client, bearer_token(request))
+        await authenticate(client, request)
         with admission.upload(client):  # before the body is read: a refusal costs nothing
             body = await read_body(request, limit)
             return await run_in_threadpool(service.submit, client, upload_id, body)
@@ -166,7 +170,7 @@ def create_app(
     async def sample(client_id: str, request: Request) -> Response:
         """Run the server's steps of a sampling request; the hand-off as safetensors."""
         client = path_client(client_id)
-        await authenticate(client, bearer_token(request))
+        await authenticate(client, request)
         body = await read_body(request, SAMPLE_BODY_LIMIT)  # parsed in the event loop: small
         wanted = decode_sample_request(body, SAMPLE_BODY_LIMIT)  # its cost, before a thread
         if len(wanted.seeds) > service.deploy.max_sample_batch:  # 413 before any budget is spent
