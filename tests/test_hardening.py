@@ -7,6 +7,7 @@ server on loopback and checks the answer and that nothing changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -913,3 +914,95 @@ def test_a_bad_token_flood_is_refused_before_any_key_derivation(tiny, tmp_path):
         assert codes == [401] * 5 + [429] * 3  # the sixth costs no derivation
         assert len(calls) == 5
         assert get(url, "/v1/clients/0/uploads", f"lf0.bad{9}").headers["retry-after"]
+
+
+# ---- connection limits before the application (issue 31, part 1) -------------------------------
+def _raw(url: str, source: str = "127.0.0.1"):
+    """A raw TCP connection to the server from `source` (any 127.x address is this machine)."""
+    import socket
+
+    host, port = url.rsplit("//", 1)[1].split(":")
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect((host, int(port)))
+    sock.settimeout(5)
+    return sock
+
+
+def _answer(sock) -> bytes:
+    """What the server sends before it closes (b"" if it closes saying nothing)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except OSError:
+        pass
+    return b"".join(chunks)
+
+
+def test_a_request_head_that_never_ends_is_closed_with_408(tiny, tmp_path):
+    import time
+
+    service = make_service(tiny, tmp_path / "state", header_timeout_seconds=0.5)
+    with BackgroundServer(service) as url:
+        sock = _raw(url)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        started = time.monotonic()
+        answer = _answer(sock)
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("size", [64 * 1024, 16 * 2**20])
+def test_an_oversized_request_head_is_431_before_it_is_parsed(tiny, tmp_path, size):
+    service = make_service(tiny, tmp_path / "state")
+    with BackgroundServer(service) as url:
+        sock = _raw(url)
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+        with contextlib.suppress(OSError):  # the server closed mid-send: it answered first
+            sock.sendall(head)
+        assert _answer(sock).startswith(b"HTTP/1.1 431")
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+def test_too_many_header_fields_are_431(tiny, tmp_path):
+    service = make_service(tiny, tmp_path / "state", max_headers=20)
+    with BackgroundServer(service) as url:
+        headers = {f"x-h{i}": "1" for i in range(30)}
+        response = httpx.get(f"{url}/healthz", headers=headers, timeout=5)
+        assert response.status_code == 431 and response.json()["error"] == "too_many_headers"
+
+
+def test_half_open_connections_from_one_address_leave_others_served(tiny, tmp_path):
+    """100 connections that never finish their head, from 127.0.0.1: the address holds its
+    cap, the rest are closed at once, and a client at 127.0.0.2 is answered meanwhile."""
+    import time
+
+    service = make_service(
+        tiny, tmp_path / "state", max_connections_per_address=20, header_timeout_seconds=3.0
+    )
+    with BackgroundServer(service) as url:
+        socks = []
+        for _ in range(100):
+            sock = _raw(url)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            socks.append(sock)
+        time.sleep(0.3)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        started = time.monotonic()
+        assert other.get(f"{url}/healthz", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0
+        closed = sum(1 for s in socks if _answer_now(s))
+        assert closed == 80  # refused at once beyond the address's 20
+        for sock in socks:
+            sock.close()
+        other.close()
+
+
+def _answer_now(sock) -> bool:
+    """Whether the server already answered (and closed) this connection."""
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(65536).startswith(b"HTTP/1.1 503")
+    except OSError:
+        return False

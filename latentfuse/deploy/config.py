@@ -39,6 +39,12 @@ class DeployConfig:
     key_derivations_per_minute: int = 60
     max_uploads_in_flight_per_client: int = 2  # bodies of one client read at once (429 past)
     max_connections: int = 1024  # connections and requests in the server at once (503 past)
+    # connection limits before any application code (latentfuse/deploy/server/connections.py)
+    max_connections_per_address: int = 256  # one client address's open connections; 0: none
+    header_timeout_seconds: float = 10.0  # a request head must arrive within this (408)
+    max_header_bytes: int = 16384  # a request head's size (431 beyond)
+    max_headers: int = 64  # a request's header fields (431 beyond)
+    keep_alive_seconds: int = 30  # an idle keep-alive connection is closed after this
     # Sampling runs in this many child processes (0: in threads of the web process, where it
     # holds the interpreter lock that uploads and status calls need), at this niceness (0-19)
     # so that the operating system serves the front first. A trainer thread keeps sampling in
@@ -92,6 +98,10 @@ class DeployConfig:
                 "sampling_cost_per_minute",
                 "uploads_per_minute",
                 "key_derivations_per_minute",
+                "max_connections_per_address",
+                "max_header_bytes",
+                "max_headers",
+                "keep_alive_seconds",
                 "sampling_processes",
                 "sampling_niceness",
             ),
@@ -111,11 +121,10 @@ class DeployConfig:
             raise ValueError(
                 f"config: deploy.balance must be 'releases' or 'clients', got {self.balance!r}"
             )
-        timeout = self.sampling_timeout_seconds
-        if not (type(timeout) in (int, float) and 0 <= timeout < float("inf")):
-            raise ValueError(
-                f"config: deploy.sampling_timeout_seconds must be a number >= 0, got {timeout!r}"
-            )
+        for name in ("sampling_timeout_seconds", "header_timeout_seconds"):
+            value = getattr(self, name)
+            if not (type(value) in (int, float) and 0 <= value < float("inf")):
+                raise ValueError(f"config: deploy.{name} must be a number >= 0, got {value!r}")
         for name in ("max_latent_abs", "max_latent_rms"):
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 < value < float("inf")):

@@ -32,6 +32,7 @@ from latentfuse import __version__
 from latentfuse.checkpointing import atomic_write_json
 from latentfuse.deploy.server.admission import Admission, sampling_cost
 from latentfuse.deploy.server.auth import parse_client_id
+from latentfuse.deploy.server.connections import uvicorn_limits
 from latentfuse.deploy.server.service import ServerService
 from latentfuse.deploy.wire import SAFETENSORS_TYPE, WireError, decode_sample_request
 
@@ -107,6 +108,8 @@ def create_app(
         if not service.authenticated_before(client, token):
             admission.key_derivation(request.client.host if request.client else "unknown")
             await run_in_threadpool(service.authenticate, client, token)
+
+    app.add_middleware(HeaderCount, most=service.deploy.max_headers)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, error: WireError) -> JSONResponse:
@@ -208,6 +211,22 @@ def create_app(
     return app
 
 
+class HeaderCount:
+    """431 for a request of more than `most` header fields (0: no limit). Plain ASGI, not
+    BaseHTTPMiddleware: that one hides a client's disconnect from the routes."""
+
+    def __init__(self, app: Any, most: int):
+        self.app, self.most = app, most
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.most and len(scope["headers"]) > self.most:
+            detail = f"at most {self.most} header fields"
+            response = JSONResponse({"error": "too_many_headers", "detail": detail}, 431)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def bind_socket(host: str, port: int, nodelay: bool = True) -> socket.socket:
     """A listening-ready TCP socket on (host, port); port 0 picks a free one.
 
@@ -254,8 +273,7 @@ def serve(
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
         log_level="warning",
-        timeout_keep_alive=30,
-        limit_concurrency=service.deploy.max_connections,  # 503 beyond: bounded memory
+        **uvicorn_limits(service.deploy),  # header deadline and size, per-address cap, ...
     )
     logger.info("latentfuse server listening on %s", url)
     uvicorn.Server(config).run(sockets=[sock])
@@ -282,7 +300,11 @@ class BackgroundServer:
         scheme = "https" if tls_cert else "http"
         self.url = f"{scheme}://{host}:{self.sock.getsockname()[1]}"
         config = uvicorn.Config(
-            create_app(service), ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning"
+            create_app(service),
+            ssl_certfile=tls_cert,
+            ssl_keyfile=tls_key,
+            log_level="warning",
+            **uvicorn_limits(service.deploy),
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
