@@ -1006,3 +1006,39 @@ def _answer_now(sock) -> bool:
         return sock.recv(65536).startswith(b"HTTP/1.1 503")
     except OSError:
         return False
+
+
+def test_a_client_releases_only_the_classes_it_declared(tiny, tmp_path):
+    from latentfuse.cli.main import main
+    from latentfuse.deploy.server.service import ServerService
+    from tests.test_http_app import tiny_deploy
+
+    batch = tiny["run"].clients[0].make_release(0)
+    names = tiny_deploy().class_names
+    kept, other = sorted(set(batch.labels.tolist()))[:2]  # client 0 holds two classes
+    clients = tmp_path / "clients.json"
+    args = ["serve", "--make-tokens", "0,1", "--clients", str(clients)]
+    args += ["--token-dir", str(tmp_path / "tokens"), "--declare", f"0={names[kept]}"]
+    assert main(args) == 0
+    book = TokenBook.load(clients)
+    assert book.declared == {0: (names[kept],)}  # client 1 declared nothing
+    token = read_token(tmp_path / "tokens" / "client-0.token")
+
+    def body_of(label: int) -> bytes:
+        rows = [i for i, y in enumerate(batch.labels.tolist()) if y == label][:2]
+        return release_body(tiny, labels=batch.labels[rows], latents=batch.latents[rows])
+
+    for undeclared_ok, expected in ((False, 403), (True, 200)):
+        deploy = tiny_deploy(undeclared_classes=undeclared_ok)
+        service = ServerService(tiny["config"], deploy, book, tmp_path / f"s{expected}", False)
+        with BackgroundServer(service) as url:
+            response = get_body(url, "/v1/clients/0/releases/a", token, body_of(other))
+            assert response.status_code == expected, response.text
+            if expected == 403:
+                assert f"declared the classes ['{names[kept]}']" in response.json()["detail"]
+            assert (
+                get_body(url, "/v1/clients/0/releases/b", token, body_of(kept)).status_code == 200
+            )
+    wrong = TokenBook(book.credentials, declared={0: ("zebra",)})
+    with pytest.raises(ValueError, match="declares classes \\['zebra'\\]"):
+        ServerService(tiny["config"], tiny_deploy(), wrong, tmp_path / "z", False)

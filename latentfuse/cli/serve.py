@@ -70,6 +70,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--token-dir", default="tokens", help="where --make-tokens writes tokens")
     serve.add_argument(
+        "--declare",
+        action="append",
+        default=[],
+        metavar="ID=NAMES",
+        help="with --make-tokens: the classes client ID declares, comma-separated names "
+        "(e.g. 0=cat,dog); its releases may carry only these labels "
+        "(unless deploy.undeclared_classes = true)",
+    )
+    serve.add_argument(
         "--remove-releases",
         metavar="ID",
         type=int,
@@ -138,7 +147,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.make_tokens and not args.clients:
         raise ValueError("--make-tokens needs --clients (where to write the token hashes)")
     if args.make_tokens:
-        written = issue_tokens(args.clients, args.token_dir, _parse_ids(args.make_tokens))
+        declared = {}
+        for text in args.declare:
+            key, _, names = text.partition("=")
+            ids = _parse_ids(key)
+            if len(ids) != 1 or not names:
+                raise ValueError(f"--declare takes ID=name,name..., got {text!r}")
+            declared[ids[0]] = tuple(n.strip() for n in names.split(",") if n.strip())
+        written = issue_tokens(
+            args.clients, args.token_dir, _parse_ids(args.make_tokens), declared=declared
+        )
         for client_id, path in written.items():
             print(f"client {client_id}: token written to {path}")
         print(f"hashes written to {args.clients}; give each client only its own token file")

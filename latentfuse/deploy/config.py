@@ -72,6 +72,9 @@ class DeployConfig:
     # Sampling a class-conditioned model: a client may ask for the classes it released
     # (server_labels = "class"), or for any class when this is true.
     sample_any_class: bool = False
+    # A client that declared its classes (`serve --make-tokens ID --declare ID=names`) may
+    # release only those labels (403 beyond) unless this is true.
+    undeclared_classes: bool = False
 
     def __post_init__(self) -> None:
         if not self.class_names or len(set(self.class_names)) != len(self.class_names):
@@ -136,6 +139,10 @@ class DeployConfig:
         if len(set(self.attribute_names)) != len(self.attribute_names):
             raise ValueError(
                 f"config: deploy.attribute_names must be distinct, got {list(self.attribute_names)}"
+            )
+        if type(self.undeclared_classes) is not bool:
+            raise ValueError(
+                f"config: deploy.undeclared_classes must be a bool, got {self.undeclared_classes!r}"
             )
         if type(self.fp16_wire) is not bool:
             raise ValueError(f"config: deploy.fp16_wire must be a bool, got {self.fp16_wire!r}")

@@ -66,8 +66,15 @@ def make_credential(token: str, iterations: int = DEFAULT_ITERATIONS) -> Credent
 class TokenBook:
     """The clients a server knows and their credentials; checks a bearer token for a client id."""
 
-    def __init__(self, credentials: dict[int, Credential], path: Path | None = None):
+    def __init__(
+        self,
+        credentials: dict[int, Credential],
+        path: Path | None = None,
+        declared: dict[int, tuple[str, ...]] | None = None,
+    ):
         self.credentials = dict(credentials)
+        # the class names each client declared when its token was issued (none: undeclared)
+        self.declared = dict(declared or {})
         self._accepted: dict[int, bytes] = {}  # client id -> sha256 of a token already verified
         self._lock = threading.Lock()
         self.path: Path | None = path
@@ -100,6 +107,7 @@ class TokenBook:
             return False
         with self._lock:
             self.credentials, self._accepted, self._stamp = fresh.credentials, {}, stamp
+            self.declared = fresh.declared
         logger.info("clients file %s reloaded: %d clients", self.path, len(self.credentials))
         return True
 
@@ -152,6 +160,9 @@ class TokenBook:
             str(cid): {"salt": c.salt.hex(), "hash": c.digest.hex(), "iterations": c.iterations}
             for cid, c in sorted(self.credentials.items())
         }
+        for cid, names in self.declared.items():
+            if str(cid) in clients:
+                clients[str(cid)]["classes"] = list(names)
         return {"format": CLIENTS_FORMAT, "kdf": KDF, "clients": clients}
 
     @classmethod
@@ -172,7 +183,7 @@ class TokenBook:
             or data.get("kdf") != KDF
         ):
             raise ValueError(f"{path}: expected format {CLIENTS_FORMAT} with kdf {KDF!r}")
-        credentials = {}
+        credentials, declared = {}, {}
         for key, entry in (data.get("clients") or {}).items():
             try:
                 credentials[int(key)] = Credential(
@@ -180,11 +191,16 @@ class TokenBook:
                     bytes.fromhex(entry["hash"]),
                     int(entry["iterations"]),
                 )
+                if "classes" in entry:
+                    names = entry["classes"]
+                    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                        raise TypeError(f"classes must be a list of names, got {names!r}")
+                    declared[int(key)] = tuple(names)
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"{path}: bad entry for client {key!r}: {error}") from None
         if not credentials:
             raise ValueError(f"{path} lists no clients")
-        return cls(credentials, path)
+        return cls(credentials, path, declared)
 
 
 def issue_tokens(
@@ -192,8 +208,11 @@ def issue_tokens(
     token_dir: str | os.PathLike,
     client_ids: Iterable[int],
     iterations: int = DEFAULT_ITERATIONS,
+    declared: dict[int, tuple[str, ...]] | None = None,
 ) -> dict[int, Path]:
-    """New tokens for `client_ids`: token files (mode 0600) and their hashes in clients.json.
+    """New tokens for `client_ids`: token files (mode 0600) and their hashes in clients.json,
+    with the class names a client declares (`declared`: the only labels its releases may
+    carry).
 
     Other clients already in clients.json keep their tokens; a listed client gets a new one.
     """
@@ -208,6 +227,8 @@ def issue_tokens(
         path = token_dir / f"client-{client_id}.token"
         atomic_write_bytes(path, (token + "\n").encode(), mode=0o600)
         book.credentials[client_id] = make_credential(token, iterations)
+        if declared and client_id in declared:
+            book.declared[client_id] = tuple(declared[client_id])
         written[client_id] = path
     atomic_write_bytes(clients_file, json.dumps(book.to_json(), indent=2).encode(), mode=0o600)
     return written

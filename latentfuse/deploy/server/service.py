@@ -155,6 +155,13 @@ class ServerService:
             raise ValueError(
                 f"clients file lists ids {bad}, but data.num_clients={config.data.num_clients}"
             )
+        for cid, names in tokens.declared.items():
+            unknown = sorted(set(names) - set(deploy.class_names))
+            if unknown:
+                raise ValueError(
+                    f"clients file: client {cid} declares classes {unknown} that are not in "
+                    f"deploy.class_names {list(deploy.class_names)}"
+                )
         self.splits = server_splits(config)
         if all(s.is_independent for s in self.splits.values()):
             raise ValueError("every client has t_cut = T: there is nothing for a server to do")
@@ -292,7 +299,24 @@ class ServerService:
                 self.conditioning.check_rows(batch.labels, len(batch.image_ids))
             except ValueError as error:
                 raise WireError(f"release conditioning: {error}") from None
+            self.check_declared(client_id, batch.labels)
         self.check_statistics(client_id, batch)
+
+    def check_declared(self, client_id: int, labels: torch.Tensor) -> None:
+        """WireError 403 for a class label the client did not declare when its token was
+        issued (clients that declared nothing, and `deploy.undeclared_classes`, pass)."""
+        declared = self.tokens.declared.get(client_id)
+        if declared is None or self.deploy.undeclared_classes or labels.is_floating_point():
+            return
+        names = self.deploy.class_names
+        foreign = sorted({names[int(y)] for y in labels.tolist()} - set(declared))
+        if foreign:
+            raise WireError(
+                f"client {client_id} declared the classes {list(declared)}; its release "
+                f"carries {foreign} (deploy.undeclared_classes = true allows them)",
+                403,
+                "forbidden",
+            )
 
     def check_statistics(self, client_id: int, batch: ReleaseBatch) -> None:
         """WireError 400 for a release no z0 of the autoencoder's range could give at the
