@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,6 @@ def test_every_help_shows_defaults_and_an_example(command, capsys):
     text = capsys.readouterr().out
     assert "Example: latentfuse " + command in text
     assert "(default: " in text
+    assert "(default: None)" not in text  # nothing said twice, nothing empty
+    undocumented = re.findall(r"^  (--[a-z-]+(?: [A-Z_{},]+)?)\s*$\n(?!\s{20,})", text, re.M)
+    assert not undocumented, f"options without help: {undocumented}"

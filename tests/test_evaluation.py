@@ -229,7 +229,9 @@ def test_evaluate_cli_writes_results(tiny_model, tmp_path, capsys):
     assert results["clients"]["0"]["num_generated"] == 8
     assert results["pooled"]["num_generated"] == 16
     assert results["settings"]["inception_fingerprint"].startswith("inception-")
-    assert "client 0: FID" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "client 0: FID" in captured.out
+    assert "biased upward" in captured.err and "read KID" in captured.err  # 8 images: say so
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 
 

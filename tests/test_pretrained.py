@@ -226,7 +226,7 @@ def test_latentfuse_train_pretrained_with_lora_on_both_sides(tiny_world, tmp_pat
     monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
     channels = latent_geometry(load_vae(str(tiny_world["vae"])).config)[0]
     base = save_base(tmp_path / "base", channels, 2, names=("circle", "square"))
-    data = make_shapes(tmp_path / "shapes", classes=3, per_class=8, size=32)
+    data = make_shapes(tmp_path / "shapes", classes=3, per_class=12, size=32)
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--output-dir", str(out), "--vae", str(tiny_world["vae"])]
     args += ["--pretrained", str(base), "--adapter", "lora", "--lora-rank", "4"]

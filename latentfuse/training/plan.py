@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 EPOCHS = 400  # epochs of the server's releases the step budget aims for
 BUDGET_SECONDS = 20 * 60  # ... unless that takes longer than this here
 MIN_STEPS = 500
+MIN_IMAGES_PER_CLIENT = 8  # fewer training images a client: refused before any work
 STD_RANGE = (0.5, 2.0)  # latent std outside this: warn and offer vae_scaling = "auto"
 MIN_PSNR_DB = 20.0  # reconstructions worse than this: the autoencoder does not fit the data
 FIT_SECONDS = 5 * 60  # the autoencoder's fitting: at most this much of the budget ...
@@ -318,6 +319,15 @@ def plan_run(
         notes = choose_clients(values, len(dataset.class_names), fixed)
     config: RunConfig = config_from_dict(values)
     check_run_folder(config, output_dir, resume)  # before anything is written there
+    check_data(config, dataset)  # every image read, every client big enough: before any work
+    done = checkpoint_step(output_dir) if resume else None
+    if done is not None and done >= config.train.max_steps:  # nothing to time or train
+        print(
+            f"{output_dir}: {done} of {config.train.max_steps} steps are done: exporting the "
+            "model without training (--max-steps N continues past them)",
+            flush=True,
+        )
+        return config, dataset, None
     fit_seconds = 0.0
     if fit_vae != "never" and not resume:
         config, fit_seconds = fit_vae_to_data(config, dataset, output_dir, fit_vae, fit_vae_steps)
@@ -344,6 +354,59 @@ def plan_run(
     write_plan(output_dir, run, steps, why, seconds, std, notes, reconstruction_db, deadline)
     warn_about(config, reconstruction_db, std)
     return config, dataset, deadline
+
+
+def checkpoint_step(output_dir: Path) -> int | None:
+    """The step a run folder's checkpoint holds, or None without a readable one."""
+    import json
+
+    record = Path(output_dir) / "checkpoint" / "state.json"
+    try:
+        return int(json.loads(record.read_text())["extra"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_data(config: RunConfig, dataset: Any) -> None:
+    """Refuse data a run cannot learn from, before any work: a client with fewer than
+    MIN_IMAGES_PER_CLIENT training images, or an image that cannot be read (each is opened
+    and verified); warn when no image is held out (nothing for `latentfuse evaluate`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from latentfuse.training.setup import partition_clients
+
+    shares = partition_clients(config, dataset)
+    small = [
+        (s.client_id, len(s.train_indices))
+        for s in shares
+        if len(s.train_indices) < MIN_IMAGES_PER_CLIENT
+    ]
+    if small:
+        listed = ", ".join(f"client {c}: {n}" for c, n in small)
+        raise ValueError(
+            f"too few training images ({listed}; at least {MIN_IMAGES_PER_CLIENT} a client): add "
+            f"images, or fewer clients (data.num_clients={config.data.num_clients})"
+        )
+    used = sorted({i for s in shares for i in (*s.train_indices, *s.eval_indices)})
+    bad = []
+    for i in used:
+        path = dataset.records[i].path
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            bad.append(f"{path} ({error})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{len(bad)} image(s) cannot be read: {shown}")
+    if not any(s.eval_indices for s in shares):
+        print(
+            "warning: no image is held out (data.eval_fraction = "
+            f"{config.data.eval_fraction:g} of {len(used)} images): `latentfuse evaluate` will "
+            "have no real images to compare the samples with",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def warn_about(config: RunConfig, reconstruction_db: float, std: tuple) -> None:

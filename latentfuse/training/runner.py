@@ -362,11 +362,21 @@ def _loop(run: Run, trainer: Trainer, output_dir: Path, deadline: float | None =
             ),
         )
         outcome = fit(trainer, cfg.max_steps, cfg.checkpoint_every, hooks, progress=main)
-    if outcome == "stopped":
+    training = {
+        "steps": trainer.step,
+        "planned_steps": cfg.max_steps,
+        "wall_seconds_this_session": time.time() - start,
+    }
+    if outcome == "stopped":  # a model of the steps made, then out (a second signal: at once)
+        name = signal.Signals(stop.signal or signal.SIGINT).name
+        if main:
+            model = export(run, trainer, output_dir, {**training, "stopped_by": name})
+        accelerator.wait_for_everyone()
         raise KeyboardInterrupt(
-            f"training stopped by {signal.Signals(stop.signal or signal.SIGINT).name} at "
-            f"step {trainer.step}; the checkpoint in {trainer.checkpoint_dir()} holds it: "
-            "run again with --resume to continue"
+            f"training stopped by {name} at step {trainer.step} of {cfg.max_steps}; "
+            f"{'the model of those steps is in ' + str(model) + '; ' if main else ''}"
+            f"the checkpoint in {trainer.checkpoint_dir()} holds them: run again with --resume "
+            "to continue"
         )
     if outcome == "deadline":
         logger.warning(
@@ -379,14 +389,5 @@ def _loop(run: Run, trainer: Trainer, output_dir: Path, deadline: float | None =
         write_previews(run, trainer, output_dir / "samples")
         if (output_dir / "losses.jsonl").is_file():
             plot_losses(output_dir / "losses.jsonl", output_dir / "loss.png")
-        export(
-            run,
-            trainer,
-            output_dir,
-            {
-                "steps": trainer.step,
-                "planned_steps": cfg.max_steps,
-                "wall_seconds_this_session": time.time() - start,
-            },
-        )
+        export(run, trainer, output_dir, training)
     accelerator.wait_for_everyone()

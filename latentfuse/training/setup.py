@@ -204,7 +204,13 @@ def build_run(
         indices = share.train_indices  # data.max_images_per_client applied by the partition
         cache = cache_dir() / "latents" / f"{fingerprint}-client{cid}-{len(indices)}"
         latents = cached_latents(
-            vae, dataset, indices, cache, config.data.resolution, vae_hash=vae_hash
+            vae,
+            dataset,
+            indices,
+            cache,
+            config.data.resolution,
+            vae_hash=vae_hash,
+            desc=f"encoding client {cid}'s {len(indices)} images",
         )
         cuts[cid] = client_split(config, scheduler, cid)
         clients.append(
