@@ -125,13 +125,24 @@ def push_folder(
     commit_message: str = "Upload CollaFuse model",
 ) -> str:
     """Create the model repo (if needed) and upload `folder` to it; returns the commit URL."""
+    import httpx
     import huggingface_hub
 
-    repo = huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    commit = huggingface_hub.upload_folder(
-        repo_id=getattr(repo, "repo_id", repo_id),
-        folder_path=str(folder),
-        token=token,
-        commit_message=commit_message,
-    )
+    try:
+        repo = huggingface_hub.create_repo(repo_id, token=token, private=private, exist_ok=True)
+        commit = huggingface_hub.upload_folder(
+            repo_id=getattr(repo, "repo_id", repo_id),
+            folder_path=str(folder),
+            token=token,
+            commit_message=commit_message,
+        )
+    except (httpx.TransportError, OSError) as error:  # requests' errors are OSErrors
+        if isinstance(error, FileNotFoundError):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise ConnectionError(
+            f"push_to_hub {repo_id}: cannot reach the Hugging Face Hub at {endpoint} "
+            f"({type(error).__name__}: {error}); is this machine offline? The model folder "
+            f"itself is complete: {folder}"
+        ) from None
     return str(getattr(commit, "commit_url", commit))

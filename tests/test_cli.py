@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -121,7 +122,12 @@ def test_sample_writes_a_grid_per_client(tiny_model, tmp_path, capsys, client, r
     ]
     assert main(argv) == 0
     with Image.open(out) as grid:
-        assert grid.size == (2 + 3 * 34, 2 + rows * 34)  # 32 px tiles, 2 px padding
+        width, height = grid.size
+        assert height == 2 + rows * 34  # a row of 32 px tiles (2 px padding) per client
+        margin = width - (2 + 3 * 34)  # the rows' names, written left of the tiles
+        assert margin > 40
+        left = np.asarray(grid.convert("L"))[:, :margin]
+        assert (left < 128).any()  # text is drawn there
     assert "wrote" in capsys.readouterr().out
 
 

@@ -244,3 +244,28 @@ def test_diffusers_own_loader_and_components_give_a_working_pipeline(tiny_model)
     expected = sample(ours, 1)
     torch.testing.assert_close(sample(theirs, 1), expected)
     torch.testing.assert_close(sample(rebuilt, 1), expected)
+
+
+def test_push_to_hub_offline_says_so_and_keeps_the_folder(tiny_model, monkeypatch, tmp_path):
+    import httpx
+
+    def offline(*args, **kwargs):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
+    folder = tmp_path / "saved"
+    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face Hub.*offline"):
+        pipe.push_to_hub("someone/collafuse", save_directory=folder)
+    assert (folder / "collafuse.json").is_file()  # the model is saved whatever the network
+
+
+def test_a_pipeline_called_without_client_id_says_which_client_it_samples(tiny_model):
+    pipe = CollaFusePipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning, match=r"no client_id given: sampling client 0's images"):
+        unnamed = pipe(generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                       output_type="pt").images  # fmt: skip
+    named = pipe(client_id=0, generator=torch.Generator().manual_seed(3), num_inference_steps=2,
+                 output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(unnamed, named)

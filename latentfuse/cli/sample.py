@@ -11,8 +11,12 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 from latentfuse.cli.common import HelpFormatter, check_image_path, parse_client
 from latentfuse.description import default_guidance
@@ -84,8 +88,8 @@ def run_sample(args: argparse.Namespace) -> int:
     """Sample `--num-images` per client and save one grid (a row block per client)."""
     import torch
 
-    from latentfuse.data.imaging import make_grid, save_image
     from latentfuse.pipelines import CollaFusePipeline
+    from latentfuse.training.runner import labelled_grid
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
@@ -121,13 +125,37 @@ def run_sample(args: argparse.Namespace) -> int:
             output_type="pt",
         ).images
         blocks.append(images * 2 - 1)
-    grid = make_grid(torch.cat(blocks), columns=min(8, args.num_images))
-    save_image(grid, args.out)
+    columns = min(8, args.num_images)
+    grid = labelled_grid(
+        *client_rows(blocks, chosen, pipe.collafuse_config, columns), columns=columns
+    )
+    check_image_path(args.out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(args.out)
     print(
         f"wrote {args.out}: {args.num_images} images for client(s) {chosen} "
         f"({args.scheduler}, {args.num_inference_steps} steps) in {time.time() - start:.1f} s"
     )
     return 0
+
+
+def client_rows(
+    blocks: list[torch.Tensor], chosen: list[int], description: dict, columns: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Each client's images in rows of their own (a short last row padded white), and the
+    name of each row: "client 3 (cat, dog)" on a client's first row."""
+    import torch
+
+    images, names = [], []
+    for client_id, block in zip(chosen, blocks, strict=True):
+        rows = -(-len(block) // columns)
+        pad = rows * columns - len(block)
+        images += [block, torch.ones(pad, *block.shape[1:])] if pad else [block]
+        classes = description["clients"][str(client_id)].get("class_names", [])
+        shown = ", ".join(classes[:4]) + (", ..." if len(classes) > 4 else "")
+        label = f"client {client_id}" + (f" ({shown})" if shown else "")
+        names += [label] + [""] * (rows - 1)
+    return torch.cat(images), names
 
 
 def run_remote_sample(args: argparse.Namespace) -> int:

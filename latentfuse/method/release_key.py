@@ -107,7 +107,11 @@ def load_or_create_release_key(path: str | Path) -> bytes:
             os.close(directory)
     finally:
         tmp.unlink(missing_ok=True)
-    logger.info("made a new release key: %s (keep it on this machine; never share it)", path)
+    logger.info(
+        "made %s: the secret key that draws this client's release noise (with it anyone "
+        "recovers the client's latents from its releases: it stays on this machine, unshared)",
+        path,
+    )
     return key
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ class CollaFusePipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        client_id: int = 0,
+        client_id: int | None = None,
         class_labels: Labels = None,
         batch_size: int | None = None,
         num_inference_steps: int = 50,
@@ -174,6 +175,15 @@ class CollaFusePipeline(DiffusionPipeline):
         """
         check_output_type(output_type)
         self._load_clients_if_missing()
+        if client_id is None:  # diffusers' pipe() with no arguments: the first client, said
+            ids = self.client_ids
+            client_id = ids[0] if ids else 0
+            if len(ids) > 1:
+                warnings.warn(
+                    f"no client_id given: sampling client {client_id}'s images (this model has "
+                    f"clients {ids}); pass client_id= to choose",
+                    stacklevel=2,
+                )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(
                 f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}"
