@@ -67,3 +67,14 @@ def test_a_float_loss_is_reported_under_loss():
     seen = []
     fit(Scalar(), 1, None, Hooks(after_step=lambda s, losses: seen.append(losses)), progress=False)
     assert seen == [{"loss": 0.25}]
+
+
+def test_progress_to_a_file_is_lines_not_one_redrawn_line(capsys):
+    """Piped to a log (pytest captures stderr: not a terminal), the bar writes whole lines, at
+    most every 30 s: no carriage returns run a whole session into one line."""
+    job = Counter()
+    assert fit(job, 500, None, desc="train") == "finished"
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 3 and lines[-1].startswith("train: 100%")  # not 500 redraws

@@ -10,10 +10,12 @@ bar. What differs per entry point comes in through `Hooks`.
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from tqdm.auto import tqdm
 
@@ -53,6 +55,23 @@ def _losses(value: dict[str, float] | float) -> dict[str, float]:
     return value if isinstance(value, dict) else {"loss": float(value)}
 
 
+class LineStream(io.TextIOBase):
+    """A stream for a progress bar written to a file or a pipe: each refresh is one line
+    (a terminal redraws one line with carriage returns; a log would get them all on one)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def fit(
     job: Job,
     max_steps: int,
@@ -65,7 +84,15 @@ def fit(
     at `max_steps`, and when a stop request or a passed deadline ends it early; with None the
     caller checkpoints. A step is never cut in half."""
     hooks = hooks or Hooks()
-    bar = tqdm(total=max_steps, initial=job.step, desc=desc, disable=not progress)
+    interactive = sys.stderr.isatty()  # piped to a file: a line every 30 s, not a redrawn bar
+    bar = tqdm(
+        total=max_steps,
+        initial=job.step,
+        desc=desc,
+        disable=not progress,
+        file=None if interactive else LineStream(sys.stderr),
+        mininterval=0.1 if interactive else 30.0,
+    )
     outcome: Outcome = "finished"
     try:
         while job.step < max_steps:
@@ -80,8 +107,9 @@ def fit(
                     hooks.wait()
                 continue
             losses = _losses(job.train_step())
+            shown = {k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()}
+            bar.set_postfix(shown, refresh=False)  # drawn with the update, at its interval
             bar.update(1)
-            bar.set_postfix({k.replace("client_", "c"): f"{v:.3f}" for k, v in losses.items()})
             if checkpoint_every and (job.step % checkpoint_every == 0 or job.step == max_steps):
                 job.save_checkpoint()
             if hooks.after_step is not None:
