@@ -30,7 +30,7 @@ import torch
 from scipy import stats
 from scipy.stats import binomtest
 
-from experiments.frontier_report import ALPHA, holm
+from experiments.frontier_report import judge
 from experiments.grid import grid_folder, keyed, walk
 from experiments.privacy_sweep import PrivacySweepSettings, evaluate_privacy_point
 from experiments.sweep import _jsonable, same_config, train_point
@@ -678,19 +678,6 @@ def _tested(diff: float, groups: list[dict]) -> dict:
     t = diff / se
     p = float(stats.t.sf(t, df))
     return {**out, "t": t, "p": p, "p_two_sided": 2 * min(p, 1 - p), "verdict": None}
-
-
-def judge(claims: list[dict]) -> list[dict]:
-    """Holm's step-down correction over every tested claim: "holds" / "reversed" where the
-    adjusted two-sided p < ALPHA, else "not resolved"."""
-    tested = [c for c in claims if c["p_two_sided"] is not None]
-    for claim, adjusted in zip(tested, holm([c["p_two_sided"] for c in tested]), strict=True):
-        claim["p_holm"] = adjusted
-        if adjusted < ALPHA:
-            claim["verdict"] = "holds" if claim["difference"] > 0 else "reversed"
-        else:
-            claim["verdict"] = "not resolved"
-    return claims
 
 
 def verdicts(rows: list[dict]) -> list[dict]:

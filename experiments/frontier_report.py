@@ -196,14 +196,20 @@ def frontier_verdicts(
         _compare(groups[(n, a)], groups[(n, b)], s, df, metric)
         for n, a, b in _family(groups, family)
     ]
-    tested = [v for v in verdicts if v["p_two_sided"] is not None]
-    for verdict, adjusted in zip(tested, holm([v["p_two_sided"] for v in tested]), strict=True):
-        verdict["p_holm"] = adjusted
+    return judge(verdicts)
+
+
+def judge(claims: list[dict]) -> list[dict]:
+    """Holm's step-down correction over every tested claim (those with a two-sided p):
+    "holds" / "reversed" where the adjusted p < ALPHA, else "not resolved"."""
+    tested = [c for c in claims if c["p_two_sided"] is not None]
+    for claim, adjusted in zip(tested, holm([c["p_two_sided"] for c in tested]), strict=True):
+        claim["p_holm"] = adjusted
         if adjusted < ALPHA:
-            verdict["verdict"] = "holds" if verdict["difference"] > 0 else "reversed"
+            claim["verdict"] = "holds" if claim["difference"] > 0 else "reversed"
         else:
-            verdict["verdict"] = "not resolved"
-    return verdicts
+            claim["verdict"] = "not resolved"
+    return claims
 
 
 def _lookup(row: dict, key: str) -> Any:

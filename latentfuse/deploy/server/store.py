@@ -102,6 +102,7 @@ class ReleaseDatabase:
     ):
         """`latent_shape` None: the shape the database records (it must exist)."""
         self.path, self.readonly = Path(path), readonly
+        self._condition_shape: tuple[int, ...] | None = None
         if latent_shape is None:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no release database at {self.path}")
@@ -147,13 +148,16 @@ class ReleaseDatabase:
 
     def condition_shape(self) -> tuple[int, ...] | None:
         """The shape of one release's float conditioning (attribute vector or token states),
-        as the first upload that carried one recorded it; None before any."""
-        row = (
-            self._connect()
-            .execute("SELECT value FROM meta WHERE key = 'condition_shape'")
-            .fetchone()
-        )
-        return None if row is None else tuple(json.loads(row[0]))
+        as the first upload that carried one recorded it; None before any. Once recorded it
+        never changes, so it is read once."""
+        if self._condition_shape is None:
+            row = (
+                self._connect()
+                .execute("SELECT value FROM meta WHERE key = 'condition_shape'")
+                .fetchone()
+            )
+            self._condition_shape = None if row is None else tuple(json.loads(row[0]))
+        return self._condition_shape
 
     def _record_condition_shape(self, batch: ReleaseBatch) -> None:
         """Inside an upload's transaction: every float conditioning has one shape."""

@@ -93,12 +93,17 @@ def refuse_an_older_database(state_dir: Path) -> None:
     except sqlite3.DatabaseError:
         return  # an unreadable database is named when it is opened
     if seen > newest:
-        raise ValueError(
-            f"{database} holds uploads up to {newest}, but {record.parent} was trained on "
-            f"uploads up to {seen}: the database is older than the model (restored from an old "
-            "backup?). Restore the newer database, or move the checkpoint aside to train from "
-            "the start; nothing was changed"
-        )
+        raise older_database(database, newest, record.parent, seen)
+
+
+def older_database(database: Path, newest: int, checkpoint: Path, seen: int) -> ValueError:
+    """The refusal of a database older than the checkpoint trained on it."""
+    return ValueError(
+        f"{database} holds uploads up to {newest}, but {checkpoint} was trained on uploads up "
+        f"to {seen}: the database is older than the model (restored from an old backup?). "
+        "Restore the newer database, or move the checkpoint aside to train from the start; "
+        "nothing was changed"
+    )
 
 
 def server_null(config: RunConfig, deploy: DeployConfig) -> int | torch.Tensor:
@@ -229,13 +234,8 @@ class ServerTrainer:
             return False
         extra, tensors = loaded
         newest = self.database.max_seq()
-        if extra.get("seen", 0) > newest:
-            raise ValueError(
-                f"{self.database.path} holds uploads up to {newest}, but {self.checkpoint_dir} "
-                f"was trained on uploads up to {extra['seen']}: the database is older than the "
-                "model (restored from an old backup?). Restore the newer database, or move the "
-                "checkpoint aside to train from the start; nothing was changed"
-            )
+        if extra.get("seen", 0) > newest:  # a checkpoint written since the read-only check
+            raise older_database(self.database.path, newest, self.checkpoint_dir, extra["seen"])
         self.server.generator.set_state(tensors["generator.server"])
         self.resumed_from = self.step
         self.last_checkpoint = {
