@@ -76,3 +76,34 @@ def test_the_readme_quotes_the_committed_aggregates():
     for model, fid, se in rows:
         aggregate = AGGREGATES["fid"][f"250/{model}"]
         assert quoted(fid, aggregate["mean"]) and quoted(se, aggregate["se"]), model
+
+
+def test_the_lora_table_quotes_the_committed_sizes():
+    """docs/pretrained.md's LoRA table against results/lora-sizes.json."""
+    rows = json.loads((ROOT / "results/lora-sizes.json").read_text())["rows"]
+    text = (ROOT / "docs/pretrained.md").read_text()
+    for row in rows:
+        share = f"{100 * row['share']:.1f}%"
+        cells = [str(row["rank"]), f"{row['trainable']:,}", share]
+        line = next(x for x in text.splitlines() if x.startswith(f"| {row['rank']} |"))
+        assert [c.strip() for c in line.strip("|").split("|")][:3] == cells, line
+        assert f"{row['base_bytes'] / 1e6:.2f} MB" in line
+
+
+@pytest.mark.parametrize(
+    ("source", "model", "quoted"),
+    [
+        ("frontier", "split-700", "FID 112.9"),
+        ("frontier", "formal-e10-p99", "scores 116.8"),
+        ("frontier", "split-500", "(114.6)"),
+        ("pretrained", "GM-base", "FID 91.8"),
+    ],
+)
+def test_the_results_page_quotes_the_one_seed_points_as_committed(source, model, quoted):
+    """The frontier's and the pretrained grid's first points, quoted in docs/results.md,
+    against their committed rows (seed 0)."""
+    rows = json.loads((ROOT / f"results/{source}.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["model"] == model and r["images_per_client"] == 250]
+    value = quoted.split()[-1].strip("()")
+    assert f"{row['fid']:.1f}" == value and row["seed"] == 0
+    assert quoted in (ROOT / "docs/results.md").read_text()
