@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 
 import httpx
@@ -196,6 +197,56 @@ def test_honest_releases_are_never_refused(t_cut):
         least = (channels - channels.mean(2, keepdim=True)).norm(dim=2).min()
         assert least >= split.min_spread(256)
     assert bounds["max_norm"] < 4.0 * dim**0.5 + 7 + 1e-9  # a latent of rms 10 is refused
+
+
+@pytest.mark.parametrize("t_cut", [1, 50, 100, 200, 500, 999])
+def test_spikes_on_zeros_crowd_one_interval_at_every_cut(t_cut):
+    """58 elements just under the element bound on zeros pass the norm and spread bounds where
+    the noise is small (cuts <= 200), but no release with the level's noise puts 198 of its
+    256 elements in one interval of width n/2; honest releases, float32 or rounded to float16
+    as the wire's fp16 sends them, never crowd (0 of 4,000 here; 10,000 real CIFAR-10 latents
+    in results/release-checks.json). The same spikes on the level's own noise are an in-range
+    z0 honestly released: no check of one release can refuse them (the gradient bound is for
+    that), and this one does not pretend to."""
+    from latentfuse.deploy.server.service import implausible_releases
+    from latentfuse.method.split import DiffusionSplit
+
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    split = DiffusionSplit(alphas, t_cut)
+    generator = torch.Generator().manual_seed(t_cut)
+    z0 = torch.randn(4000, 4, 8, 8, generator=generator, dtype=torch.float64)
+    z0[:1000] = z0[:1000].round(decimals=1)  # coarsely quantised data is still data
+    eps = torch.randn(z0.shape, generator=generator, dtype=torch.float64)
+    honest = split.release(z0, eps)
+    for sent in (honest, honest.half().double()):
+        assert implausible_releases(split, sent, 16.0, 4.0) == []
+    spikes = torch.zeros(50, 256, dtype=torch.float64)
+    for row in spikes:
+        row[torch.randperm(256, generator=generator)[:58]] = 0.99 * 2.5
+    found = implausible_releases(split, spikes.view(50, 4, 8, 8), 16.0, 4.0)
+    assert [i for i, _ in found] == list(range(50))
+    assert all("lie in one interval" in why for _, why in found)
+    if t_cut <= 200:  # where spikes / sqrt(abar_r) is still a z0 within the element bound
+        noisy = split.release(spikes / split.abar_release**0.5, eps[:50].flatten(1))
+        assert implausible_releases(split, noisy.view(50, 4, 8, 8), 16.0, 4.0) == []
+
+
+def test_the_crowding_limit_is_the_chernoff_bound_and_vacuous_without_noise():
+    from latentfuse.method.split import DiffusionSplit
+
+    alphas = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    split = DiffusionSplit(alphas, 500)
+    limit = split.most_in_width(256)
+    p, q = 1 / (2 * (2 * torch.pi) ** 0.5), limit / 256  # width n/2: density bound 0.1995
+    divergence = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
+    assert 256 * divergence >= math.log(256 / 1e-11)
+    q = (limit - 1) / 256
+    assert 256 * (q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))) < math.log(
+        256 / 1e-11
+    )
+    assert 60 < limit < 120  # far below the 198 zeros of the spike poison
+    assert DiffusionSplit(alphas, 0).most_in_width(256) == 256  # clean releases: no noise
+    assert split.most_in_width(256, spacing=10.0) == 256  # rounding coarser than the noise
 
 
 def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny, tmp_path):

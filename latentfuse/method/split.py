@@ -15,6 +15,7 @@ The files keep their keys: "t_cut" is the hand-off in collafuse.json, the wire a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,6 +134,38 @@ class DiffusionSplit:
         noise = (1 - self.abar_release) ** 0.5
         floor = (dim - 1) - 7.0 * (2 * (dim - 1)) ** 0.5 - 49.0
         return noise * max(0.0, floor) ** 0.5
+
+    @property
+    def crowding_width(self) -> float:
+        """The width of the intervals `most_in_width` counts in: half the level's noise std."""
+        return 0.5 * (1 - self.abar_release) ** 0.5
+
+    def most_in_width(self, dim: int, spacing: float = 0.0) -> int:
+        """The most of a release's `dim` elements that one interval of width `crowding_width`
+        holds, whatever z0: each element is sqrt(abar_r) z0_i + n eps_i with eps_i ~ N(0, 1)
+        drawn apart from z0, so it lands in an interval of width w with probability at most
+        w / (n sqrt(2 pi)) (the Gaussian's largest density) = 0.2, independently of the other
+        elements. The count is then below a Binomial(dim, p) one, and the Chernoff bound
+        P(X >= k) <= exp(-dim KL(k/dim || p)) at odds 1e-11 / dim (for every occupied interval
+        at once) gives the limit. `spacing`: a rounding of the elements (float16 on the wire)
+        widens the interval by one spacing. A latent that is zero, constant or flat on most of
+        its elements (58 spikes on zeros) crowds one interval and is refused at every cut;
+        dim (never refused) for clean releases."""
+        noise = (1 - self.abar_release) ** 0.5
+        if noise == 0.0:
+            return dim
+        p = min(1.0, (self.crowding_width + spacing) / (noise * (2 * math.pi) ** 0.5))
+        if p >= 1.0:
+            return dim
+        budget = math.log(dim / 1e-11)
+        for k in range(math.ceil(p * dim), dim + 1):
+            q = k / dim
+            divergence = q * math.log(q / p) + (
+                (1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else -math.log(1 - p)
+            )
+            if dim * divergence >= budget:
+                return k
+        return dim
 
     def _abar(self, s: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod.to(s.device)[s]

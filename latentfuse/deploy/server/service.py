@@ -85,6 +85,7 @@ def implausible_releases(
     norms, peaks = flat.norm(dim=1).tolist(), flat.abs().amax(dim=1).tolist()
     spread = (flat - flat.mean(1, keepdim=True)).norm(dim=1).tolist()
     flattest = (channels - channels.mean(2, keepdim=True)).norm(dim=2).amin(dim=1).tolist()
+    crowds = crowded_releases(split, flat)
     found = []
     for i in range(len(flat)):
         if peaks[i] > bounds["max_abs"]:
@@ -106,6 +107,42 @@ def implausible_releases(
                     f"(least {least_channel:.4g})",
                 )
             )
+        elif i in crowds:
+            count, limit = crowds[i]
+            found.append(
+                (
+                    i,
+                    f"it lacks the level's noise: {count} of its {dim} elements lie in one "
+                    f"interval of width {split.crowding_width:.3g} (at most {limit} with the "
+                    "noise of its level)",
+                )
+            )
+    return found
+
+
+def crowded_releases(split: DiffusionSplit, flat: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """{index: (count, limit)} of the releases (n, dim) with more elements in one interval of
+    the grid of width `split.crowding_width` than the level's noise allows
+    (`DiffusionSplit.most_in_width`, widened by the float16 spacing at the interval)."""
+    width = split.crowding_width
+    if width == 0.0 or flat.numel() == 0:
+        return {}
+    n, dim = flat.shape
+    bins = torch.floor(flat.double() / width).long()
+    span = int(bins.abs().max()) + 2
+    keys = torch.arange(n).unsqueeze(1) * (2 * span) + (bins + span)
+    unique, counts = torch.unique(keys.flatten(), return_counts=True)
+    rows, cells = unique // (2 * span), unique % (2 * span) - span
+    magnitude = torch.maximum(cells.abs(), (cells + 1).abs()).double() * width
+    exponent = torch.floor(torch.log2(magnitude.clamp_min(2.0**-14))).long()  # float16 spacing
+    limits = {e: split.most_in_width(dim, 2.0 ** (e - 10)) for e in exponent.unique().tolist()}
+    limit = torch.tensor([limits[e] for e in exponent.tolist()])
+    over = counts > limit
+    found: dict[int, tuple[int, int]] = {}
+    crowds = zip(rows[over].tolist(), counts[over].tolist(), limit[over].tolist(), strict=True)
+    for row, count, bound in crowds:
+        if row not in found or count - bound > found[row][0] - found[row][1]:
+            found[row] = (count, bound)
     return found
 
 
