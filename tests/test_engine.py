@@ -103,3 +103,87 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     tiny_engine(record={"a": 1}).save(tmp_path / "ckpt")
     with pytest.raises(ConfigMismatch, match="another configuration"):
         tiny_engine(record={"a": 2}).load(tmp_path / "ckpt")
+
+
+def grouped(seed: int, poison: float = 1.0) -> dict:
+    """Six rows in three groups (clients 0, 1, 2); client 1's targets scaled by `poison`."""
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    target = torch.randn(6, 4, 8, 8, generator=g)
+    target[groups == 1] *= poison
+    return {
+        "sample": torch.randn(6, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([1, 2, 3, 4, 5, 6]),
+        "class_labels": torch.tensor([0, 1, 2, 0, 1, 2]),
+        "target": target,
+        "weight": torch.ones(6),
+        "groups": groups,
+    }
+
+
+def gradient(unet: torch.nn.Module) -> torch.Tensor:
+    """Every parameter's .grad in one vector (then cleared)."""
+    flat = torch.cat([p.grad.flatten() for p in unet.parameters()])
+    unet.zero_grad(set_to_none=True)
+    return flat
+
+
+def test_a_loose_per_client_clip_is_the_plain_gradient():
+    from latentfuse.training.engine import denoising_loss, group_clipped_backward
+
+    unet = tiny_engine().module("m")
+    batch = grouped(0)
+    denoising_loss(unet, batch).backward()
+    plain = gradient(unet)
+    loss = group_clipped_backward(unet, batch, clip=1e6)
+    assert torch.allclose(gradient(unet), plain, rtol=1e-4, atol=1e-7)
+    assert loss.item() == pytest.approx(denoising_loss(unet, batch).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("poison", [10.0, 1000.0])
+def test_a_per_client_clip_bounds_one_clients_pull_whatever_its_data(poison):
+    """Client 1 sends targets `poison` times too large: unclipped, the step follows it; clipped
+    at 1x the median, the step is at most three times the largest honest client's part."""
+    from latentfuse.training.engine import denoising_loss, group_clipped_backward
+
+    unet = tiny_engine().module("m")
+    batch = grouped(1, poison)
+    honest = []
+    for client in (0, 2):
+        rows = batch["groups"] == client
+        part = {k: v[rows] for k, v in batch.items()}
+        (denoising_loss(unet, part) * rows.sum() / 6).backward()
+        honest.append(gradient(unet).norm())
+    denoising_loss(unet, batch).backward()
+    unclipped = gradient(unet).norm()
+    group_clipped_backward(unet, batch, clip=1.0)
+    clipped = gradient(unet).norm()
+    assert unclipped > 5 * max(honest)  # the poison dominates a plain step
+    assert clipped <= 3 * max(honest) * (1 + 1e-4)
+
+
+def test_an_engine_clips_per_client_only_where_asked():
+    from latentfuse.config import TrainConfig
+
+    with pytest.raises(ValueError, match="no model named"):
+        Engine(Accelerator(cpu=True), {}, {}, TrainConfig(), {}, group_clip={"server": 1.0})
+    loose, plain = tiny_engine(), tiny_engine()
+    loose.group_clip = {"m": 1e6}
+    for engine in (loose, plain):
+        engine.train_step(lambda: {"m": grouped(2)})
+    # Adam's first step is lr * g / |g| elementwise: where a gradient is ~0 the two sums' rounding
+    # can flip it, so a few elements may differ by up to 2 lr; the rest agree
+    differ = [
+        (loose.module("m").state_dict()[name] - value).abs().flatten()
+        for name, value in plain.module("m").state_dict().items()
+    ]
+    differ = torch.cat(differ)
+    assert differ.max() <= 2.1e-3 and (differ > 1e-6).float().mean() < 0.01
+    strict = tiny_engine()
+    strict.group_clip = {"m": 1.0}
+    strict.train_step(lambda: {"m": grouped(2, poison=1000.0)})
+    plain.train_step(lambda: {"m": grouped(2, poison=1000.0)})
+    assert any(
+        not torch.allclose(strict.module("m").state_dict()[k], v)
+        for k, v in plain.module("m").state_dict().items()
+    )

@@ -282,6 +282,96 @@ def test_an_operator_removes_a_clients_releases_and_the_trainer_drops_them(tiny,
         trainer.database.remove(0, after_upload="nope")
 
 
+def poisoned_trainer(tiny, root, **deploy):
+    """A trainer that trained 2 steps on client 0's upload (checkpointed at step 2), then 2 on
+    client 1's too (checkpointed at step 4); and the weights of step 2."""
+    import dataclasses
+
+    from latentfuse.deploy.server.trainer import ServerTrainer
+    from tests.test_http_app import tiny_deploy
+
+    trainer = ServerTrainer(tiny["config"], dataclasses.replace(tiny_deploy(), **deploy), root)
+    trainer.keep_history(initial=True)
+    first, second = (c.make_release(0) for c in tiny["run"].clients[:2])
+    trainer.database.append("honest", first, b"0")
+    trainer.sync()
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    clean = {k: v.clone() for k, v in trainer.engine.module("server").state_dict().items()}
+    trainer.database.append("poison", second, b"1")
+    trainer.sync()
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save_checkpoint()
+    return trainer, clean
+
+
+def same_weights(module: torch.nn.Module, weights: dict) -> bool:
+    """Whether `module` holds exactly `weights`."""
+    return all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+
+
+def test_removing_releases_rolls_the_weights_back_to_before_they_arrived(tiny, tmp_path):
+    trainer, clean = poisoned_trainer(tiny, tmp_path)
+    assert trainer.step == 4 and not same_weights(trainer.engine.module("server"), clean)
+    trainer.database.remove(1)
+    trainer.sync()
+    assert trainer.step == 2 and same_weights(trainer.engine.module("server"), clean)
+    assert trainer.rolled_back == {"from_step": 4, "to_step": 2, "removed_from": 2}
+    assert trainer.server.store.counts() == {
+        0: len(tiny["run"].clients[0].make_release(0).image_ids)
+    }
+    kept = sorted(p.name for p in (tmp_path / "history").iterdir())
+    assert kept == ["step-00000000", "step-00000002"]  # the poisoned step 4 is gone
+    published = json.loads((tmp_path / "published" / "published.json").read_text())
+    assert (published["step"], published["trained_on"]) == (2, 1)
+    trainer.train_step()  # and trains on from there
+    assert trainer.step == 3
+
+
+def test_a_removal_while_the_trainer_was_down_rolls_back_at_its_start(tiny, tmp_path):
+    from latentfuse.deploy.server.trainer import ServerTrainer
+    from tests.test_http_app import tiny_deploy
+
+    trainer, clean = poisoned_trainer(tiny, tmp_path)
+    del trainer
+    from latentfuse.deploy.server.store import ReleaseDatabase
+
+    ReleaseDatabase(tmp_path / "releases.db", None).remove(1)
+    restarted = ServerTrainer(tiny["config"], tiny_deploy(), tmp_path)
+    assert restarted.load_checkpoint() and restarted.step == 4
+    restarted.sync()
+    assert restarted.step == 2 and same_weights(restarted.engine.module("server"), clean)
+
+
+def test_releases_removed_before_training_on_them_roll_nothing_back(tiny, tmp_path):
+    trainer, _ = poisoned_trainer(tiny, tmp_path)
+    trainer.database.append("late", tiny["run"].clients[1].make_release(0), b"2")
+    trainer.sync()  # in the store, never trained on
+    trainer.database.remove(1, after_upload="poison")
+    trainer.sync()
+    assert trainer.step == 4 and trainer.rolled_back is None
+
+
+def test_without_a_history_a_removal_keeps_the_weights_and_says_so(tiny, tmp_path, caplog):
+    trainer, _ = poisoned_trainer(tiny, tmp_path, roll_back_checkpoints=0)
+    assert not (tmp_path / "history").exists()
+    trainer.database.remove(1)
+    with caplog.at_level("WARNING"):
+        trainer.sync()
+    assert trainer.step == 4 and "keep what they learned" in caplog.text
+
+
+def test_the_history_keeps_the_newest_checkpoints_and_the_initial_weights(tiny, tmp_path):
+    trainer, _ = poisoned_trainer(tiny, tmp_path, roll_back_checkpoints=1)
+    kept = sorted(p.name for p in (tmp_path / "history").iterdir())
+    assert kept == ["step-00000000", "step-00000004"]
+    trainer.database.remove(1)
+    trainer.sync()  # the newest clean one left is the initial weights
+    assert trainer.step == 0 and trainer.rolled_back["to_step"] == 0
+
+
 @pytest.mark.parametrize(("balance", "share"), [("clients", 0.5), ("releases", 10 / 1010)])
 def test_one_client_draws_its_share_of_a_batch_whatever_it_uploads(balance, share):
     from latentfuse.method.server import Server

@@ -84,7 +84,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="operator command: remove client ID's releases from --state-dir (all, or those "
         "after --after), revoke its token in --clients (unless --keep-token) and exit; a running "
-        "trainer drops the releases at its next step, the front answers the token 401 at once",
+        "trainer drops the releases at its next step and rolls its weights back to the newest "
+        "kept checkpoint trained on none of them (deploy.roll_back_checkpoints; a stopped one "
+        "at its start), the front answers the token 401 at once",
     )
     serve.add_argument("--after", metavar="UPLOAD_ID", help="with --remove-releases")
     serve.add_argument(
@@ -131,6 +133,11 @@ def remove_releases(args: argparse.Namespace) -> int:
         f"removed {gone} releases of client {args.remove_releases} ({which}); held now: "
         f"{database.counts()}"
     )
+    if gone:
+        print(
+            "the trainer rolls its weights back to the newest kept checkpoint trained on none of "
+            "them at its next step (or its next start)"
+        )
     if not args.keep_token:
         from latentfuse.deploy.server.auth import revoke_token
 

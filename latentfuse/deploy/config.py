@@ -59,6 +59,15 @@ class DeployConfig:
     # is 1/k in expectation among k clients whatever it uploads; "releases" draws uniformly
     # over releases (a client weighs by its data, as in central training).
     balance: str = "clients"
+    # Each client's part of a server step's gradient is clipped to this multiple of the median
+    # client's norm in that batch (robust aggregation; engine.group_clipped_backward): a client
+    # sending poison that passes the release checks pulls a step no harder than a typical
+    # client. 0: off (docs/deployment.md gives the measured damage with and without it).
+    client_gradient_clip: float = 0.0
+    # Past checkpoints the trainer keeps (state_dir/history, besides the initial weights) to
+    # roll back to when an operator removes releases (`serve --remove-releases`): it goes back
+    # to the newest one trained on none of them. 0: no history, no roll-back.
+    roll_back_checkpoints: int = 8
     # What a release may hold: z0 of the autoencoder's range after scaling (per element, and
     # the root-mean-square over a latent), checked at ingest as the bounds of
     # sqrt(abar_r) z0 + sqrt(1 - abar_r) eps. The shipped CIFAR-10 autoencoder's latents reach
@@ -107,6 +116,7 @@ class DeployConfig:
                 "keep_alive_seconds",
                 "sampling_processes",
                 "sampling_niceness",
+                "roll_back_checkpoints",
             ),
             0,
         )
@@ -119,6 +129,11 @@ class DeployConfig:
         if self.sampling_niceness > 19:
             raise ValueError(
                 f"config: deploy.sampling_niceness must be in [0, 19], got {self.sampling_niceness}"
+            )
+        if not (self.client_gradient_clip == 0 or self.client_gradient_clip >= 1):
+            raise ValueError(
+                "config: deploy.client_gradient_clip must be 0 (off) or >= 1 (a multiple of the "
+                f"median client's gradient norm), got {self.client_gradient_clip!r}"
             )
         if self.balance not in ("releases", "clients"):
             raise ValueError(

@@ -182,7 +182,7 @@ class Server:
         null_label: int | torch.Tensor,
         device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch of (z_s, s, labels, target, weight) drawn over held releases, s by
+        """A batch of (z_s, s, labels, target, weight, client ids) drawn over held releases, s by
         `timestep_density`, in float32 on `device` (the random numbers come from the server's
         CPU generator, so every process and device draws the same batch)."""
         if len(self.store) == 0:
@@ -218,6 +218,7 @@ class Server:
             "class_labels": labels,
             "target": target,
             "weight": weight.to(device),
+            "groups": client_ids.to(device),  # whose release each row is (per-client clipping)
         }
 
     def _draw_rows(self, client_ids: torch.Tensor, batch_size: int) -> torch.Tensor:

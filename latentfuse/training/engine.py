@@ -105,6 +105,39 @@ def denoising_loss(unet: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return (batch["weight"] * per_sample).mean()
 
 
+def group_clipped_backward(
+    unet: torch.nn.Module, batch: Batch, clip: float, scale: float = 1.0
+) -> torch.Tensor:
+    """Backward of `denoising_loss(unet, batch)` (times `scale`) with each group's part of the
+    gradient (a group: the rows of one `batch["groups"]` id, one client) clipped to norm at
+    most `clip` times the median of the groups' norms, then summed into the parameters'
+    `.grad` (robust aggregation by norm clipping: one client's pull on a step is at most
+    `clip` times a typical client's, whatever its data; docs/deployment.md). Returns the
+    unclipped loss, detached."""
+    groups = batch["groups"]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    parts, losses = [], []
+    for group in groups.unique().tolist():
+        rows = groups == group
+        part = {k: None if v is None else v[rows] for k, v in batch.items()}
+        # the group's share of the batch mean: the sum over groups is the whole batch's loss
+        loss = denoising_loss(unet, part) * (rows.sum() / len(groups))
+        grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+        parts.append(
+            [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        )
+        losses.append(loss.detach())
+    norms = torch.stack(
+        [torch.linalg.vector_norm(torch.stack([g.norm() for g in part])) for part in parts]
+    )
+    bound = clip * norms.median()
+    for part, norm in zip(parts, norms, strict=True):
+        factor = torch.clamp(bound / norm.clamp_min(1e-12), max=1.0)
+        for p, g in zip(params, part, strict=True):
+            p.grad = g * factor if p.grad is None else p.grad + g * factor
+    return torch.stack(losses).sum()
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out: dict[str, Any] = {}
@@ -146,8 +179,19 @@ class Engine:
         learning_rates: dict[str, float],
         train: TrainConfig,
         config_record: dict[str, Any],
+        group_clip: dict[str, float] | None = None,
     ):
         self.accelerator, self.train, self.config_record = accelerator, train, config_record
+        # models whose gradient is clipped per group of rows (`group_clipped_backward`)
+        self.group_clip = {n: c for n, c in (group_clip or {}).items() if c > 0}
+        unknown = sorted(set(self.group_clip) - set(models))
+        if unknown:
+            raise ValueError(f"group_clip: no model named {unknown} (models: {list(models)})")
+        if self.group_clip and train.mixed_precision == "fp16":
+            raise ValueError(
+                "a per-client gradient clip (deploy.client_gradient_clip) does not combine with "
+                "train.mixed_precision='fp16' (its loss scaling); use 'bf16' or 'no'"
+            )
         self.learning_rates = dict(learning_rates)
         names = list(models)
         optimizers = [  # a frozen base's weights (LoRA) are no optimiser's
@@ -173,6 +217,19 @@ class Engine:
         answer on every process, so all skip together)."""
         grads = [p.grad for p in self.wrapped[name].parameters() if p.grad is not None]
         return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def _average_clipped_gradients(self, names: list[str]) -> None:
+        """Average the gradients of the group-clipped models over the processes (what DDP does
+        for the others): each process clipped its own shard's groups, so one client's pull on
+        the average is still at most its bound."""
+        if self.accelerator.num_processes == 1:
+            return
+        for name in (n for n in names if n in self.group_clip):
+            for p in self.module(name).parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     def module(self, name: str) -> torch.nn.Module:
         """The trained (unwrapped) module `name`."""
@@ -203,13 +260,20 @@ class Engine:
                 # accumulate: one backward over the sum of the models' losses
                 total = 0.0
                 for name, unet in stepping.items():
+                    batch = shard(batches[name], accelerator, accelerator.device)
                     with accelerator.autocast():
-                        loss = denoising_loss(
-                            unet, shard(batches[name], accelerator, accelerator.device)
-                        )
-                    total = total + loss
+                        if name in self.group_clip:  # its own backward, outside DDP
+                            loss = group_clipped_backward(
+                                self.module(name), batch, self.group_clip[name], 1 / accumulation
+                            )
+                        else:
+                            loss = denoising_loss(unet, batch)
+                            total = total + loss
                     losses[name] += loss.detach().item() / accumulation
-                accelerator.backward(total)
+                if torch.is_tensor(total):
+                    accelerator.backward(total)
+                if accelerator.sync_gradients:
+                    self._average_clipped_gradients(list(stepping))
                 # update weights (Accelerate skips the step until the last micro-batch); a
                 # model whose gradient is not finite keeps its last good weights
                 for name in stepping:

@@ -312,6 +312,20 @@ class ReleaseDatabase:
         """How many removals the database has seen (a trainer rebuilds when it changes)."""
         return self._connect().execute("SELECT COALESCE(MAX(id), 0) FROM removals").fetchone()[0]
 
+    def first_removed_seq(self, since_removal: int, upto_removal: int) -> int | None:
+        """The earliest upload sequence that the removals after `since_removal` up to
+        `upto_removal` (`removal_version`s) took out, or None if they took out no upload."""
+        row = (
+            self._connect()
+            .execute(
+                "SELECT MIN(u.seq) FROM removals r JOIN uploads u ON u.client_id = r.client_id "
+                "AND u.seq > r.after_seq AND u.removed = 1 WHERE r.id > ? AND r.id <= ?",
+                (since_removal, upto_removal),
+            )
+            .fetchone()
+        )
+        return None if row[0] is None else int(row[0])
+
     # ---- reads ---------------------------------------------------------------------------------
     def lookup(self, client_id: int, upload_id: str) -> UploadEntry | None:
         """The committed upload under this key, if any."""

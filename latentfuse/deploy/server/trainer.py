@@ -14,8 +14,10 @@ others, so every process holds the same releases and draws the same global batch
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 DATABASE = "releases.db"
 PUBLISHED = "published"
 STATUS = "trainer.json"
+HISTORY = "history"  # past checkpoints, to roll back to when releases are removed
+INITIAL = "step-00000000"  # the weights before any release: kept whatever the history's size
 
 
 def build_server_unet(
@@ -154,9 +158,12 @@ class ServerTrainer:
             {"server": config.train.learning_rate},
             config.train,
             config.to_dict(),
+            group_clip={"server": deploy.client_gradient_clip},
         )
         self.seen = 0  # uploads up to this sequence number are in the server's store
+        self.trained_on = 0  # ... and up to this one had reached the store by the last step
         self.removals = self.database.removal_version()
+        self.rolled_back: dict | None = None
         self.state = "idle"
         self.resumed_from: int | None = None
         self.last_checkpoint: dict | None = None
@@ -178,13 +185,51 @@ class ServerTrainer:
             decision = [self.database.max_seq(), stopping, self.database.removal_version()]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(decision)  # every process reads the same uploads
+        removed_from = None
         if decision[2] != self.removals:  # an operator removed releases: start the store over
+            removed_from = self.database.first_removed_seq(self.removals, decision[2])
             self.server.store, self.seen, self.removals = ReleaseStore(), 0, decision[2]
             logger.info("releases were removed: the store is read again")
         for batch in self.database.read_since(self.seen, decision[0]):
             self.server.receive(batch)
         self.seen = max(self.seen, decision[0])
+        if removed_from is not None and self.trained_on >= removed_from:
+            self.roll_back(removed_from)
         return bool(decision[1])
+
+    def roll_back(self, removed_from: int) -> None:
+        """Go back to the newest kept checkpoint trained on no upload from `removed_from` on
+        (the first removed one), so that weights trained on removed releases are not kept:
+        its weights, optimiser, EMA and step; the newer kept checkpoints are dropped and the
+        rolled-back state is checkpointed and published at once."""
+        history = self.state_dir / HISTORY
+        kept = sorted(history.glob("step-*"), reverse=True) if history.is_dir() else []
+        older = [d for d in kept if _seen_of(d) < removed_from]
+        if not older:
+            logger.warning(
+                "no kept checkpoint predates upload %d (deploy.roll_back_checkpoints = %d): the "
+                "weights keep what they learned from the removed releases",
+                removed_from,
+                self.deploy.roll_back_checkpoints,
+            )
+            return
+        before = self.step
+        _, tensors = self.engine.load(older[0])
+        self.server.generator.set_state(tensors["generator.server"])
+        if self.accelerator.is_main_process:
+            for newer in kept[: kept.index(older[0])]:
+                shutil.rmtree(newer, ignore_errors=True)
+        self.trained_on = _seen_of(older[0])
+        self.rolled_back = {"from_step": before, "to_step": self.step, "removed_from": removed_from}
+        logger.warning(
+            "rolled back from step %d to step %d (%s, trained on uploads before %d, the first "
+            "removed one)",
+            before,
+            self.step,
+            older[0].name,
+            removed_from,
+        )
+        self.save_checkpoint()
 
     def _draw(self) -> dict[str, Batch]:
         cfg = self.config.train
@@ -198,6 +243,7 @@ class ServerTrainer:
 
     def train_step(self) -> float:
         """One optimiser step (with gradient accumulation) on batches of held releases."""
+        self.trained_on = self.seen
         self.last_loss = self.engine.train_step(self._draw)["server"]
         return self.last_loss
 
@@ -207,13 +253,38 @@ class ServerTrainer:
         extra = {
             "releases_held": len(self.server.store),
             "seen": self.seen,  # the newest upload trained on: a restored older database shows
+            "trained_on": self.trained_on,  # what a roll-back compares with the removed uploads
+            "removals": self.removals,  # removals since: rolled back at the next start
             "unix_time": time.time(),
         }
         tensors = {"generator.server": self.server.generator.get_state()}
         self.engine.save(self.checkpoint_dir, extra, tensors)
         self.last_checkpoint = {"step": self.step, **extra}
+        self.keep_history()
         self.publish()
         logger.info("checkpoint at step %d (%d releases held)", self.step, len(self.server.store))
+
+    def keep_history(self, initial: bool = False) -> None:
+        """Keep a copy of `checkpoint/` in `history/` for a roll-back: the newest
+        `deploy.roll_back_checkpoints` and the initial weights (`initial`: write those, before
+        any step, once)."""
+        keep = self.deploy.roll_back_checkpoints
+        target = self.state_dir / HISTORY / (INITIAL if initial else f"step-{self.step:08d}")
+        if keep == 0 or (initial and target.is_dir()):
+            return
+        if initial:  # every process saves (the engine waits for all)
+            extra = {"seen": 0, "trained_on": 0, "removals": self.removals}
+            tensors = {"generator.server": self.server.generator.get_state()}
+            self.engine.save(target, extra, tensors)
+            return
+        if not self.accelerator.is_main_process:
+            return
+        atomic_write_dir(
+            target, lambda tmp: shutil.copytree(self.checkpoint_dir, tmp, dirs_exist_ok=True)
+        )
+        later = [d for d in sorted(target.parent.glob("step-*")) if d.name != INITIAL]
+        for old in later[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def publish(self) -> None:
         """Write the EMA weights to `published/` (atomically) for the front to sample with."""
@@ -223,7 +294,8 @@ class ServerTrainer:
 
         def write(tmp: Path) -> None:  # merged: what the sampler loads (LoRA adapters folded in)
             save_denoiser(model, tmp / "server_unet", merge=True)
-            atomic_write_json(tmp / "published.json", {"step": self.step, "unix_time": time.time()})
+            record = {"step": self.step, "trained_on": self.trained_on, "unix_time": time.time()}
+            atomic_write_json(tmp / "published.json", record)
 
         atomic_write_dir(self.state_dir / PUBLISHED, write)
 
@@ -237,6 +309,8 @@ class ServerTrainer:
         if extra.get("seen", 0) > newest:  # a checkpoint written since the read-only check
             raise older_database(self.database.path, newest, self.checkpoint_dir, extra["seen"])
         self.server.generator.set_state(tensors["generator.server"])
+        self.trained_on = int(extra.get("trained_on", extra.get("seen", 0)))
+        self.removals = int(extra.get("removals", self.removals))  # removed while it was down
         self.resumed_from = self.step
         self.last_checkpoint = {
             k: extra[k] for k in ("step", "releases_held", "unix_time") if k in extra
@@ -257,6 +331,7 @@ class ServerTrainer:
             "last_checkpoint": self.last_checkpoint,
             "resumed_from_step": self.resumed_from,
             "skipped_steps": self.engine.skipped.get("server", 0),
+            "rolled_back": self.rolled_back,
             "processes": self.accelerator.num_processes,
             "pid": os.getpid(),
             "unix_time": time.time(),
@@ -290,6 +365,8 @@ class ServerTrainer:
         hooks = Hooks(
             should_stop=lambda: self.sync(stop), ready=ready, wait=wait, after_step=after_step
         )
+        if self.step == 0:
+            self.keep_history(initial=True)
         try:  # the front reports progress in /v1/status (trainer.json), not a progress bar
             fit(self, cfg.max_steps, None, hooks, desc="server", progress=False)
             if self.step > 0 and (self.last_checkpoint or {}).get("step") != self.step:
@@ -299,3 +376,9 @@ class ServerTrainer:
             logger.exception("server training failed")
             self.state = f"failed: {type(error).__name__}: {error}"
         self.write_status(force=True)
+
+
+def _seen_of(checkpoint: Path) -> int:
+    """The newest upload a kept checkpoint may have trained on (its `trained_on`)."""
+    extra = json.loads((checkpoint / "state.json").read_text())["extra"]
+    return int(extra.get("trained_on", extra.get("seen", 0)))
