@@ -214,8 +214,8 @@ def _p95(values: list[float]) -> float:
     return 1000 * values[int(0.95 * (len(values) - 1))]
 
 
-def probe(url: str, token: str, rounds: int) -> dict[str, float]:
-    """Client 1's p95 (ms) of a status call, an upload and a 1-image 10-step sample."""
+def probe(url: str, token: str, rounds: int, client: int = 1) -> dict[str, float]:
+    """A client's p95 (ms) of a status call, an upload and a 1-image 10-step sample."""
     times: dict[str, list[float]] = {"status": [], "upload": [], "sample": []}
     generator = torch.Generator().manual_seed(1)
     headers = {"Authorization": f"Bearer {token}"}
@@ -223,16 +223,16 @@ def probe(url: str, token: str, rounds: int) -> dict[str, float]:
         {
             "wire_version": 1,
             "kind": "sample",
-            "client_id": 1,
+            "client_id": client,
             "seeds": [1],
             "class_labels": [0],
             "num_inference_steps": 10,
         }
     ).encode()
-    with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
+    with httpx.Client(base_url=url, headers=headers, timeout=300) as session:
         for k in range(-4, rounds):  # rounds -4..-1 warm the sampling processes, not timed
             batch = ReleaseBatch(
-                1,
+                client,
                 (k + 4,),
                 torch.randn(1, 4, 16, 16, generator=generator),
                 torch.tensor([0]),
@@ -243,14 +243,14 @@ def probe(url: str, token: str, rounds: int) -> dict[str, float]:
                 "status": ("GET", "/v1/status", None),
                 "upload": (
                     "PUT",
-                    f"/v1/clients/1/releases/p{k}-{time.time_ns()}",
+                    f"/v1/clients/{client}/releases/p{k}-{time.time_ns()}",
                     encode_release(batch),
                 ),
-                "sample": ("POST", "/v1/clients/1/sample", small),
+                "sample": ("POST", f"/v1/clients/{client}/sample", small),
             }
             for name, (method, path, body) in requests.items():
                 start = time.perf_counter()
-                response = client.request(method, path, content=body)
+                response = session.request(method, path, content=body)
                 if k >= 0:
                     times[name].append(time.perf_counter() - start)
                 response.raise_for_status()
@@ -258,10 +258,18 @@ def probe(url: str, token: str, rounds: int) -> dict[str, float]:
 
 
 def fairness_bench(
-    flood: int, rounds: int, threads: int, flood_niceness: int = 0, sampling_processes: int = 2
+    flood: int,
+    rounds: int,
+    threads: int,
+    flood_niceness: int = 0,
+    sampling_processes: int = 2,
+    heavy: bool = False,
 ) -> dict:
-    """Client 1's p95s unloaded, then while client 0 keeps `flood` sampling requests (16 images
-    x 10 steps) in flight; and what the flood was answered."""
+    """The probing client's p95s unloaded, then while client 0 keeps `flood` sampling requests
+    (16 images x 10 steps) in flight, or (`heavy`) while clients 0 and 1 each keep the largest
+    request a client may send in flight (`max_sampling_per_client` of them: the most images x
+    the most steps that `max_sample_cost` admits) and client 2 probes; what the floods were
+    answered."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         vae = root / "vae"
@@ -271,73 +279,82 @@ def fairness_bench(
         )
         config = root / "fair.toml"
         config.write_text(
-            LOAD_CONFIG.format(vae=vae, clients=2, images=16)
+            LOAD_CONFIG.format(vae=vae, clients=3, images=16)
             + f"sampling_processes = {sampling_processes}\n"
         )
-        issue_tokens(root / "clients.json", root / "tokens", range(2))
-        tokens = [read_token(root / "tokens" / f"client-{c}.token") for c in range(2)]
+        issue_tokens(root / "clients.json", root / "tokens", range(3))
+        tokens = [read_token(root / "tokens" / f"client-{c}.token") for c in range(3)]
         process = start_server(config, root, "--no-train", threads=threads)
+        floods = [0, 1] if heavy else [0]
+        prober = 2 if heavy else 1
         try:
             generator = torch.Generator().manual_seed(0)
-            with RemoteServer(process.url, tokens[0], 0) as remote:  # client 0 holds class 0
-                latents = torch.randn(16, 4, 16, 16, generator=generator)
-                remote.upload_release(
-                    ReleaseBatch(
-                        0, tuple(range(16)), latents, torch.zeros(16, dtype=torch.long), 100, 0
-                    ),
-                    16,
+            limits = httpx.get(f"{process.url}/healthz", timeout=30).json()["limits"]
+            images = limits["max_sample_batch"] if heavy else 16
+            steps = min(1000, limits["max_sample_cost"] // images) if heavy else 10
+            for c in floods:  # each flooding client holds class 0
+                with RemoteServer(process.url, tokens[c], c) as remote:
+                    latents = torch.randn(16, 4, 16, 16, generator=generator)
+                    labels = torch.zeros(16, dtype=torch.long)
+                    remote.upload_release(
+                        ReleaseBatch(c, tuple(range(16)), latents, labels, 100, 0), 16
+                    )
+            unloaded = probe(process.url, tokens[prober], rounds, prober)
+            # Each flood comes from its own process (asyncio, its requests in flight), so that
+            # the probe's timings measure the server, not 100 threads in this interpreter.
+            flooders, files = [], []
+            for c in floods:
+                files.append(root / f"flood-{c}.json")
+                worker = [process.url, tokens[c], str(1 if heavy else flood), str(files[-1])]
+                worker += [str(c), str(images), str(steps)]
+                flooders.append(
+                    subprocess.Popen(
+                        [sys.executable, __file__, "--flood-worker", *worker],
+                        env=os.environ | {"OMP_NUM_THREADS": "1"},
+                        preexec_fn=(lambda: os.nice(flood_niceness)) if flood_niceness else None,
+                    )
                 )
-            unloaded = probe(process.url, tokens[1], rounds)
-            # The flood comes from its own process (asyncio, `flood` requests in flight), so
-            # that the probe's timings measure the server, not 100 threads in this interpreter.
-            answers_file = root / "flood.json"
-            flooder = subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--flood-worker",
-                    process.url,
-                    tokens[0],
-                    str(flood),
-                    str(answers_file),
-                ],
-                env=os.environ | {"OMP_NUM_THREADS": "1"},
-                preexec_fn=(lambda: os.nice(flood_niceness)) if flood_niceness else None,
-            )
-            while not answers_file.with_suffix(".ready").exists():
-                if flooder.poll() is not None:
-                    raise RuntimeError("the flooding process exited early")
-                time.sleep(0.1)
-            time.sleep(1.0)  # the flood under way
-            loaded = probe(process.url, tokens[1], rounds)
-            flooder.terminate()
-            flooder.wait(timeout=60)
-            answers = json.loads(answers_file.read_text())
+            for flooder, file in zip(flooders, files, strict=True):
+                while not file.with_suffix(".ready").exists():
+                    if flooder.poll() is not None:
+                        raise RuntimeError("a flooding process exited early")
+                    time.sleep(0.1)
+            time.sleep(1.0)  # the floods under way
+            loaded = probe(process.url, tokens[prober], rounds, prober)
+            for flooder in flooders:
+                flooder.terminate()
+                flooder.wait(timeout=60)
+            answers = [json.loads(file.read_text()) for file in files]
         finally:
             stop(process)
-    return {"unloaded": unloaded, "loaded": loaded, "flood_answers": answers}
+    request = f"{images} images x {steps} steps"
+    return {"unloaded": unloaded, "loaded": loaded, "flood_answers": answers, "request": request}
 
 
-def flood_worker(url: str, token: str, flood: int, answers_file: str) -> None:
-    """Client 0: keep `flood` 16-image, 10-step sampling requests in flight until SIGTERM; the
-    count of each status code goes to `answers_file`."""
+def flood_worker(
+    url: str, token: str, flood: int, answers_file: str, client: int, images: int, steps: int
+) -> None:
+    """Keep `flood` sampling requests of `images` x `steps` in flight as `client` until
+    SIGTERM; the count of each status code goes to `answers_file`."""
     import asyncio
 
     body = json.dumps(
         {
             "wire_version": 1,
             "kind": "sample",
-            "client_id": 0,
-            "seeds": list(range(16)),
-            "class_labels": [0] * 16,
-            "num_inference_steps": 10,
+            "client_id": client,
+            "seeds": list(range(images)),
+            "class_labels": [0] * images,
+            "num_inference_steps": steps,
         }
     ).encode()
     answers: dict[int, int] = {}
 
+    client_id = client
+
     async def one(client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            code = (await client.post("/v1/clients/0/sample", content=body)).status_code
+            code = (await client.post(f"/v1/clients/{client_id}/sample", content=body)).status_code
             answers[code] = answers.get(code, 0) + 1
 
     async def run() -> None:
@@ -349,7 +366,11 @@ def flood_worker(url: str, token: str, flood: int, answers_file: str) -> None:
         async with httpx.AsyncClient(
             base_url=url, headers=headers, timeout=300, limits=limits
         ) as client:
-            await asyncio.gather(*(one(client, stop) for _ in range(flood)))
+            tasks = [asyncio.create_task(one(client, stop)) for _ in range(flood)]
+            await stop.wait()  # SIGTERM: hang up on what is in flight (the server stops it)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(run())
     Path(answers_file).write_text(json.dumps(answers))
@@ -396,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fairness", action="store_true", help="another client's p95 while one client floods"
     )
-    parser.add_argument("--flood-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--flood-worker", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--heavy",
+        action="store_true",
+        help="fairness: clients 0 and 1 each send the largest admissible request; client 2 probes",
+    )
     parser.add_argument("--flood", type=int, default=100, help="fairness: requests in flight")
     parser.add_argument(
         "--flood-niceness",
@@ -428,20 +454,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.flood_worker:
-        url, token, flood, answers_file = args.flood_worker
-        flood_worker(url, token, int(flood), answers_file)
+        url, token, flood, answers_file, client, images, steps = args.flood_worker
+        flood_worker(url, token, int(flood), answers_file, int(client), int(images), int(steps))
         return 0
     if args.fairness:
         r = fairness_bench(
-            args.flood, args.rounds, args.threads, args.flood_niceness, args.sampling_processes
+            args.flood,
+            args.rounds,
+            args.threads,
+            args.flood_niceness,
+            args.sampling_processes,
+            args.heavy,
         )
+        prober = 2 if args.heavy else 1
         for name in ("status", "upload", "sample"):
             a, b = r["unloaded"][name], r["loaded"][name]
             print(
-                f"client 1 {name}: p95 unloaded {a:.1f} ms, during the flood {b:.1f} ms, "
+                f"client {prober} {name}: p95 unloaded {a:.1f} ms, during the flood {b:.1f} ms, "
                 f"ratio {b / a:.2f} (target <= 2)"
             )
-        print(f"client 0's flood ({args.flood} in flight) was answered {r['flood_answers']}")
+        what = "clients 0 and 1 (1 in flight each" if args.heavy else f"client 0 ({args.flood}"
+        print(f"{what}, {r['request']}) were answered {r['flood_answers']}")
         return 0
     if args.nodelay:
         before, after = keepalive_latency(False, 200), keepalive_latency(True, 200)

@@ -1183,3 +1183,41 @@ def test_a_client_releases_only_the_classes_it_declared(tiny, tmp_path):
     wrong = TokenBook(book.credentials, declared={0: ("zebra",)})
     with pytest.raises(ValueError, match="declares classes \\['zebra'\\]"):
         ServerService(tiny["config"], tiny_deploy(), wrong, tmp_path / "z", False)
+
+
+def lane(**deploy):
+    """Admission under the deployment defaults and `deploy`."""
+    import dataclasses
+
+    from latentfuse.deploy.server.admission import Admission
+    from tests.test_http_app import tiny_deploy
+
+    return Admission(dataclasses.replace(tiny_deploy(), sampling_processes=2, **deploy))
+
+
+def test_large_requests_leave_a_sampling_place_for_a_small_one():
+    admission = lane(max_concurrent_sampling=2, large_sample_cost=100)
+    with contextlib.ExitStack() as held:
+        held.enter_context(admission.sampling_request(0, 25_600))  # the largest admissible
+        with pytest.raises(WireError) as refused:
+            held.enter_context(admission.sampling_request(1, 25_600))
+        assert refused.value.status == 429 and refused.value.extra["retry_after"] >= 1
+        assert "large requests are taken" in str(refused.value)
+        held.enter_context(admission.sampling_request(2, 10))  # a small one gets the other place
+    with admission.sampling_request(1, 25_600):  # the place freed: the large one runs now
+        pass
+
+
+def test_without_a_large_lane_two_large_requests_take_every_place():
+    admission = lane(max_concurrent_sampling=2, large_sample_cost=0)
+    with admission.sampling_request(0, 25_600), admission.sampling_request(1, 25_600):
+        assert len(admission.running) == 2
+
+
+def test_retry_after_says_when_the_running_large_request_should_end():
+    admission = lane(max_concurrent_sampling=2, large_sample_cost=100)
+    admission.finished(cost=1000, seconds=20.0)  # 0.02 s per unit of cost measured
+    with admission.sampling_request(0, 1000), pytest.raises(WireError) as refused:
+        with admission.sampling_request(1, 1000):
+            pass
+    assert 18 <= refused.value.extra["retry_after"] <= 21  # about 1000 x 0.02 s left

@@ -33,6 +33,9 @@ class DeployConfig:
     # one request's cost at most (413 beyond: it can never run); also capped by the minute's
     # budget above, which a larger request could never fit
     max_sample_cost: int = 25_600
+    # A request costing more is large: large requests hold all sampling places but one at most
+    # (429 with Retry-After beyond), so that a small one always finds a place; 0: no such lane
+    large_sample_cost: int = 3_200
     uploads_per_minute: int = 600  # per client (429 past it); 0: no limit
     # token checks that need a key derivation (a token not seen before), per client address a
     # minute (429 past it, before any derivation): a flood of bad tokens costs its sender; 0: none
@@ -117,6 +120,7 @@ class DeployConfig:
                 "sampling_processes",
                 "sampling_niceness",
                 "roll_back_checkpoints",
+                "large_sample_cost",
             ),
             0,
         )

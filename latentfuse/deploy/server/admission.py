@@ -5,7 +5,10 @@ nothing and waiting work is bounded:
 - sampling: at most `deploy.max_sampling_per_client` requests of one client in the server at
   once (429 beyond), at most `deploy.max_concurrent_sampling` computing and
   `deploy.max_sampling_queue` waiting in all (503 beyond); a per-client budget of sampling cost
-  per minute, cost = images x steps x (2 with classifier-free guidance) (429 beyond);
+  per minute, cost = images x steps x (2 with classifier-free guidance) (429 beyond); requests
+  costing more than `deploy.large_sample_cost` hold all sampling places but one at most (429
+  beyond), so a small request always finds a place however many clients send large ones;
+  `Retry-After` says when a place frees, from the seconds per unit of cost measured so far;
 - token checks that need a key derivation (a token not accepted before): a rate per client
   address, `deploy.key_derivations_per_minute` (429 beyond, before the derivation);
 - uploads: a per-client rate, `deploy.uploads_per_minute`, and at most
@@ -64,6 +67,35 @@ class Admission:
         self.budgets: dict[int, TokenBucket] = {}
         self.derivations: dict[str, TokenBucket] = {}  # client address -> its key derivations
         self.refused: dict[str, int] = {"429": 0, "503": 0}
+        self.running: dict[int, tuple[float, int]] = {}  # request -> (start, cost)
+        self._tickets = 0
+        self.seconds_per_cost: float | None = None  # measured on finished requests
+        places = deploy.sampling_processes or deploy.max_concurrent_sampling
+        self.places = min(places, deploy.max_concurrent_sampling)
+        self.large_places = max(1, self.places - 1)
+
+    def is_large(self, cost: int) -> bool:
+        """Whether a request of this cost may take only the places large requests share."""
+        return bool(self.deploy.large_sample_cost) and cost > self.deploy.large_sample_cost
+
+    def seconds_until_free(self, large_only: bool = False) -> float:
+        """When the first running (large) request should end, by the measured seconds per unit
+        of cost (2 s while nothing has been measured)."""
+        if self.seconds_per_cost is None:
+            return 2.0
+        now = time.monotonic()
+        left = [
+            start + cost * self.seconds_per_cost - now
+            for start, cost in self.running.values()
+            if not large_only or self.is_large(cost)
+        ]
+        return max(1.0, min(left, default=1.0))
+
+    def finished(self, cost: int, seconds: float) -> None:
+        """Learn the seconds per unit of cost from a request that ran to the end."""
+        rate = seconds / max(1, cost)
+        old = self.seconds_per_cost
+        self.seconds_per_cost = rate if old is None else 0.8 * old + 0.2 * rate
 
     def _refuse(self, message: str, status: int, code: str, seconds: float) -> WireError:
         self.refused[str(status)] += 1
@@ -84,7 +116,20 @@ class Admission:
             )
         if sum(self.sampling.values()) >= d.max_concurrent_sampling + d.max_sampling_queue:
             raise self._refuse(
-                "the server is at its sampling capacity; retry shortly", 503, "overloaded", 2
+                "the server is at its sampling capacity; retry shortly",
+                503,
+                "overloaded",
+                self.seconds_until_free(),
+            )
+        large = sum(self.is_large(c) for _, c in self.running.values())
+        if self.is_large(cost) and large >= self.large_places:
+            raise self._refuse(
+                f"this request costs {cost} (above deploy.large_sample_cost = "
+                f"{d.large_sample_cost}) and the {self.large_places} sampling place(s) for "
+                "large requests are taken; retry when one frees, or ask for fewer images or steps",
+                429,
+                "too_many_requests",
+                self.seconds_until_free(large_only=True),
             )
         if d.sampling_cost_per_minute:
             bucket = self.budgets.setdefault(client_id, TokenBucket(d.sampling_cost_per_minute))
@@ -98,10 +143,14 @@ class Admission:
                     wait,
                 )
         self.sampling[client_id] = mine + 1
+        self._tickets += 1
+        ticket = self._tickets
+        self.running[ticket] = (time.monotonic(), cost)
         try:
             yield
         finally:
             self.sampling[client_id] -= 1
+            del self.running[ticket]
 
     def key_derivation(self, address: str) -> None:
         """Count one token check that needs a key derivation against the sender's address (or

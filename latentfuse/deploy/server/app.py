@@ -203,7 +203,9 @@ def create_app(
         watcher = asyncio.create_task(watch())
         try:
             with admission.sampling_request(client, cost):
+                started = time.monotonic()
                 payload = await run_in_threadpool(service.sample, client, body, gone.is_set)
+                admission.finished(cost, time.monotonic() - started)
         finally:
             watcher.cancel()
         return Response(payload, media_type=SAFETENSORS_TYPE)
