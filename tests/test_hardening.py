@@ -1217,7 +1217,10 @@ def test_without_a_large_lane_two_large_requests_take_every_place():
 def test_retry_after_says_when_the_running_large_request_should_end():
     admission = lane(max_concurrent_sampling=2, large_sample_cost=100)
     admission.finished(cost=1000, seconds=20.0)  # 0.02 s per unit of cost measured
-    with admission.sampling_request(0, 1000), pytest.raises(WireError) as refused:
-        with admission.sampling_request(1, 1000):
-            pass
+    with (
+        admission.sampling_request(0, 1000),
+        pytest.raises(WireError) as refused,
+        admission.sampling_request(1, 1000),
+    ):
+        pass
     assert 18 <= refused.value.extra["retry_after"] <= 21  # about 1000 x 0.02 s left
