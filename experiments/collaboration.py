@@ -446,16 +446,23 @@ def run_benchmark(
     shard: tuple[int, int] = (0, 1),
     on_point=None,
     known: dict[str, dict] | None = None,
+    models: list[str] | None = None,
 ) -> list[dict]:
     """Train and score every point of this shard (points i with i % n == k; (0, 1): all),
     skipping finished ones and points another live job holds (`claim`): several jobs started
     with the same command share the grid. `known` (name -> row, e.g. the committed report's
     rows) counts as finished where its key matches the point's config and scoring, so a
-    fresh machine does not retrain what was committed. Returns every finished point's row."""
+    fresh machine does not retrain what was committed. `models`: only the points of these
+    models (to finish their seeds first). Returns every finished point's row."""
     known = known or {}
     out_dir = grid_folder(out_dir, resume, "benchmark")
     k, n = shard
     points = [p for i, p in enumerate(benchmark_points(settings)) if i % n == k]
+    if models is not None:
+        unknown = sorted(set(models) - {m.name for m in settings.models})
+        if unknown:
+            raise ValueError(f"--models: no model named {unknown} in the grid")
+        points = [p for p in points if p.model.name in models]
     shared = _Shared(InceptionExtractor(None, settings.device))
 
     def finished(point: BenchmarkPoint) -> bool:

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, type=Path, help="report path without suffix")
     p.add_argument("--resume", action="store_true", help="continue a benchmark in --out-dir")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="K/N: run points i %% N == K")
+    p.add_argument(
+        "--models",
+        type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+        default=None,
+        help="comma-separated model names: train only these points of the grid first (the "
+        "report still shows every finished point)",
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite the report; no training")
     p.add_argument(
         "--format",
@@ -124,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         meta["command"] = command
         run_benchmark(
-            config, args.out_dir, settings, args.resume, args.shard, on_point=report, known=known
+            config,
+            args.out_dir,
+            settings,
+            args.resume,
+            args.shard,
+            on_point=report,
+            known=known,
+            models=args.models,
         )
     report()
     return 0

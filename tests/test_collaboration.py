@@ -278,3 +278,34 @@ def test_costs_count_parameters_trainable_ones_and_client_flops(tiny_world, tmp_
     assert 0 < costs["client"]["trainable"] < costs["client"]["parameters"]
     icm = denoiser_costs(tiny_config(tiny_world, "split.t_cut=1000"))
     assert set(icm) == {"client"}  # nothing for a server to do
+
+
+def test_a_models_filter_trains_only_those_points_first(tiny_world, tmp_path, monkeypatch):
+    import experiments.collaboration as collaboration
+
+    settings = BenchmarkSettings(
+        images_per_client=(6,),
+        models=(ModelSpec("GM", 0), ModelSpec("ICM", 1000)),
+        seeds=(0, 1),
+        num_samples=6,
+    )
+    config = tiny_config(tiny_world)
+    with pytest.raises(ValueError, match="no model named"):
+        run_benchmark(config, tmp_path / "a", settings, models=["split-700"])
+    trained = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cfg, folder):
+        trained.append(folder.name)
+        if len(trained) == 2:
+            raise Stop
+        return None, 0.0
+
+    monkeypatch.setattr(collaboration, "train_point", record)
+    monkeypatch.setattr(collaboration, "evaluate_point", lambda *a, **k: None)
+    monkeypatch.setattr(collaboration, "point_row", lambda *a, **k: {})
+    with pytest.raises(Stop):
+        run_benchmark(config, tmp_path / "b", settings, models=["ICM"])
+    assert trained == ["n0006-ICM-t1000-seed0", "n0006-ICM-t1000-seed1"]
