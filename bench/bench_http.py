@@ -264,6 +264,7 @@ def fairness_bench(
     flood_niceness: int = 0,
     sampling_processes: int = 2,
     heavy: bool = False,
+    large_sample_cost: int | None = None,
 ) -> dict:
     """The probing client's p95s unloaded, then while client 0 keeps `flood` sampling requests
     (16 images x 10 steps) in flight, or (`heavy`) while clients 0 and 1 each keep the largest
@@ -281,6 +282,7 @@ def fairness_bench(
         config.write_text(
             LOAD_CONFIG.format(vae=vae, clients=3, images=16)
             + f"sampling_processes = {sampling_processes}\n"
+            + ("" if large_sample_cost is None else f"large_sample_cost = {large_sample_cost}\n")
         )
         issue_tokens(root / "clients.json", root / "tokens", range(3))
         tokens = [read_token(root / "tokens" / f"client-{c}.token") for c in range(3)]
@@ -423,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fairness: clients 0 and 1 each send the largest admissible request; client 2 probes",
     )
+    parser.add_argument(
+        "--large-sample-cost",
+        type=int,
+        default=None,
+        help="fairness: the server's deploy.large_sample_cost (0: no lane for small requests)",
+    )
     parser.add_argument("--flood", type=int, default=100, help="fairness: requests in flight")
     parser.add_argument(
         "--flood-niceness",
@@ -465,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             args.flood_niceness,
             args.sampling_processes,
             args.heavy,
+            args.large_sample_cost,
         )
         prober = 2 if args.heavy else 1
         for name in ("status", "upload", "sample"):
