@@ -50,12 +50,13 @@ from latentfuse.training.setup import build_run
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_release_checks import poisons  # noqa: E402  (the same poison the check bench sends)
 
-ARMS = {  # name: (poisoned, balance, client_gradient_clip)
+ARMS = {  # name: (poisoned, balance, client_gradient_clip); the questions first
     "honest, balance releases": (False, "releases", 0.0),
-    "honest, balance clients + clip": (False, "clients", 1.0),
     "poisoned, balance releases": (True, "releases", 0.0),
-    "poisoned, balance clients": (True, "clients", 0.0),
     "poisoned, balance clients + clip": (True, "clients", 1.0),
+    "poisoned, balance clients": (True, "clients", 0.0),
+    "honest, balance clients + clip": (False, "clients", 1.0),
+    "honest, balance clients": (False, "clients", 0.0),
 }
 POISONER, NUM_POISON = 4, 300
 
