@@ -25,6 +25,7 @@ tables. Every arm is kept in `--work` as it finishes (`--resume` skips finished 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
+from tqdm import tqdm
 
 from latentfuse.checkpointing import atomic_write_json
 from latentfuse.config import apply_overrides, config_from_dict
@@ -155,8 +157,7 @@ def train_arm(run, releases: list[ReleaseBatch], balance: str, clip: float, step
     )
     for batch in releases:
         server.receive(batch)
-    torch.manual_seed(config.train.seed)
-    unet = build_run_unet(run)
+    unet = copy.deepcopy(run.server_unet)  # the same initial weights in every arm
     engine = Engine(
         make_accelerator(config.train),
         {"server": unet},
@@ -171,18 +172,9 @@ def train_arm(run, releases: list[ReleaseBatch], balance: str, clip: float, step
             config.train.server_batch_size, config.train.label_dropout, null
         )
     }
-    from tqdm import tqdm
-
     for _ in tqdm(range(steps), desc="server", mininterval=30):
         engine.train_step(draw)
     return engine.ema_model("server")
-
-
-def build_run_unet(run) -> torch.nn.Module:
-    """A fresh server denoiser of the run's architecture (the same initial weights each arm)."""
-    import copy
-
-    return copy.deepcopy(run.server_unet)
 
 
 def main() -> int:
