@@ -107,3 +107,52 @@ def test_the_results_page_quotes_the_one_seed_points_as_committed(source, model,
     value = quoted.split()[-1].strip("()")
     assert f"{row['fid']:.1f}" == value and row["seed"] == 0
     assert quoted in (ROOT / "docs/results.md").read_text()
+
+
+def deployment_row(prefix: str) -> list[str]:
+    """The cells of the docs/deployment.md table row that starts with `prefix`."""
+    for line in (ROOT / "docs/deployment.md").read_text().splitlines():
+        if line.strip().startswith(f"| {prefix}"):
+            return [c.strip() for c in line.strip().strip("|").split("|")]
+    raise AssertionError(f"no row {prefix!r} in docs/deployment.md")
+
+
+@pytest.mark.parametrize(
+    ("arm", "prefix"),
+    [
+        ("honest, balance releases", 'honest, balance "releases" |'),
+        ("honest, balance clients", 'honest, balance "clients" |'),
+        ("honest, balance clients + clip", 'honest, "clients" + clip 1 |'),
+        ("poisoned, balance releases", 'poisoned, balance "releases" |'),
+        ("poisoned, balance clients", 'poisoned, balance "clients" (the default) |'),
+        ("poisoned, balance clients + clip", 'poisoned, "clients" + clip 1 |'),
+    ],
+)
+def test_the_poisoning_table_quotes_the_committed_bench(arm, prefix):
+    rows = json.loads((ROOT / "results/poisoning.json").read_text())["rows"]
+    row = next(r for r in rows if r["arm"] == arm)
+    cells = deployment_row(prefix)
+    assert quoted(cells[1], row["heldout_mse"]) and quoted(cells[2], row["handoff_fid"])
+    assert quoted(cells[3], row["handoff_kid"])
+
+
+@pytest.mark.parametrize(
+    ("run", "probe", "prefix"),
+    [
+        ("flood", "status", "status, client 0 floods"),
+        ("flood", "upload", "upload, the same | 19"),
+        ("flood", "sample", "1-image 10-step sample, the same | 275"),
+        ("heavy", "status", "status, clients 0 and 1"),
+        ("heavy", "upload", "upload, the same | 13"),
+        ("heavy", "sample", "1-image 10-step sample, the same | 155"),
+    ],
+)
+def test_the_fairness_table_quotes_the_committed_bench(run, probe, prefix):
+    runs = json.loads((ROOT / "results/fairness.json").read_text())["runs"]
+    figures = next(r for r in runs if r["name"] == run)["p95"][probe]
+    cells = deployment_row(prefix)
+    assert cells[1:4] == [
+        f"{figures['unloaded_ms']:.1f} ms",
+        f"{figures['loaded_ms']:.1f} ms",
+        f"{figures['ratio']:.2f}",
+    ]
